@@ -1,0 +1,41 @@
+"""pwemoe: Pareto set learning on large models through weight-ensembling mixture of experts."""
+
+from .core import DirichletSampler, Router, WeightEnsemblingModule, simplex_grid
+from .upscale import (
+    UpscaleInfo,
+    ensembling_modules,
+    find_targets,
+    fixed_lambda,
+    get_preference,
+    load_router_state_dict,
+    merge_and_unload,
+    num_tasks,
+    preference,
+    router_state_dict,
+    routing_weights,
+    set_preference,
+    upscale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DirichletSampler",
+    "Router",
+    "UpscaleInfo",
+    "WeightEnsemblingModule",
+    "__version__",
+    "ensembling_modules",
+    "find_targets",
+    "fixed_lambda",
+    "get_preference",
+    "load_router_state_dict",
+    "merge_and_unload",
+    "num_tasks",
+    "preference",
+    "router_state_dict",
+    "routing_weights",
+    "set_preference",
+    "simplex_grid",
+    "upscale",
+]

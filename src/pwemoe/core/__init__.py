@@ -1,0 +1,25 @@
+"""Pure tensor math of PWEMoE. Nothing here imports transformers."""
+
+from .ensembling import WeightEnsemblingModule, merge_weights
+from .merge import preference_weighted_task_arithmetic, simple_average, task_arithmetic, weighted_task_arithmetic
+from .preference import DirichletSampler, normalize_preference, parse_preference, simplex_grid, simplex_grid_size
+from .router import Router
+from .task_vector import check_compatible, stack_task_vectors, task_vector
+
+__all__ = [
+    "DirichletSampler",
+    "Router",
+    "WeightEnsemblingModule",
+    "check_compatible",
+    "merge_weights",
+    "normalize_preference",
+    "parse_preference",
+    "preference_weighted_task_arithmetic",
+    "simple_average",
+    "simplex_grid",
+    "simplex_grid_size",
+    "stack_task_vectors",
+    "task_arithmetic",
+    "task_vector",
+    "weighted_task_arithmetic",
+]

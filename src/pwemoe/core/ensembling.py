@@ -1,0 +1,172 @@
+"""The weight-ensembling module: theta(r) = theta_0 + sum_i lambda_i(r) tau_i, then run the module.
+
+Pure torch; no transformers import. The wrapped module keeps theta_0 as its own (frozen)
+parameters, as peft keeps the original layer as `base_layer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .router import Router
+
+
+class _Merge(torch.autograd.Function):
+    """merged = theta0 + sum_i lam_i * T_i, with a gradient for lam only.
+
+    Computed without a k x P temporary: one addmv when T has theta0's dtype, otherwise one
+    upcast expert row at a time. Backward is grad_lam = T @ grad (a matrix-vector product),
+    and nothing is saved beyond T itself, which is stored anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(T)
+        ctx.out_dtype = theta0.dtype
+        k = T.shape[0]
+        flat0 = theta0.reshape(-1)
+        Tf = T.reshape(k, -1)
+        if T.dtype == theta0.dtype:
+            out = torch.addmv(flat0, Tf.t(), lam.to(theta0.dtype))
+        else:
+            out = flat0.clone()
+            lam_c = lam.to(theta0.dtype)
+            for i in range(k):
+                out.add_(Tf[i].to(theta0.dtype) * lam_c[i])
+        return out.view_as(theta0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (T,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        k = T.shape[0]
+        g = grad.reshape(-1)
+        Tf = T.reshape(k, -1)
+        if T.dtype == g.dtype:
+            glam = torch.mv(Tf, g)
+        else:
+            glam = torch.stack([torch.dot(Tf[i].to(g.dtype), g) for i in range(k)])
+        return glam, None, None
+
+
+def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """theta0 + sum_i lam[i] * T[i].  lam: Tensor[k]; theta0: Tensor[*s]; T: Tensor[k, *s] -> Tensor[*s]."""
+    return _Merge.apply(lam, theta0, T)
+
+
+class WeightEnsemblingModule(nn.Module):
+    """A module whose weights are theta_0 + sum_i lambda_i(r) tau_i for the current preference r.
+
+    Attributes:
+        base_layer: the original module; its parameters are theta_0 and stay frozen.
+        task_vectors: buffers `T_<param>` of shape [k, *param_shape] in the storage dtype.
+        router: preference -> lambda (the only trainable part).
+        preference: Tensor[k] buffer, set through `set_preference`.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        task_vectors: dict[str, torch.Tensor],
+        router: Router,
+        task_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        params = dict(base_layer.named_parameters())
+        if set(task_vectors) != set(params):
+            raise ValueError(
+                f"task vectors must cover exactly the module's parameters; module has {sorted(params)}, "
+                f"task vectors have {sorted(task_vectors)}"
+            )
+        k = router.k
+        for n, t in task_vectors.items():
+            if tuple(t.shape) != (k, *params[n].shape):
+                raise ValueError(f"task vector {n!r} must have shape {(k, *params[n].shape)}, got {tuple(t.shape)}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.router = router
+        self.k = k
+        self.task_names = list(task_names) if task_names else [f"task_{i}" for i in range(k)]
+        self._param_names = list(params)
+        for n, t in task_vectors.items():
+            self.register_buffer(self._tv_name(n), t)
+        self.register_buffer("preference", torch.full((k,), 1.0 / k), persistent=False)
+        self._override: torch.Tensor | None = None
+        self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _tv_name(param: str) -> str:
+        return "T_" + param.replace(".", "__")
+
+    def task_vector(self, param: str) -> torch.Tensor:
+        """Tensor[k, *shape] of the stored task vectors for one parameter of base_layer."""
+        return getattr(self, self._tv_name(param))
+
+    # --- preference and lambda -------------------------------------------------------------
+    @torch.no_grad()
+    def set_preference(self, r: torch.Tensor) -> None:
+        """r: Tensor[k], already validated and normalised (see core.preference)."""
+        self.preference.copy_(r.to(self.preference))
+
+    def set_lambda_override(self, lam: torch.Tensor | None) -> None:
+        """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
+
+        Used for baselines (task arithmetic, one-hot experts) on the same module.
+        """
+        self._override = None if lam is None else lam.detach().clone().to(self.preference)
+        self._cache = None
+
+    def routing_weights(self) -> torch.Tensor:
+        """lambda(r) for the current preference: Tensor[k]."""
+        if self._override is not None:
+            return self._override
+        return self.router(self.preference.to(self.router_dtype))
+
+    @property
+    def router_dtype(self) -> torch.dtype:
+        return next(self.router.parameters()).dtype
+
+    # --- merging ------------------------------------------------------------------------------
+    def _cache_key(self) -> tuple:
+        # Tensor._version changes on every in-place update (optimizer step, copy_, load_state_dict),
+        # so the key is stale exactly when the preference or any router weight changed.
+        over = None if self._override is None else tuple(self._override.tolist())
+        return (
+            self.preference._version,
+            self.preference.data_ptr(),
+            over,
+            tuple((p._version, p.data_ptr()) for p in self.router.parameters()),
+        )
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """theta(r) for every parameter of base_layer, for the current preference.
+
+        Without autograd the result is cached until the preference or router changes.
+        Under autograd it is rebuilt at each call, because the previous graph is freed by
+        its backward; the training loop calls the module once per preference and step.
+        """
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
+        if not grad:
+            key = self._cache_key()
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+            self._cache = None  # free the old copy before building the new one
+        lam = self.routing_weights()
+        params = dict(self.base_layer.named_parameters())
+        merged = {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
+        if not grad:
+            self._cache = (key, merged)
+        return merged
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.base_layer, self.merged_weights(), args, kwargs, strict=False)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, tasks={self.task_names}, tv_dtype={self.task_vector(self._param_names[0]).dtype}"

@@ -1,0 +1,78 @@
+"""Loading base and expert models: hub id, local directory or model object; safe formats only."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike | nn.Module
+
+
+def describe(src: ModelSource) -> str:
+    """A short id for logs and checkpoint metadata: the path/hub id, or the class of an object."""
+    if isinstance(src, nn.Module):
+        path = getattr(getattr(src, "config", None), "_name_or_path", "") or ""
+        return path or f"<{type(src).__name__} object>"
+    return str(src)
+
+
+def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """Return a model from a hub id, a local directory, or pass a model object through.
+
+    `model_class` is a transformers class with `from_pretrained` (default AutoModel).
+    transformers reads safetensors first and loads `.bin` files with `weights_only=True`;
+    pwemoe never unpickles arbitrary objects.
+    """
+    if isinstance(src, nn.Module):
+        return src
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"a model must be a hub id, a local directory or an nn.Module, got {type(src).__name__}")
+    if model_class is None:
+        from transformers import AutoModel
+
+        model_class = AutoModel
+    p = Path(src)
+    if p.exists() and not p.is_dir():
+        raise ValueError(
+            f"{src} is a file; pass the model directory (with config.json and *.safetensors) or a hub id"
+        )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    log.info("loading %s from %s", getattr(model_class, "__name__", model_class), src)
+    return model_class.from_pretrained(str(src), **kwargs)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load tensors from a .safetensors file, or a torch file with weights_only=True."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fingerprint_tensors(named: dict[str, torch.Tensor] | Any) -> str:
+    """sha256 over names, shapes, dtypes and bytes of the tensors (sorted by name)."""
+    h = hashlib.sha256()
+    items = named.items() if isinstance(named, dict) else named
+    for name, t in sorted(items, key=lambda kv: kv[0]):
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        t = t.contiguous().cpu().reshape(-1)
+        # bf16 has no numpy view; reinterpret the storage as bytes.
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Content hash of a model's parameters (see fingerprint_tensors)."""
+    return fingerprint_tensors(dict(model.named_parameters()))

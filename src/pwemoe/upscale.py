@@ -1,0 +1,323 @@
+"""Hugging Face surgery: find target modules, build task vectors streamed, swap in ensembling modules.
+
+One code path for every architecture; per-architecture knowledge lives in `architectures.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import get_architecture
+from .core.ensembling import WeightEnsemblingModule
+from .core.preference import PreferenceLike, normalize_preference
+from .core.router import Router
+from .core.task_vector import check_compatible
+from .models import ModelSource, describe, fingerprint_tensors, load_model
+
+log = logging.getLogger(__name__)
+
+Targets = str | Sequence[str] | None
+
+
+@dataclass
+class UpscaleInfo:
+    """What was upcycled and from what; stored on the model as `model.pwemoe_info`."""
+
+    task_names: list[str]
+    targets: list[str]
+    init_lambda: float
+    router_hidden_layers: int
+    task_vector_dtype: str
+    model_type: str | None
+    base_id: str = ""
+    expert_ids: dict[str, str] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- target matching (peft semantics) ----------------------------------------------------------
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, targets: Targets = None, include_attention: bool = False) -> list[str]:
+    """Names of the modules to upcycle.
+
+    targets=None: the architecture table for `model.config.model_type` (MLPs, plus attention
+    if `include_attention`). A str: one regex, fullmatch on module names (as peft). A list: each
+    item an exact name or a name suffix (`"mlp"` matches `encoder.layers.3.mlp`), or a regex
+    when prefixed with `re:`. Every item must match something, and matches may not nest.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        arch = get_architecture(model_type)
+        patterns = ["re:" + p for p in arch.mlp + (arch.attention if include_attention else ())]
+        require_each = False  # table rows list alternatives (e.g. ViT 4.x and 5.x layouts)
+    elif isinstance(targets, str):
+        patterns, require_each = ["re:" + targets], True
+    else:
+        patterns, require_each = list(targets), True
+        bad = [t for t in patterns if not isinstance(t, str) or not t]
+        if bad:
+            raise TypeError(f"targets must be non-empty strings, got {bad!r}")
+    found = [n for n in names if any(_matches(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(_matches(n, p) for n in names)]
+    if require_each and unmatched:
+        raise ValueError(
+            f"target pattern(s) {unmatched} matched no module of {type(model).__name__}. "
+            f"Module names look like: {', '.join(names[:8])}, ... Use an exact name, a suffix, or 're:<regex>'."
+        )
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} matched the targets {patterns}")
+    nested = [(a, b) for a in found for b in found if b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"targets may not nest, but {nested[0][1]!r} is inside {nested[0][0]!r}; narrow the patterns")
+    empty = [n for n in found if not any(True for _ in model.get_submodule(n).parameters())]
+    if empty:
+        raise ValueError(f"target modules without parameters cannot be upcycled: {empty[:5]}")
+    return found
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _check_same_architecture(base: nn.Module, expert: nn.Module, name: str) -> None:
+    if type(base) is not type(expert) or _model_type(base) != _model_type(expert):
+        raise ValueError(
+            f"expert {name!r} is a {type(expert).__name__} (model_type={_model_type(expert)!r}) but the base is a "
+            f"{type(base).__name__} (model_type={_model_type(base)!r}); experts must share the base's architecture. "
+            "For task models (e.g. *ForSequenceClassification) pass their backbones (`model.base_model`)."
+        )
+
+
+# --- upscale -------------------------------------------------------------------------------------
+@torch.no_grad()
+def upscale(
+    base: ModelSource,
+    experts: Mapping[str, ModelSource],
+    targets: Targets = None,
+    init_lambda: float = 0.3,
+    router_hidden_layers: int = 2,
+    include_attention: bool = False,
+    task_vector_dtype: torch.dtype | None = None,
+    model_class: Any = None,
+    router_init_std: float = 0.01,
+) -> nn.Module:
+    """Upcycle `base` with k experts into a Pareto weight-ensembling MoE model.
+
+    Args:
+        base: pretrained model (hub id, local dir or nn.Module). An nn.Module is modified in place.
+        experts: task name -> fine-tuned model (same sources). Loaded and processed one at a time,
+            so peak memory is about theta_0 + target task vectors + one expert.
+        targets: which modules to upcycle (see `find_targets`); default from the architecture table.
+        init_lambda: task-arithmetic scale for the non-target parameters, and the router's
+            initial output, so the untrained model equals task arithmetic.
+        router_hidden_layers: 0, 1 or 2 (default 2: k -> 2k -> ReLU -> k).
+        task_vector_dtype: storage dtype of the task vectors (default: the parameter dtype);
+            torch.bfloat16 halves their memory.
+        model_class: transformers class used to load string sources (default AutoModel).
+
+    Returns:
+        The base model with each target replaced by a `WeightEnsemblingModule`; only routers
+        require grad. `model.pwemoe_info` records what was done.
+    """
+    if not isinstance(experts, Mapping):
+        raise TypeError(f"experts must be a dict of task name -> model, got {type(experts).__name__}")
+    task_names = list(experts)
+    if len(task_names) < 2:
+        raise ValueError(f"need at least 2 experts (k >= 2) to learn a Pareto set, got {len(task_names)}: {task_names}")
+    bad_names = [n for n in task_names if not isinstance(n, str) or not n]
+    if bad_names:
+        raise TypeError(f"task names must be non-empty strings, got {bad_names!r}")
+    k = len(task_names)
+    base_model = load_model(base, model_class)
+    if any(isinstance(m, WeightEnsemblingModule) for m in base_model.modules()):
+        raise ValueError("the base model is already upcycled; pass the original pretrained model")
+    target_names = find_targets(base_model, targets, include_attention)
+    params = dict(base_model.named_parameters())
+    target_keys = [f"{t}.{p}" for t in target_names for p, _ in base_model.get_submodule(t).named_parameters()]
+    target_set = set(target_keys)
+    # Task vectors of the targets, allocated once: [k, *shape] each.
+    T = {key: torch.empty((k, *params[key].shape), dtype=task_vector_dtype or params[key].dtype) for key in target_keys}
+    # Sum of task vectors for everything else, merged by task arithmetic at the end.
+    rest = {n: torch.zeros_like(p) for n, p in params.items() if n not in target_set and p.is_floating_point()}
+    hashes = {"base": fingerprint_tensors(params)}
+    expert_ids = {}
+    for i, name in enumerate(task_names):
+        src = experts[name]
+        expert = load_model(src, model_class or type(base_model))
+        _check_same_architecture(base_model, expert, name)
+        ep = dict(expert.named_parameters())
+        check_compatible(params, ep, f"expert {name!r}")
+        for key in target_keys:
+            T[key][i].copy_(ep[key] - params[key])
+        for key, acc in rest.items():
+            acc.add_(ep[key] - params[key])
+        hashes[name] = fingerprint_tensors(ep)
+        expert_ids[name] = describe(src)
+        log.info("task vectors of expert %d/%d (%s) built", i + 1, k, name)
+        del ep, expert  # streamed: drop this expert before the next is loaded
+    for key, acc in rest.items():
+        params[key].add_(acc, alpha=init_lambda)
+    del rest
+    for t in target_names:
+        module = base_model.get_submodule(t)
+        tv = {p: T.pop(f"{t}.{p}") for p, _ in module.named_parameters()}
+        router = Router(k, router_hidden_layers, init_lambda, router_init_std)
+        router.to(next(module.parameters()).dtype if next(module.parameters()).is_floating_point() else torch.float32)
+        base_model.set_submodule(t, WeightEnsemblingModule(module, tv, router, task_names))
+    for n, p in base_model.named_parameters():
+        p.requires_grad_(".router." in f".{n}")
+    base_model.pwemoe_info = UpscaleInfo(
+        task_names=task_names,
+        targets=target_names,
+        init_lambda=float(init_lambda),
+        router_hidden_layers=router_hidden_layers,
+        task_vector_dtype=str(task_vector_dtype or next(iter(params.values())).dtype).replace("torch.", ""),
+        model_type=_model_type(base_model),
+        base_id=describe(base),
+        expert_ids=expert_ids,
+        hashes=hashes,
+    )
+    return base_model
+
+
+# --- the public API on an upcycled model ---------------------------------------------------------
+def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, WeightEnsemblingModule]]:
+    """(name, module) for every upcycled module, in model order."""
+    for n, m in model.named_modules():
+        if isinstance(m, WeightEnsemblingModule):
+            yield n, m
+
+
+def _modules_or_raise(model: nn.Module) -> list[tuple[str, WeightEnsemblingModule]]:
+    mods = list(ensembling_modules(model))
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no upcycled modules; build it with pwemoe.upscale first")
+    return mods
+
+
+def num_tasks(model: nn.Module) -> int:
+    return _modules_or_raise(model)[0][1].k
+
+
+def set_preference(model: nn.Module, r: PreferenceLike) -> torch.Tensor:
+    """Validate r, normalise it to sum 1 and set it on every upcycled module. Returns the normalised r."""
+    mods = _modules_or_raise(model)
+    rn = normalize_preference(r, mods[0][1].k)
+    for _, m in mods:
+        m.set_preference(rn)
+    return rn
+
+
+def get_preference(model: nn.Module) -> torch.Tensor:
+    return _modules_or_raise(model)[0][1].preference.detach().cpu().clone()
+
+
+@contextlib.contextmanager
+def preference(model: nn.Module, r: PreferenceLike) -> Iterator[torch.Tensor]:
+    """Context manager: run with preference r, then restore the previous one."""
+    old = get_preference(model)
+    try:
+        yield set_preference(model, r)
+    finally:
+        set_preference(model, old)
+
+
+def routing_weights(model: nn.Module, r: PreferenceLike | None = None) -> dict[str, torch.Tensor]:
+    """lambda(r) for every upcycled module: {module_name: Tensor[k]} (current preference if r is None)."""
+    ctx = preference(model, r) if r is not None else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return {n: m.routing_weights().detach().clone() for n, m in _modules_or_raise(model)}
+
+
+@contextlib.contextmanager
+def fixed_lambda(model: nn.Module, lam: PreferenceLike) -> Iterator[None]:
+    """Bypass every router with fixed lambda (Tensor[k]); used for baselines and the expert test."""
+    mods = _modules_or_raise(model)
+    t = torch.as_tensor(lam, dtype=torch.float32)
+    try:
+        for _, m in mods:
+            m.set_lambda_override(t)
+        yield
+    finally:
+        for _, m in mods:
+            m.set_lambda_override(None)
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Module:
+    """A new plain model of the original class with the weights theta(r) baked in.
+
+    The upcycled model is left intact. The copy shares nothing with it, holds no task
+    vectors and no routers, and `save_pretrained` writes a directory that plain transformers
+    loads. Task vectors are never duplicated during the copy (they are memoised away).
+    """
+    mods = _modules_or_raise(model)
+    ctx = preference(model, r) if r is not None else contextlib.nullcontext()
+    memo: dict[int, Any] = {}
+    with ctx:
+        for _, m in mods:
+            merged = m.merged_weights()
+            for pn, p in m.base_layer.named_parameters():
+                memo[id(p)] = nn.Parameter(merged[pn].detach().clone(), requires_grad=False)
+            for pn in m._param_names:
+                memo[id(m.task_vector(pn))] = torch.empty(0)
+            m.clear_cache()  # the copy must not carry (or duplicate) a cached merge
+    new = copy.deepcopy(model, memo)
+    for name, m in list(ensembling_modules(new)):
+        new.set_submodule(name, m.base_layer)
+    if hasattr(new, "pwemoe_info"):
+        del new.pwemoe_info
+    for p in new.parameters():
+        p.requires_grad_(True)  # a plain model, as from_pretrained returns it
+    return new
+
+
+def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router parameters only: {'<module>.router.<param>': tensor} (a few hundred numbers per module)."""
+    return {
+        f"{n}.router.{pn}": p.detach().clone() for n, m in _modules_or_raise(model) for pn, p in m.router.named_parameters()
+    }
+
+
+@torch.no_grad()
+def load_router_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load router parameters; missing, unexpected and mis-shaped keys are all named."""
+    own = {
+        f"{n}.router.{pn}": p for n, m in _modules_or_raise(model) for pn, p in m.router.named_parameters()
+    }
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if k in state and state[k].shape != p.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "router state dict does not match the model: "
+            + "; ".join(
+                s
+                for s in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {unexpected}" if unexpected else "",
+                    f"shape mismatch {shapes}" if shapes else "",
+                )
+                if s
+            )
+            + ". Was it saved from a model upcycled with the same targets, k and router_hidden_layers?"
+        )
+    for k, p in own.items():
+        p.copy_(state[k].to(p))

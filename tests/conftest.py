@@ -1,0 +1,75 @@
+"""Tiny random models built from configs (milliseconds each) and experts derived from them."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GPT2Config,
+    GPT2Model,
+)
+
+torch.set_num_threads(2)
+
+
+def tiny_clip_vision() -> CLIPVisionModel:
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    return CLIPVisionModel(cfg).eval()
+
+
+def tiny_gpt2() -> GPT2Model:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2Model(cfg).eval()
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
+    return BertModel(cfg).eval()
+
+
+def make_expert(base: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """A fake fine-tune: base + seeded Gaussian noise on every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    e = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in e.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return e
+
+
+def model_inputs(model: torch.nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    mt = model.config.model_type
+    if mt == "clip_vision_model":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    return {"input_ids": torch.randint(0, 101, (batch, 7), generator=g)}
+
+
+BUILDERS = {"clip_vision": tiny_clip_vision, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def base_and_experts(arch):
+    base = BUILDERS[arch]()
+    experts = {f"t{i}": make_expert(base, seed=i + 1) for i in range(3)}
+    return base, experts

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from torch import nn
+
+from pwemoe.core import (
+    DirichletSampler,
+    Router,
+    WeightEnsemblingModule,
+    merge_weights,
+    normalize_preference,
+    simplex_grid,
+    simplex_grid_size,
+    stack_task_vectors,
+    task_arithmetic,
+)
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_router_parameter_count_and_init(k):
+    r = Router(k, hidden_layers=2, init_lambda=0.3)
+    assert sum(p.numel() for p in r.parameters()) == 4 * k * k + 3 * k
+    lam = r(torch.full((k,), 1.0 / k))
+    # N(0, 0.01) weights: the untrained router is task arithmetic up to tiny noise.
+    assert torch.allclose(lam, torch.full((k,), 0.3), atol=0.01)
+    assert sum(p.numel() for p in Router(k, 1).parameters()) == k * k + k
+    assert sum(p.numel() for p in Router(k, 0).parameters()) == 2 * k
+
+
+def test_router_rejects_bad_depth():
+    with pytest.raises(ValueError, match="hidden_layers"):
+        Router(3, hidden_layers=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_weights_value_and_gradient(dtype):
+    g = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(5, 4, generator=g)
+    T = torch.randn(3, 5, 4, generator=g).to(dtype)
+    lam = torch.tensor([0.2, -0.5, 1.5], requires_grad=True)
+    out = merge_weights(lam, theta0, T)
+    ref = theta0 + (lam[:, None, None] * T.float()).sum(0)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-5)
+    w = torch.randn(5, 4, generator=g)
+    (out * w).sum().backward()
+    expected = (T.float() * w).flatten(1).sum(1)
+    assert torch.allclose(lam.grad, expected, atol=1e-4)
+
+
+def test_ensembling_module_onehot_and_cache():
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3)
+    experts = [nn.Linear(4, 3) for _ in range(2)]
+    tv = stack_task_vectors(dict(base.named_parameters()), {f"e{i}": dict(e.named_parameters()) for i, e in enumerate(experts)})
+    m = WeightEnsemblingModule(base, tv, Router(2))
+    x = torch.randn(6, 4)
+    for i, e in enumerate(experts):
+        m.set_lambda_override(torch.eye(2)[i])
+        with torch.no_grad():
+            assert torch.allclose(m(x), e(x), atol=1e-5)
+    m.set_lambda_override(None)
+    with torch.no_grad():
+        y1 = m(x)
+        assert m(x) is not None and m._cache is not None
+        cached = m._cache[1]
+        m(x)
+        assert m._cache[1] is cached  # same preference, same router: no recompute
+        m.router.net[-1].bias.add_(1.0)  # router changed in place, as an optimizer step does
+        y2 = m(x)
+    assert not torch.allclose(y1, y2), "stale merged weights were served after a router update"
+    with torch.no_grad():
+        m.set_preference(torch.tensor([1.0, 0.0]))
+        y3 = m(x)
+    assert m._cache[1] is not cached
+    assert torch.isfinite(y3).all()
+
+
+def test_ensembling_module_validates_shapes():
+    base = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="cover exactly"):
+        WeightEnsemblingModule(base, {"weight": torch.zeros(2, 3, 4)}, Router(2))
+    with pytest.raises(ValueError, match="shape"):
+        WeightEnsemblingModule(base, {"weight": torch.zeros(2, 3, 4), "bias": torch.zeros(3, 3)}, Router(2))
+
+
+def test_task_arithmetic_pure_function():
+    base = {"w": torch.zeros(2)}
+    experts = {"a": {"w": torch.tensor([1.0, 0.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}
+    assert torch.allclose(task_arithmetic(base, experts, 0.5)["w"], torch.tensor([0.5, 1.0]))
+
+
+def test_normalize_preference():
+    assert torch.allclose(normalize_preference([1, 3], 2), torch.tensor([0.25, 0.75]))
+    with pytest.raises(ValueError, match="length k=3"):
+        normalize_preference([0.5, 0.5], 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        normalize_preference([-0.1, 1.1], 2)
+    with pytest.raises(ValueError, match="finite"):
+        normalize_preference([float("nan"), 1.0], 2)
+    with pytest.raises(ValueError, match="positive sum"):
+        normalize_preference([0.0, 0.0], 2)
+    with pytest.raises(TypeError):
+        normalize_preference("ab", 2)
+
+
+@pytest.mark.parametrize("k,m,n", [(2, 11, 11), (3, 11, 66), (8, 2, 8), (8, 3, 36)])
+def test_simplex_grid_counts(k, m, n):
+    g = simplex_grid(k, m)
+    assert g.shape == (n, k) == (simplex_grid_size(k, m), k)
+    assert torch.allclose(g.sum(1), torch.ones(n))
+    assert (g >= 0).all()
+    steps = g * (m - 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-5)
+    assert len({tuple(row) for row in steps.round().int().tolist()}) == n
+
+
+def test_simplex_grid_points_and_errors():
+    assert simplex_grid(2, 3).tolist() == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    assert torch.equal(simplex_grid(8, 2), torch.eye(8).flip(0))
+    with pytest.raises(ValueError, match="M >= 2"):
+        simplex_grid(3, 1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 3.0])
+def test_dirichlet_sampler_seeded_and_resumable(alpha):
+    a = DirichletSampler(3, alpha, seed=7)
+    b = DirichletSampler(3, alpha, seed=7)
+    x = a.sample(4)
+    assert torch.equal(x, b.sample(4))
+    assert torch.allclose(x.sum(1), torch.ones(4)) and (x >= 0).all()
+    state = a.state_dict()
+    y = a.sample(2)
+    c = DirichletSampler(3, alpha, seed=0)
+    c.load_state_dict(state)
+    assert torch.equal(c.sample(2), y)
+    mean = DirichletSampler(3, alpha, seed=1).sample(4000).mean(0)
+    assert torch.allclose(mean, torch.full((3,), 1 / 3), atol=0.03)
