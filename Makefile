@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pwemoe demo
+	$(BIN)/pwemoe demo --tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

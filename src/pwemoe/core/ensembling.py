@@ -33,10 +33,10 @@ class _Merge(torch.autograd.Function):
         if T.dtype == theta0.dtype:
             out = torch.addmv(flat0, Tf.t(), lam.to(theta0.dtype))
         else:
+            # add_ with a mixed-dtype operand upcasts on the fly: no per-row temporary.
             out = flat0.clone()
-            lam_c = lam.to(theta0.dtype)
-            for i in range(k):
-                out.add_(Tf[i].to(theta0.dtype) * lam_c[i])
+            for i, li in enumerate(lam.detach().tolist()):
+                out.add_(Tf[i], alpha=li)
         return out.view_as(theta0)
 
     @staticmethod

@@ -1,0 +1,111 @@
+"""`pwemoe finetune | train | evaluate | export | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pwemoe", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="upcycle the experts and train the routers")
+    p.add_argument("config", nargs="?", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+
+    p = sub.add_parser("evaluate", help="evaluate a run on a preference grid, with baselines, plots and a report")
+    p.add_argument("run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--grid", type=int, metavar="M", help="simplex grid with M levels per axis")
+    g.add_argument("--preferences", metavar="FILE", help="file with one preference per line (comma separated)")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-test-samples", type=int, help="evaluate on the first N test examples per task")
+
+    p = sub.add_parser("export", help="write a plain Hugging Face model for one preference")
+    p.add_argument("run")
+    p.add_argument("--preference", required=True, help="e.g. 0.2,0.8")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
+    p.add_argument("config", help="YAML config with model.base and the task")
+    p.add_argument("--task", required=True, help="name of the task in the config")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="the offline end-to-end example")
+    p.add_argument("--tiny", action="store_true", help="only the seconds-long built-in example on tiny random models")
+    p.add_argument("--workdir", default="demo_runs")
+
+    args = ap.parse_args(argv)
+    _setup_logging(args.verbose)
+    from .config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"pwemoe: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        if args.verbose:
+            raise
+        print(f"pwemoe {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "demo":
+        if args.tiny:
+            from .demo.tiny import run
+
+            run()
+            return 0
+        from .demo.pipeline import run_demo
+
+        run_demo(args.workdir, verbose=args.verbose)
+        return 0
+    if args.cmd == "train":
+        from .training import train
+
+        if not args.config and not args.resume:
+            raise ValueError("give a config (pwemoe train CONFIG.yaml) or --resume RUN")
+        train(args.config, args.overrides, resume=args.resume, verbose=args.verbose)
+        return 0
+    if args.cmd == "evaluate":
+        from .evaluation.run import evaluate_run
+
+        evaluate_run(args.run, grid=args.grid, preferences_file=args.preferences, baselines=not args.no_baselines,
+                     batch_size=args.batch_size, max_test_samples=args.max_test_samples, verbose=args.verbose)
+        return 0
+    if args.cmd == "export":
+        from .evaluation.run import export_run
+
+        export_run(args.run, args.preference, args.out)
+        return 0
+    if args.cmd == "finetune":
+        from .finetune import finetune_from_config
+
+        finetune_from_config(args.config, args.task, args.out, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, seed=args.seed)
+        return 0
+    raise AssertionError(args.cmd)  # argparse restricts cmd
+
+
+if __name__ == "__main__":
+    sys.exit(main())

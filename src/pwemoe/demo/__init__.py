@@ -1,0 +1,1 @@
+"""Offline examples: the real-data demo and a tiny built-in smoke example."""
