@@ -73,3 +73,12 @@ def base_and_experts(arch):
     base = BUILDERS[arch]()
     experts = {f"t{i}": make_expert(base, seed=i + 1) for i in range(3)}
     return base, experts
+
+
+@pytest.fixture(scope="session")
+def text_setup(tmp_path_factory):
+    """A tiny BERT base, two fine-tuned experts and CSV data, built once per test session."""
+    from tests.fixtures import build_text_setup
+
+    root = tmp_path_factory.mktemp("text_setup")
+    return root, build_text_setup(root)

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-ModelSource = str | os.PathLike | nn.Module
+ModelSource = str | os.PathLike | nn.Module | Callable[[], nn.Module]
 
 
 def describe(src: ModelSource) -> str:
@@ -33,6 +34,8 @@ def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | N
     """
     if isinstance(src, nn.Module):
         return src
+    if callable(src):  # a lazy loader: lets callers stream models they build themselves
+        return src()
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"a model must be a hub id, a local directory or an nn.Module, got {type(src).__name__}")
     if model_class is None:

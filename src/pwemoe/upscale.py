@@ -260,6 +260,24 @@ def fixed_lambda(model: nn.Module, lam: PreferenceLike) -> Iterator[None]:
             m.set_lambda_override(None)
 
 
+@contextlib.contextmanager
+def shared_merge(model: nn.Module) -> Iterator[None]:
+    """Under autograd, compute theta(r) once and reuse it for every forward inside the block.
+
+    Used for per-task forwards that share one merge (EPO's per-task gradients): backward through
+    each task's graph needs `retain_graph=True` for the shared merge. Caches are dropped on exit.
+    """
+    mods = _modules_or_raise(model)
+    for _, m in mods:
+        m.share_under_grad = True
+    try:
+        yield
+    finally:
+        for _, m in mods:
+            m.share_under_grad = False
+            m.clear_cache()
+
+
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Module:
     """A new plain model of the original class with the weights theta(r) baked in.

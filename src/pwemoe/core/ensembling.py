@@ -97,6 +97,7 @@ class WeightEnsemblingModule(nn.Module):
         self.register_buffer("preference", torch.full((k,), 1.0 / k), persistent=False)
         self._override: torch.Tensor | None = None
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self.share_under_grad = False  # set by `shared_merge`: reuse one merge across several forwards
 
     @staticmethod
     def _tv_name(param: str) -> str:
@@ -150,15 +151,16 @@ class WeightEnsemblingModule(nn.Module):
         its backward; the training loop calls the module once per preference and step.
         """
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
-        if not grad:
-            key = self._cache_key()
+        cache = not grad or self.share_under_grad
+        if cache:
+            key = (grad, *self._cache_key())
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-            self._cache = None  # free the old copy before building the new one
+        self._cache = None  # free the old copy before building the new one
         lam = self.routing_weights()
         params = dict(self.base_layer.named_parameters())
         merged = {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
-        if not grad:
+        if cache:
             self._cache = (key, merged)
         return merged
 

@@ -1,0 +1,29 @@
+"""The objective interface: combine per-task losses L (Tensor[k]) under preference r (Tensor[k])."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Objective:
+    """A multi-objective scalarisation.
+
+    `needs_task_gradients`: when True the training loop passes G (Tensor[k, p]), the per-task
+    gradients of the losses w.r.t. the router parameters, and uses the returned weights w
+    (Tensor[k]) to form the update sum_i w_i grad L_i. Otherwise it backpropagates `loss`.
+    """
+
+    name = "objective"
+    needs_task_gradients = False
+
+    def loss(self, losses: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """losses: Tensor[k] (with graph), r: Tensor[k] -> scalar to backpropagate."""
+        raise NotImplementedError
+
+    def weights(self, losses: torch.Tensor, r: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Gradient-based objectives: detached losses Tensor[k], G Tensor[k, p] -> weights Tensor[k]."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        """Counters worth logging (e.g. LP fallbacks)."""
+        return {}

@@ -1,0 +1,12 @@
+"""Tasks: data + frozen head + metric."""
+
+from .base import Task
+from .clip import CLIPZeroShotTask
+from .sequence_classification import SequenceClassificationTask
+
+TASK_TYPES: dict[str, type[Task]] = {
+    "sequence_classification": SequenceClassificationTask,
+    "clip_zero_shot": CLIPZeroShotTask,
+}
+
+__all__ = ["TASK_TYPES", "CLIPZeroShotTask", "SequenceClassificationTask", "Task"]

@@ -1,0 +1,62 @@
+"""CLIP zero-shot image classification: the head is built once from the text tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TaskConfig
+from .base import Task
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+class CLIPZeroShotTask(Task):
+    modality = "image"
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        super().__init__(cfg)
+        self.processor: Any = None
+        self.text_embeds: torch.Tensor | None = None  # [C, D], unit norm
+        self.clip: nn.Module | None = None  # the (upcycled) CLIPModel, for projection and logit scale
+
+    def load_expert_backbone(self, path: str) -> nn.Module:
+        from transformers import CLIPVisionModel
+
+        return CLIPVisionModel.from_pretrained(path)
+
+    def set_processor(self, processor: Any) -> None:
+        self.processor = processor
+
+    @torch.no_grad()
+    def build_head(self, clip: nn.Module, tokenizer: Any) -> None:
+        """Class embeddings: mean over templates of normalised text features, renormalised."""
+        self.clip = clip
+        templates = self.cfg.templates or DEFAULT_TEMPLATES
+        embeds = []
+        for name in self.class_names:
+            tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+            e = clip.get_text_features(**tok)
+            e = e.pooler_output if hasattr(e, "pooler_output") else e
+            e = e / e.norm(dim=-1, keepdim=True)
+            e = e.mean(0)
+            embeds.append(e / e.norm())
+        self.text_embeds = torch.stack(embeds)
+
+    def _input_column(self) -> str:
+        return self.cfg.data.image_column
+
+    def encode(self, rows: dict[str, list]) -> list[dict[str, torch.Tensor]]:
+        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in rows[self.cfg.data.image_column]]
+        px = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return [{"pixel_values": p} for p in px]
+
+    def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        img = self.clip.visual_projection(outputs.pooler_output)
+        img = img / img.norm(dim=-1, keepdim=True)
+        return self.clip.logit_scale.exp() * img @ self.text_embeds.to(img).T
+
+    def export_model(self, plain_clip: nn.Module) -> nn.Module:
+        return plain_clip

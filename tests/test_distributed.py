@@ -1,0 +1,40 @@
+"""2-process CPU data-parallel training (gloo) under torchrun."""
+
+import shutil
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from pwemoe.checkpoint import load_routers
+
+
+def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
+    root, base_cfg = text_setup
+    cfg = {**base_cfg, "run_dir": str(tmp_path / "ddp"), "train": {**base_cfg["train"], "steps": 6, "save_interval": 3}}
+    p = tmp_path / "ddp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    dump = tmp_path / "ranks"
+    dump.mkdir()
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"from pwemoe.training import train\ntrain({str(p)!r}, [])\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+    res = subprocess.run(torchrun + [str(script)], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "PWEMOE_DUMP_ROUTERS": str(dump)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    mem = [load_file(dump / f"memory_rank{r}.safetensors") for r in range(2)]
+    assert mem[0].keys() == mem[1].keys() and all(torch.equal(mem[0][k], mem[1][k]) for k in mem[0])
+    saved, meta = load_routers(tmp_path / "ddp" / "routers.safetensors")
+    assert all(torch.equal(saved[k], mem[0][k]) for k in saved)
+    # written once: one metrics line per step, one config, no stray temporary files
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    assert sorted(x.name for x in (tmp_path / "ddp").iterdir()) == [
+        "config.yaml", "metrics.jsonl", "routers.safetensors", "trainer_state.pt"]
+    st = torch.load(tmp_path / "ddp" / "trainer_state.pt", weights_only=True)
+    assert st["world_size"] == 2 and len(st["ranks"]) == 2
+    assert st["ranks"][0]["sampler"]["rng"].tolist() != st["ranks"][1]["sampler"]["rng"].tolist()
+    shutil.rmtree(dump)
