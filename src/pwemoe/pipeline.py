@@ -113,11 +113,11 @@ class Workbench:
             return dict(self.tokenizer.pad(feats, return_tensors="pt"))
         return {"pixel_values": torch.stack([f["pixel_values"] for f in feats])}
 
-    def logits(self, parts: list[tuple[Task, dict[str, list]]]) -> list[torch.Tensor]:
+    def logits(self, parts: list[tuple[Task, dict[str, list]]], backbone: nn.Module | None = None) -> list[torch.Tensor]:
         """One backbone forward on the concatenated examples of several tasks; per-task logits.
 
         parts: [(task, rows)] where rows is a column dict (`dataset[indices]`). Returns logits
-        Tensor[n_t, C_t] per part.
+        Tensor[n_t, C_t] per part. `backbone` replaces the upcycled one (baselines).
         """
         feats, sizes = [], []
         for t, rows in parts:
@@ -125,7 +125,7 @@ class Workbench:
             feats.extend(f)
             sizes.append(len(f))
         inputs = self._pad(feats)
-        out = self.backbone(**inputs)
+        out = (backbone or self.backbone)(**inputs)
         logits, start = [], 0
         for (t, _), n in zip(parts, sizes):
             sl = slice(start, start + n)

@@ -1,0 +1,145 @@
+"""Training-step time and peak memory against the limit of a plain frozen forward + backward.
+
+ViT-B/32-shaped CLIP vision model (random init, no download), k = 2 and 8, batch 16 per task,
+CPU. Each (k, variant) runs in its own subprocess so its peak RSS (VmHWM) is its own.
+
+  limit: the plain model (no merging) on the concatenated batches; weights frozen, gradients
+         flow through every layer (pixel_values.requires_grad) -- the cost of any router training.
+  ls:    pwemoe LS step: one merge, one concatenated forward, one backward, Adam step.
+  epo:   pwemoe EPO step: one shared merge, k per-task forwards, k router gradients, LP, Adam step.
+
+    .venv/bin/python benchmarks/train_step.py [--k 2 8] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+MB = 2**20
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child(k: int, variant: str, steps: int) -> dict:
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    import pwemoe
+    from pwemoe.objectives import EPO
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32)
+    model = CLIPVisionModel(cfg).eval()
+    tv_bytes = 0
+    if variant != "limit":
+        experts = {}
+        for i in range(k):
+            e = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in e.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+            experts[f"t{i}"] = e
+        model = pwemoe.upscale(model, experts)
+        del experts, e
+        tv_bytes = sum(m.task_vector(p).numel() * 4 for _, m in pwemoe.ensembling_modules(model) for p in m._param_names)
+    else:
+        model.requires_grad_(False)
+    heads = [torch.randn(768, 10, generator=torch.Generator().manual_seed(i)) * 0.05 for i in range(k)]
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(16 * k, 3, 224, 224, generator=g)
+    labels = torch.randint(0, 10, (16 * k,), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2) if params else None
+    epo = EPO()
+    sampler = pwemoe.DirichletSampler(k, seed=0)
+    times = []
+    rss0 = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def task_loss(out, i, sl):
+        return torch.nn.functional.cross_entropy(out.pooler_output @ heads[i], labels[sl])
+
+    for s in range(steps + 1):
+        t = time.perf_counter()
+        if variant == "limit":
+            x = px.clone().requires_grad_(True)
+            out = model(pixel_values=x)
+            sum(task_loss(type(out)(pooler_output=out.pooler_output[16 * i:16 * (i + 1)]), i,
+                          slice(16 * i, 16 * (i + 1))) for i in range(k)).backward()
+        elif variant == "ls":
+            r = sampler.sample()[0]
+            pwemoe.set_preference(model, r)
+            out = model(pixel_values=px)
+            losses = torch.stack([task_loss(type(out)(pooler_output=out.pooler_output[16 * i:16 * (i + 1)]), i,
+                                            slice(16 * i, 16 * (i + 1))) for i in range(k)])
+            (r * losses).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            r = sampler.sample()[0]
+            pwemoe.set_preference(model, r)
+            with pwemoe.shared_merge(model):
+                losses = torch.stack([task_loss(model(pixel_values=px[16 * i:16 * (i + 1)]), i, slice(16 * i, 16 * (i + 1)))
+                                      for i in range(k)])
+                G = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(losses[i], params, retain_graph=i < k - 1)])
+                                 for i in range(k)])
+            w = epo.weights(losses.detach(), r, G)
+            flat = w @ G
+            j = 0
+            for p in params:
+                p.grad = flat[j:j + p.numel()].view_as(p).clone()
+                j += p.numel()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if s > 0:  # the first step is warm-up
+            times.append(time.perf_counter() - t)
+    return {"k": k, "variant": variant, "step_s": statistics.median(times), "times": times,
+            "peak_MB": (_status("VmHWM") - rss0) / MB, "tv_MB": tv_bytes / MB, "rss0_MB": rss0 / MB,
+            "epo_fallbacks": epo.fallbacks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(int(a.child[0]), a.child[1], int(a.child[2]))))
+        return
+    rows = {}
+    for k in a.k:
+        for v in ("limit", "ls", "epo"):
+            out = subprocess.run([sys.executable, __file__, "--child", str(k), v, str(a.steps)],
+                                 capture_output=True, text=True, check=True)
+            rows[(k, v)] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(rows[(k, v)]), flush=True)
+    print(f"\n{'k':>2} {'limit s':>8} {'LS s':>7} {'EPO s':>7} {'LS/limit':>9} {'EPO/LS':>7} "
+          f"{'limit peak MB':>14} {'LS peak MB':>11} {'T MB':>7} {'LS peak/(limit+T)':>18}")
+    for k in a.k:
+        lim, ls, epo = rows[(k, "limit")], rows[(k, "ls")], rows[(k, "epo")]
+        # peaks are measured above each process's RSS after setup; the LS process holds T already
+        ls_total = ls["peak_MB"] + ls["rss0_MB"]
+        lim_total = lim["peak_MB"] + lim["rss0_MB"]
+        print(f"{k:>2} {lim['step_s']:>8.2f} {ls['step_s']:>7.2f} {epo['step_s']:>7.2f} "
+              f"{ls['step_s'] / lim['step_s']:>9.2f} {epo['step_s'] / ls['step_s']:>7.2f} "
+              f"{lim_total:>14.0f} {ls_total:>11.0f} {ls['tv_MB']:>7.0f} {ls_total / (lim_total + ls['tv_MB']):>18.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Pareto-front plots (matplotlib, Agg): PNG and SVG, axes named after the tasks, always a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+STYLE = {
+    "pwemoe": dict(color="C3", marker="o", label="PWEMoE", zorder=5),
+    "pref_task_arithmetic": dict(color="C0", marker="s", label="preference-weighted TA", zorder=4),
+    "task_arithmetic": dict(color="C2", marker="^", label="task arithmetic (λ grid)", zorder=3),
+    "average": dict(color="C4", marker="D", label="simple average", zorder=3),
+    "experts": dict(color="k", marker="*", label="individual experts", zorder=6),
+}
+
+
+def _groups(rows: list[dict], names: list[str], key: str) -> dict[str, tuple[np.ndarray, list]]:
+    g: dict[str, list[dict]] = {}
+    for r in rows:
+        m = "experts" if r["method"].startswith("expert:") else r["method"]
+        g.setdefault(m, []).append(r)
+    out = {}
+    for m, rs in g.items():
+        if m in ("pwemoe", "pref_task_arithmetic"):  # join in preference order
+            rs = sorted(rs, key=lambda r: tuple(r["preference"]))
+        elif m == "task_arithmetic":
+            rs = sorted(rs, key=lambda r: r["param"])
+        out[m] = (np.array([[r[key][n] for n in names] for r in rs], dtype=float), rs)
+    return out
+
+
+def _plane(ax, groups, i: int, j: int, names: list[str]) -> None:
+    for m, (pts, _) in groups.items():
+        st = dict(STYLE.get(m, dict(label=m)))
+        line = m in ("pwemoe", "pref_task_arithmetic", "task_arithmetic") and len(names) == 2
+        ax.plot(pts[:, i], pts[:, j], linestyle="-" if line else "none", markersize=9 if m == "experts" else 5,
+                alpha=0.85, **st)
+    ax.set_xlabel(f"{names[i]} accuracy")
+    ax.set_ylabel(f"{names[j]} accuracy")
+    ax.grid(alpha=0.3)
+
+
+def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "accuracy") -> list[Path]:
+    """Write the plots for k tasks; returns the paths written (PNG and SVG of each figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(names)
+    groups = _groups(rows, names, key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    if k == 2:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        _plane(ax, groups, 0, 1, names)
+        ax.legend(fontsize=8)
+        ax.set_title(f"Pareto fronts ({key})")
+        figs["front"] = fig
+    elif k == 3:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+        for ax, (i, j) in zip(axes, [(0, 1), (0, 2), (1, 2)]):
+            _plane(ax, groups, i, j, names)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Pairwise planes ({key})")
+        figs["planes"] = fig
+        fig = plt.figure(figsize=(6, 5.5))
+        ax = fig.add_subplot(projection="3d")
+        for m, (pts, rs) in groups.items():
+            st = dict(STYLE.get(m, dict(label=m)))
+            if m == "pwemoe":
+                cols = np.array([r["preference"] for r in rs])
+                st.pop("color")
+                ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=np.clip(cols, 0, 1), s=30, **st)
+            else:
+                ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=60 if m == "experts" else 15, **st)
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
+        ax.set_zlabel(names[2])
+        ax.legend(fontsize=7)
+        ax.set_title("3-D view; PWEMoE coloured by preference (RGB = r)")
+        figs["front3d"] = fig
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * k), 4.8))
+        x = np.arange(k)
+        for m, (pts, _) in groups.items():
+            st = dict(STYLE.get(m, dict(label=m)))
+            label = st.pop("label")
+            for n, p in enumerate(pts):
+                ax.plot(x, p, alpha=0.5 if m != "experts" else 0.9, linewidth=1,
+                        label=label if n == 0 else None, **{kk: v for kk, v in st.items() if kk != "zorder"})
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8)
+        ax.set_title(f"Parallel coordinates ({key}); one line per preference")
+        ax.grid(alpha=0.3)
+        figs["parallel"] = fig
+    paths = []
+    for name, fig in figs.items():
+        fig.tight_layout()
+        for ext in ("png", "svg"):
+            p = out_dir / f"{name}_{key}.{ext}"
+            fig.savefig(p, dpi=110)
+            paths.append(p)
+        plt.close(fig)
+    return paths
