@@ -49,7 +49,7 @@ class TaskConfig:
     type: str = "sequence_classification"  # or 'clip_zero_shot'
     expert: str = ""  # hub id or local dir of the fine-tuned model
     data: DataConfig = field(default_factory=DataConfig)
-    class_names: list[str] | None = None
+    class_names: list[str] | None = None  # default: the expert's id2label, or the data's ClassLabel names
     templates: list[str] | None = None  # CLIP prompts, e.g. 'a photo of a {}.'
     max_length: int = 128
 
@@ -211,8 +211,6 @@ def _validate(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{p}.data.source: must be hub, csv, json, parquet, imagefolder or adapter, got {task.data.source!r}")
         if not task.data.path and not task.data.files:
             errors.append(f"{p}.data.path: required (dataset id, file or adapter name)")
-        if task.type == "clip_zero_shot" and not task.class_names:
-            errors.append(f"{p}.class_names: required for clip_zero_shot (the zero-shot head is built from them)")
     if t.objective not in OBJECTIVES:
         errors.append(f"train.objective: unknown objective {t.objective!r}; known: {sorted(OBJECTIVES)}")
     for key, val, ok in [

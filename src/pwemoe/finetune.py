@@ -27,7 +27,7 @@ def finetune_from_config(config: str | Path, task: str, out: str | Path, epochs:
     if tcfg.type != "sequence_classification":
         raise ValueError(f"pwemoe finetune makes sequence-classification experts; task {task!r} is {tcfg.type}")
     base = cfg.model.path_map.get(cfg.model.base, cfg.model.base)
-    data = load_split(tcfg.data, tcfg.data.train_split)
+    data = load_split(tcfg.data, tcfg.data.train_split, cfg.model.path_map)
     if tcfg.data.max_train_samples:
         data = data.select(range(min(tcfg.data.max_train_samples, len(data))))
     names = tcfg.class_names or getattr(data.features[tcfg.data.label_column], "names", None)

@@ -62,10 +62,10 @@ class Workbench:
         self.info = None
         if upcycle:
             self._upcycle()
-        if self.modality == "image":
+        self._load_data(load_train, load_test, max_test_samples)
+        if self.modality == "image":  # heads need the class names, which may come from the data
             for t in self.tasks:
                 t.build_head(self.model, self.tokenizer)
-        self._load_data(load_train, load_test, max_test_samples)
 
     def resolve(self, path: str) -> str:
         """Map hub ids to local mirrors (model.path_map), for offline use and tests."""
@@ -91,18 +91,34 @@ class Workbench:
         for i, t in enumerate(self.tasks):
             d = t.cfg.data
             try:
+                pm = self.cfg.model.path_map
                 if load_train:
-                    t.train_data = load_split(d, d.train_split)
+                    t.train_data = load_split(d, d.train_split, pm)
                     if d.max_train_samples:
                         t.train_data = t.train_data.select(range(min(d.max_train_samples, len(t.train_data))))
                 if load_test:
-                    t.test_data = load_split(d, d.test_split)
+                    t.test_data = load_split(d, d.test_split, pm)
                     n = max_test or d.max_test_samples
                     if n:
                         t.test_data = t.test_data.select(range(min(n, len(t.test_data))))
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
                 continue
+            if not t.class_names:  # e.g. CLIP zero-shot: take the names of a ClassLabel column
+                ds = t.train_data if t.train_data is not None else t.test_data
+                if ds is None:  # nothing loaded (export): read the features of the test split
+                    try:
+                        ds = load_split(d, d.test_split, self.cfg.model.path_map)
+                    except (ValueError, FileNotFoundError) as e:
+                        errors.append(f"tasks[{i}].data: {e}")
+                        continue
+                feat = ds.features.get(d.label_column) if ds is not None else None
+                if getattr(feat, "names", None):
+                    t.class_names = list(feat.names)
+                else:
+                    errors.append(f"tasks[{i}].class_names: required for task {t.name!r}; its label column "
+                                  f"{d.label_column!r} carries no class names")
+                    continue
             t.validate_data(errors, i)
         if errors:
             raise ConfigError(errors)

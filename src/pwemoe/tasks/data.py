@@ -29,9 +29,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("PWEMOE_CACHE", Path.cwd() / ".pwemoe_cache"))
 
 
-def load_split(data: DataConfig, split: str) -> Any:
-    """Return a `datasets.Dataset` for one split of a task's data."""
+def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = None) -> Any:
+    """Return a `datasets.Dataset` for one split of a task's data.
+
+    `path_map` maps hub dataset ids (`id` or `id:config`) to local copies: a directory written
+    by `DatasetDict.save_to_disk`, or anything `datasets.load_dataset` reads.
+    """
     import datasets
+
+    path_map = path_map or {}
+    local = path_map.get(f"{data.path}:{data.name}") if data.name else None
+    local = local or path_map.get(data.path)
+    if data.source == "hub" and local:
+        if (Path(local) / "dataset_dict.json").exists():
+            dd = datasets.load_from_disk(local)
+            if split not in dd:
+                raise ValueError(f"local copy {local} of {data.path!r} has splits {sorted(dd)}, not {split!r}")
+            return dd[split]
+        return datasets.load_dataset(local, data.name, split=split)
 
     if data.source == "adapter":
         from ..demo import adapters  # noqa: F401 - registers the built-in adapters
