@@ -223,3 +223,37 @@ def test_tchebycheff_objectives():
     assert float(Tchebycheff().loss(L, r)) == pytest.approx(0.8)
     s = SmoothTchebycheff(mu=0.01).loss(L, r).detach()
     assert float(s) == pytest.approx(0.8, abs=0.01) and float(s) >= 0.8 - 1e-6
+
+
+@pytest.mark.parametrize("objective,args", [("tchebycheff", {}), ("stch", {"mu": 0.5})])
+def test_cli_train_other_objectives(text_setup, tmp_path, objective, args):
+    from pwemoe.cli import main
+
+    root, base_cfg = text_setup
+    cfg = {**base_cfg, "run_dir": str(tmp_path / objective),
+           "train": {**base_cfg["train"], "steps": 3, "objective": objective, "objective_args": args}}
+    assert main(["train", str(_write(tmp_path, cfg, objective)), "train.lr=0.02"]) == 0
+    state, meta = load_routers(tmp_path / objective / "routers.safetensors")
+    assert meta["step"] == 3
+    assert load_config(tmp_path / objective / "config.yaml").train.lr == 0.02
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from pwemoe.cli import main
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {base: x}\ntasks: []\ntrain: {steps: 0, bogus: 1}\n")
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "train.bogus: unknown key" in err
+
+
+def test_read_preferences_file(tmp_path):
+    from pwemoe.evaluation.run import read_preferences
+
+    p = tmp_path / "prefs.txt"
+    p.write_text("# comment\n1,1\n0.2 0.8\n")
+    assert read_preferences(p, 2).tolist() == [[0.5, 0.5], pytest.approx([0.2, 0.8])]
+    p.write_text("1,1\n0.5,0.2,0.3\n")
+    with pytest.raises(ValueError, match="line 2: preference must have length k=2"):
+        read_preferences(p, 2)

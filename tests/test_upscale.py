@@ -260,3 +260,15 @@ def test_streamed_loading_from_directories(tmp_path):
     assert set(info.hashes) == {"base", "e0", "e1"} and len(set(info.hashes.values())) == 3
     with pytest.raises(ValueError, match="is a file"):
         upscale(str(tmp_path / "base" / "config.json"), paths)
+
+
+def test_merge_into_reuses_one_plain_copy(base_and_experts):
+    base, experts = base_and_experts
+    model = upscale(base, experts)
+    inputs = model_inputs(model)
+    plain = merge_and_unload(model, [1, 0, 0])
+    for r in ([0.2, 0.3, 0.5], [0, 0, 1]):
+        same = pwemoe.merge_into(model, plain, r)
+        assert same is plain
+        with pwemoe.preference(model, r):
+            assert torch.allclose(_out(plain, inputs), _out(model, inputs), atol=1e-5)

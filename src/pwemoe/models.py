@@ -53,16 +53,6 @@ def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | N
     return model_class.from_pretrained(str(src), **kwargs)
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load tensors from a .safetensors file, or a torch file with weights_only=True."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def fingerprint_tensors(named: dict[str, torch.Tensor] | Any) -> str:
     """sha256 over names, shapes, dtypes and bytes of the tensors (sorted by name)."""
     h = hashlib.sha256()

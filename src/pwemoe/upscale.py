@@ -307,6 +307,23 @@ def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Mo
     return new
 
 
+@torch.no_grad()
+def merge_into(model: nn.Module, plain: nn.Module, r: PreferenceLike) -> nn.Module:
+    """Write theta(r) of every upcycled module into `plain`, a `merge_and_unload` copy of `model`.
+
+    Evaluating many preferences this way merges once per preference and then runs a plain
+    model: no functional_call per batch, and no new copy of the model per preference.
+    """
+    with preference(model, r):
+        for name, m in _modules_or_raise(model):
+            target = plain.get_submodule(name)
+            merged = m.merged_weights()
+            for pn, p in target.named_parameters():
+                p.copy_(merged[pn])
+            m.clear_cache()
+    return plain
+
+
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Router parameters only: {'<module>.router.<param>': tensor} (a few hundred numbers per module)."""
     return {

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..tasks.data import register_adapter
 
-N_TRAIN, N_TEST = 2000, 300
+N_TRAIN, N_TEST = 2000, 200
 
 
 def _package_dir(pkg: str) -> Path:

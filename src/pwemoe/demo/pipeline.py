@@ -85,6 +85,7 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
 
     from ..config import config_from_dict
     from ..core.preference import normalize_preference
+    from ..evaluation.run import length_sorted_batches
     from ..tasks.data import load_split
 
     rows = json.loads((run / "results.json").read_text())
@@ -99,8 +100,10 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
         if t.data.max_test_samples:
             ds = ds.select(range(min(t.data.max_test_samples, len(ds))))
         correct = 0
-        for lo in range(0, len(ds), 128):
-            b = ds[lo : lo + 128]
+        # the same length-sorted batches as `evaluate` (same padding, so bit-identical logits)
+        lengths = [len(x) for x in tok(list(ds["text"]), truncation=True, max_length=t.max_length)["input_ids"]]
+        for idx in length_sorted_batches(lengths, c.eval.batch_size):
+            b = ds[idx]
             enc = tok(list(b["text"]), truncation=True, max_length=t.max_length, padding=True, return_tensors="pt")
             with torch.no_grad():
                 correct += int((model(**enc).logits.argmax(-1) == torch.as_tensor(b["label"])).sum())

@@ -18,7 +18,7 @@ from ..config import load_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..pipeline import Workbench
 from ..tasks import Task
-from ..upscale import load_router_state_dict, merge_and_unload, routing_weights, set_preference
+from ..upscale import load_router_state_dict, merge_and_unload, merge_into, routing_weights, set_preference
 from .pareto import hypervolume, non_dominated
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,33 @@ def open_run(run: str | Path, load_test: bool = True, max_test_samples: int | No
     return wb, meta
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches in order of length, so each batch pads to a similar length (less wasted compute)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def eval_batches(task: Task, batch_size: int) -> list[list[int]]:
+    """The test split's index batches: by encoded length for text, in order for images (cached)."""
+    key = ("_eval_batches", batch_size, len(task.test_data))
+    cached = getattr(task, "_eval_cache", None)
+    if cached is None or cached[0] != key:
+        if task.modality == "text":
+            lengths = [len(f["input_ids"]) for f in task.encode(task.test_data[:])]
+        else:
+            lengths = [0] * len(task.test_data)
+        cached = (key, length_sorted_batches(lengths, batch_size))
+        task._eval_cache = cached
+    return cached[1]
+
+
 @torch.no_grad()
 def accuracy(wb: Workbench, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:
     """Top-1 accuracy of `task` on its test split through `backbone` (default: the upcycled one)."""
     ds = task.test_data
     correct = 0
-    for lo in range(0, len(ds), batch_size):
-        rows = ds[lo : lo + batch_size]
+    for idx in eval_batches(task, batch_size):
+        rows = ds[idx]
         logits = wb.logits([(task, rows)], backbone=backbone)[0]
         correct += int((logits.argmax(-1) == task.labels(rows)).sum())
     return correct / len(ds)
@@ -107,11 +127,16 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
             store.add(row)
         return row
 
-    # PWEMoE: merge once per preference (cached under no_grad), then every task's test split.
+    # PWEMoE: merge once per preference into one plain copy of the backbone, then run every
+    # task's test split through that plain model (no functional_call per batch).
+    plain = None
     for r in tqdm(prefs, desc="pwemoe", unit="pref", disable=verbose < 0):
         rn = normalize_preference(r, k)
-        set_preference(wb.model, rn)
-        record("pwemoe", [round(x, 6) for x in rn.tolist()], None, lambda t: accuracy(wb, t, bs))
+        key = [round(x, 6) for x in rn.tolist()]
+        if store.get("pwemoe", key, None) is None:
+            plain = merge_and_unload(wb.backbone, rn).eval() if plain is None else merge_into(wb.backbone, plain, rn)
+        record("pwemoe", key, None, lambda t: accuracy(wb, t, bs, backbone=plain))
+    del plain
     # Experts are always evaluated: their own accuracy normalises everything else.
     bank = None
 
