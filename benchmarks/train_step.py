@@ -37,7 +37,8 @@ def child(k: int, variant: str, steps: int) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     import pwemoe
-    from pwemoe.objectives import EPO
+    from pwemoe.objectives import EPO, LinearScalarization
+    from pwemoe.training import accumulate_router_gradients
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -71,39 +72,24 @@ def child(k: int, variant: str, steps: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
-    def task_loss(out, i, sl):
-        return torch.nn.functional.cross_entropy(out.pooler_output @ heads[i], labels[sl])
+    def losses_fn(parts):
+        """parts: [(task index, pixel_values, labels)] -> per-part CE from one forward."""
+        out = model(pixel_values=torch.cat([p[1] for p in parts])).pooler_output
+        res, lo = [], 0
+        for i, x, y in parts:
+            res.append(torch.nn.functional.cross_entropy(out[lo:lo + len(x)] @ heads[i], y))
+            lo += len(x)
+        return torch.stack(res)
 
+    objective = epo if variant == "epo" else LinearScalarization()
+    parts = [(i, px[16 * i:16 * (i + 1)], labels[16 * i:16 * (i + 1)]) for i in range(k)]
     for s in range(steps + 1):
         t = time.perf_counter()
         if variant == "limit":
             x = px.clone().requires_grad_(True)
-            out = model(pixel_values=x)
-            sum(task_loss(type(out)(pooler_output=out.pooler_output[16 * i:16 * (i + 1)]), i,
-                          slice(16 * i, 16 * (i + 1))) for i in range(k)).backward()
-        elif variant == "ls":
-            r = sampler.sample()[0]
-            pwemoe.set_preference(model, r)
-            out = model(pixel_values=px)
-            losses = torch.stack([task_loss(type(out)(pooler_output=out.pooler_output[16 * i:16 * (i + 1)]), i,
-                                            slice(16 * i, 16 * (i + 1))) for i in range(k)])
-            (r * losses).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            r = sampler.sample()[0]
-            pwemoe.set_preference(model, r)
-            with pwemoe.shared_merge(model):
-                losses = torch.stack([task_loss(model(pixel_values=px[16 * i:16 * (i + 1)]), i, slice(16 * i, 16 * (i + 1)))
-                                      for i in range(k)])
-                G = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(losses[i], params, retain_graph=i < k - 1)])
-                                 for i in range(k)])
-            w = epo.weights(losses.detach(), r, G)
-            flat = w @ G
-            j = 0
-            for p in params:
-                p.grad = flat[j:j + p.numel()].view_as(p).clone()
-                j += p.numel()
+            losses_fn([(i, x[16 * i:16 * (i + 1)], y) for i, _, y in parts]).sum().backward()
+        else:  # the training loop's own step (pwemoe.training.accumulate_router_gradients) + Adam
+            accumulate_router_gradients(model, params, objective, sampler.sample(1), [parts], losses_fn)
             opt.step()
             opt.zero_grad(set_to_none=True)
         if s > 0:  # the first step is warm-up

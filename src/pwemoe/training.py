@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from . import __version__
 from .checkpoint import ROUTERS, STATE, atomic_write_text, check_hashes, load_state, save_routers, save_state
 from .config import Config, ConfigError, dump_config, load_config
 from .core.preference import DirichletSampler
-from .objectives import build_objective
+from .objectives import Objective, build_objective
 from .pipeline import Workbench
 from .tasks.data import TaskStream
 from .upscale import load_router_state_dict, router_state_dict, set_preference, shared_merge
@@ -101,9 +102,7 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
         sampler.load_state_dict(mine["sampler"])
         for s, ss in zip(streams, mine["streams"]):
             s.load_state_dict(ss)
-        if hasattr(objective, "fallbacks"):
-            for key, v in st.get("objective", {}).items():
-                setattr(objective, key, v)
+        objective.load_state_dict(st["objective"])
         step = int(st["step"])
         log.info("resumed %s at step %d", run_dir, step)
     if world > 1:  # start from rank 0's routers, whatever happened before
@@ -124,11 +123,10 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
         if not main:
             return
         routers = router_state_dict(model)
-        obj_state = {k_: v for k_, v in vars(objective).items() if isinstance(v, (int, float, dict)) and k_ != "eps"}
         save_state(run_dir / STATE, {
             "step": step, "world_size": world, "routers": routers, "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "ranks": ranks, "metadata_hashes": wb.info.hashes,
-            "objective": obj_state,
+            "objective": objective.state_dict(),
         })
         save_routers(run_dir / ROUTERS, routers, checkpoint_metadata(cfg, wb, step))
 
@@ -138,36 +136,12 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
     while step < tc.steps:
         rays = sampler.sample(tc.rays_per_step)
         rows = [t.train_data[s.next_indices()] for t, s in zip(tasks, streams)]
-        task_losses = torch.zeros(k)
-        total = 0.0
-        for j, r in enumerate(rays):
-            chunk = [(t, _chunk(rw, j, tc.rays_per_step)) for t, rw in zip(tasks, rows)]
-            set_preference(model, r)
-            if objective.needs_task_gradients:
-                # Per-task forwards sharing one merge: L_i's graph holds only task i's batch,
-                # so all k router gradients cost about one backward.
-                with shared_merge(model):
-                    losses = torch.cat([wb.losses([c]) for c in chunk])
-                    _check_finite(losses, step, tasks)
-                    G = torch.stack([
-                        torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], params, retain_graph=i < k - 1)])
-                        for i in range(k)
-                    ])
-                w = objective.weights(losses.detach(), r, G)
-                flat = (w.to(G) @ G) / tc.rays_per_step
-                _add_flat_grad(params, flat)
-                value = float((w * losses.detach()).sum())
-            else:
-                if tc.concat_forward:
-                    losses = wb.losses(chunk)
-                else:
-                    losses = torch.cat([wb.losses([c]) for c in chunk])
-                _check_finite(losses, step, tasks)
-                obj = objective.loss(losses, r.to(losses)) / tc.rays_per_step
-                obj.backward()
-                value = float(obj.detach()) * tc.rays_per_step
-            task_losses += losses.detach() / tc.rays_per_step
-            total += value / tc.rays_per_step
+        chunks = [[(t, _chunk(rw, j, tc.rays_per_step)) for t, rw in zip(tasks, rows)] for j in range(len(rays))]
+        try:
+            task_losses, total = accumulate_router_gradients(model, params, objective, rays, chunks, wb.losses,
+                                                             concat=tc.concat_forward, names=wb.info.task_names)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"at step {step + 1}: {e}") from None
         if world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             torch.distributed.all_reduce(flat)
@@ -206,6 +180,52 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
     return run_dir
 
 
+def accumulate_router_gradients(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    objective: Objective,
+    rays: torch.Tensor,
+    chunks: list[list[Any]],
+    losses_fn: Callable[[list[Any]], torch.Tensor],
+    concat: bool = True,
+    names: list[str] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """One step's router gradients, accumulated into `p.grad` (the optimizer step is the caller's).
+
+    rays: Tensor[R, k] preferences; chunks[j]: the k per-task parts for ray j; losses_fn(parts)
+    returns Tensor[len(parts)], the per-part losses from one forward over the concatenated parts.
+    Returns the ray-averaged per-task losses Tensor[k] and the ray-averaged objective value.
+    """
+    R, k = rays.shape
+    task_losses, total = torch.zeros(k), 0.0
+    for r, chunk in zip(rays, chunks):
+        set_preference(model, r)
+        if objective.needs_task_gradients:
+            # Per-task forwards sharing one merge: L_i's graph holds only task i's batch, so all
+            # k router gradients cost about one backward. Each L_i stays its own graph root:
+            # indexing a stacked tensor would backpropagate zeros through every other task.
+            with shared_merge(model):
+                per_task = [losses_fn([c])[0] for c in chunk]
+                losses = torch.stack([x.detach() for x in per_task])
+                _check_finite(losses, names)
+                G = torch.stack([
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(x, params, retain_graph=i < k - 1)])
+                    for i, x in enumerate(per_task)
+                ])
+            w = objective.weights(losses, r, G)
+            _add_flat_grad(params, (w.to(G) @ G) / R)
+            value = float((w * losses).sum())
+        else:
+            losses = losses_fn(chunk) if concat else torch.cat([losses_fn([c]) for c in chunk])
+            _check_finite(losses.detach(), names)
+            obj = objective.loss(losses, r.to(losses)) / R
+            obj.backward()
+            value = float(obj.detach()) * R
+        task_losses += losses.detach() / R
+        total += value / R
+    return task_losses, total
+
+
 def _chunk(rows: dict[str, list], j: int, n: int) -> dict[str, list]:
     """The j-th of n near-equal slices of a column dict."""
     size = len(next(iter(rows.values())))
@@ -213,11 +233,12 @@ def _chunk(rows: dict[str, list], j: int, n: int) -> dict[str, list]:
     return {c: v[lo:hi] for c, v in rows.items()}
 
 
-def _check_finite(losses: torch.Tensor, step: int, tasks: list) -> None:
-    bad = [t.name for t, v in zip(tasks, losses.tolist()) if not math.isfinite(v)]
+def _check_finite(losses: torch.Tensor, names: list[str] | None) -> None:
+    names = names or [f"task {i}" for i in range(len(losses))]
+    bad = [n for n, v in zip(names, losses.tolist()) if not math.isfinite(v)]
     if bad:
         raise NonFiniteLossError(
-            f"loss is not finite at step {step + 1} for task(s) {bad} (values {losses.tolist()}); "
+            f"loss is not finite for task(s) {bad} (values {losses.tolist()}); "
             "training stopped and the last good checkpoint is kept. Lower train.lr or check the data."
         )
 

@@ -27,3 +27,11 @@ class Objective:
     def stats(self) -> dict[str, float]:
         """Counters worth logging (e.g. LP fallbacks)."""
         return {}
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint must keep for an exact resume (counters); empty for stateless objectives."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            raise ValueError(f"objective {self.name!r} keeps no state, got {sorted(state)}")

@@ -93,5 +93,12 @@ class EPO(Objective):
             alpha = r_np / r_np.sum()
         return torch.as_tensor(k * alpha, dtype=losses.dtype, device=losses.device)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"fallbacks": self.fallbacks, "calls": self.calls, **{f"moves_{m}": v for m, v in self.moves.items()}}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.fallbacks, self.calls = int(state["fallbacks"]), int(state["calls"])
+        self.moves = {m: int(state[f"moves_{m}"]) for m in self.moves}
+
     def stats(self) -> dict[str, float]:
         return {"epo_fallbacks": self.fallbacks, "epo_calls": self.calls, **{f"epo_{m}": v for m, v in self.moves.items()}}
