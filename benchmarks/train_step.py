@@ -4,7 +4,9 @@ ViT-B/32-shaped CLIP vision model (random init, no download), k = 2 and 8, batch
 CPU. Each (k, variant) runs in its own subprocess so its peak RSS (VmHWM) is its own.
 
   limit: the plain model (no merging) on the concatenated batches; weights frozen, gradients
-         flow through every layer (pixel_values.requires_grad) -- the cost of any router training.
+         flow through every layer (pixel_values.requires_grad).
+  limit_wgrad: the same plus dL/dW of every MLP weight, still no merging -- the floor for any
+         exact router gradient, since dL/dlambda_i = <dL/dW, tau_i> needs dL/dW.
   ls:    pwemoe LS step: one merge, one concatenated forward, one backward, Adam step.
   epo:   pwemoe EPO step: one shared merge, k per-task forwards, k router gradients, LP, Adam step.
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import statistics
 import subprocess
@@ -46,19 +50,23 @@ def child(k: int, variant: str, steps: int) -> dict:
                            image_size=224, patch_size=32)
     model = CLIPVisionModel(cfg).eval()
     tv_bytes = 0
-    if variant != "limit":
-        experts = {}
-        for i in range(k):
+    if variant in ("ls", "epo"):
+        def expert(i: int) -> torch.nn.Module:  # built on demand: upscale streams them one at a time
             e = copy.deepcopy(model)
             with torch.no_grad():
                 for p in e.parameters():
-                    p.add_(torch.randn_like(p) * 1e-3)
-            experts[f"t{i}"] = e
-        model = pwemoe.upscale(model, experts)
-        del experts, e
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 1e-3)
+            return e
+
+        model = pwemoe.upscale(model, {f"t{i}": (lambda i=i: expert(i)) for i in range(k)})
         tv_bytes = sum(m.task_vector(p).numel() * 4 for _, m in pwemoe.ensembling_modules(model) for p in m._param_names)
     else:
         model.requires_grad_(False)
+        if variant == "limit_wgrad":  # the floor for exact router gradients: dL/dW of every MLP, no merging
+            for n, p in model.named_parameters():
+                p.requires_grad_(".mlp." in n)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed build memory back, so RSS counts what is held
     heads = [torch.randn(768, 10, generator=torch.Generator().manual_seed(i)) * 0.05 for i in range(k)]
     g = torch.Generator().manual_seed(1)
     px = torch.randn(16 * k, 3, 224, 224, generator=g)
@@ -85,9 +93,11 @@ def child(k: int, variant: str, steps: int) -> dict:
     parts = [(i, px[16 * i:16 * (i + 1)], labels[16 * i:16 * (i + 1)]) for i in range(k)]
     for s in range(steps + 1):
         t = time.perf_counter()
-        if variant == "limit":
+        if variant in ("limit", "limit_wgrad"):
             x = px.clone().requires_grad_(True)
             losses_fn([(i, x[16 * i:16 * (i + 1)], y) for i, _, y in parts]).sum().backward()
+            for p in params:
+                p.grad = None
         else:  # the training loop's own step (pwemoe.training.accumulate_router_gradients) + Adam
             accumulate_router_gradients(model, params, objective, sampler.sample(1), [parts], losses_fn)
             opt.step()
@@ -110,22 +120,20 @@ def main() -> None:
         return
     rows = {}
     for k in a.k:
-        for v in ("limit", "ls", "epo"):
+        for v in ("limit", "limit_wgrad", "ls", "epo"):
             out = subprocess.run([sys.executable, __file__, "--child", str(k), v, str(a.steps)],
                                  capture_output=True, text=True, check=True)
             rows[(k, v)] = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(rows[(k, v)]), flush=True)
-    print(f"\n{'k':>2} {'limit s':>8} {'LS s':>7} {'EPO s':>7} {'LS/limit':>9} {'EPO/LS':>7} "
-          f"{'limit peak MB':>14} {'LS peak MB':>11} {'T MB':>7} {'LS peak/(limit+T)':>18}")
+    print(f"\n{'k':>2} {'limit s':>8} {'wgrad s':>8} {'LS s':>7} {'EPO s':>7} {'LS/limit':>9} {'LS/wgrad':>9} "
+          f"{'EPO/LS':>7} {'limit MB':>9} {'wgrad MB':>9} {'LS MB':>7} {'T MB':>6} {'LS/(limit+T)':>13} {'LS/(wgrad+T)':>13}")
     for k in a.k:
-        lim, ls, epo = rows[(k, "limit")], rows[(k, "ls")], rows[(k, "epo")]
-        # peaks are measured above each process's RSS after setup; the LS process holds T already
-        ls_total = ls["peak_MB"] + ls["rss0_MB"]
-        lim_total = lim["peak_MB"] + lim["rss0_MB"]
-        print(f"{k:>2} {lim['step_s']:>8.2f} {ls['step_s']:>7.2f} {epo['step_s']:>7.2f} "
-              f"{ls['step_s'] / lim['step_s']:>9.2f} {epo['step_s'] / ls['step_s']:>7.2f} "
-              f"{lim_total:>14.0f} {ls_total:>11.0f} {ls['tv_MB']:>7.0f} {ls_total / (lim_total + ls['tv_MB']):>18.2f}")
-
+        lim, wg, ls, epo = (rows[(k, v)] for v in ("limit", "limit_wgrad", "ls", "epo"))
+        peak = {v: rows[(k, v)]["peak_MB"] + rows[(k, v)]["rss0_MB"] for v in ("limit", "limit_wgrad", "ls")}
+        print(f"{k:>2} {lim['step_s']:>8.2f} {wg['step_s']:>8.2f} {ls['step_s']:>7.2f} {epo['step_s']:>7.2f} "
+              f"{ls['step_s'] / lim['step_s']:>9.2f} {ls['step_s'] / wg['step_s']:>9.2f} {epo['step_s'] / ls['step_s']:>7.2f} "
+              f"{peak['limit']:>9.0f} {peak['limit_wgrad']:>9.0f} {peak['ls']:>7.0f} {ls['tv_MB']:>6.0f} "
+              f"{peak['ls'] / (peak['limit'] + ls['tv_MB']):>13.2f} {peak['ls'] / (peak['limit_wgrad'] + ls['tv_MB']):>13.2f}")
 
 if __name__ == "__main__":
     main()
