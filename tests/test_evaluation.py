@@ -162,3 +162,18 @@ def test_bad_inputs(trained_run, text_setup, tmp_path):
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match=r"different models.*color: checkpoint"):
         evaluate_run(bad, grid=2)
+
+
+def test_summary_counts_pointwise_dominance():
+    from pwemoe.evaluation.run import summarize
+
+    def row(m, acc, pref=None):
+        return {"method": m, "preference": pref, "param": None, "accuracy": dict(zip("ab", acc))}
+
+    rows = [row("expert:a", [0.9, 0.2], [1, 0]), row("expert:b", [0.2, 0.9], [0, 1]),
+            row("pwemoe", [0.8, 0.6], [1, 0]), row("pwemoe", [0.6, 0.8], [0, 1]),
+            row("pref_task_arithmetic", [0.7, 0.5], [1, 0]), row("pref_task_arithmetic", [0.95, 0.1], [0, 1])]
+    s = summarize(rows, ["a", "b"])
+    pt = s["methods"]["pref_task_arithmetic"]
+    assert pt["dominated_by_pwemoe"] == 1 and pt["dominating_pwemoe"] == 0
+    assert s["methods"]["experts"]["dominated_by_pwemoe"] == 0

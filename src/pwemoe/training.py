@@ -141,6 +141,8 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
             task_losses, total = accumulate_router_gradients(model, params, objective, rays, chunks, wb.losses,
                                                              concat=tc.concat_forward, names=wb.info.task_names)
         except NonFiniteLossError as e:
+            if bar is not None:
+                bar.close()
             raise NonFiniteLossError(f"at step {step + 1}: {e}") from None
         if world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

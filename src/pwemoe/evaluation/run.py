@@ -221,7 +221,20 @@ def summarize(rows: list[dict], names: list[str], reference: float = 0.0) -> dic
             entry["hypervolume_normalized"] = hypervolume(norm, reference)
             entry["mean_normalized_accuracy"] = float(norm.mean(axis=1).max())
         out["methods"][g] = entry
+    if "pwemoe" in groups:  # pointwise comparison of each method's points with PWEMoE's front
+        pw = np.array([[r["accuracy"][n] for n in names] for r in groups["pwemoe"]])
+        for g, rs in groups.items():
+            if g == "pwemoe":
+                continue
+            pts = np.array([[r["accuracy"][n] for n in names] for r in rs])
+            out["methods"][g]["dominated_by_pwemoe"] = int(sum(_dominated(p, pw) for p in pts))
+            out["methods"][g]["dominating_pwemoe"] = int(sum(_dominated(p, pts) for p in pw))
     return out
+
+
+def _dominated(p: np.ndarray, others: np.ndarray) -> bool:
+    """True when some row of `others` is >= p everywhere and > p somewhere."""
+    return bool(((others >= p).all(axis=1) & (others > p).any(axis=1)).any())
 
 
 def _write_tables(run: Path, rows: list[dict], names: list[str], summary: dict) -> None:

@@ -41,8 +41,12 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
     if "pwemoe" in meth and "pref_task_arithmetic" in meth:
         a, b = meth["pwemoe"]["hypervolume"], meth["pref_task_arithmetic"]["hypervolume"]
         verdict = "larger than" if a > b else "not larger than"
+        pt = meth["pref_task_arithmetic"]
         lines += [f"**PWEMoE vs preference-weighted task arithmetic:** hypervolume {a:.4f} vs {b:.4f}, "
-                  f"{verdict} the training-free baseline ({100 * (a - b) / max(b, 1e-12):+.1f}%)."]
+                  f"{verdict} the training-free baseline ({100 * (a - b) / max(b, 1e-12):+.1f}%). "
+                  f"{pt.get('dominated_by_pwemoe', 0)} of its {pt['points']} points are dominated by a PWEMoE point; "
+                  f"{pt.get('dominating_pwemoe', 0)} of PWEMoE's {meth['pwemoe']['points']} points are dominated by one "
+                  "of its points."]
         if "ideal_point" in summary:
             ip = summary["ideal_point"]["hypervolume"]
             lines.append(f"PWEMoE reaches {100 * a / ip:.1f}% of the experts' ideal-point hypervolume.")
