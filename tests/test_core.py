@@ -83,10 +83,19 @@ def test_ensembling_module_validates_shapes():
         WeightEnsemblingModule(base, {"weight": torch.zeros(2, 3, 4), "bias": torch.zeros(3, 3)}, Router(2))
 
 
-def test_task_arithmetic_pure_function():
-    base = {"w": torch.zeros(2)}
-    experts = {"a": {"w": torch.tensor([1.0, 0.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}
-    assert torch.allclose(task_arithmetic(base, experts, 0.5)["w"], torch.tensor([0.5, 1.0]))
+def test_merge_methods_are_pure_functions():
+    from pwemoe.core import preference_weighted_task_arithmetic, simple_average
+
+    base = {"w": torch.tensor([1.0, 1.0]), "step": torch.tensor(3)}
+    experts = {"a": {"w": torch.tensor([2.0, 1.0]), "step": torch.tensor(3)},
+               "b": {"w": torch.tensor([1.0, 3.0]), "step": torch.tensor(3)}}
+    assert torch.allclose(task_arithmetic(base, experts, 0.5)["w"], torch.tensor([1.5, 2.0]))
+    assert torch.allclose(simple_average(base, experts)["w"], torch.tensor([1.5, 2.0]))  # mean of the experts
+    out = preference_weighted_task_arithmetic(base, experts, torch.tensor([0.25, 0.75]), c=2.0)
+    assert torch.allclose(out["w"], torch.tensor([1.5, 4.0]))  # 1 + 2 * (0.25 * tau_a + 0.75 * tau_b)
+    assert out["step"].item() == 3 and torch.equal(base["w"], torch.tensor([1.0, 1.0]))  # inputs untouched
+    with pytest.raises(ValueError, match="one weight per expert"):
+        preference_weighted_task_arithmetic(base, experts, torch.tensor([1.0]), c=1.0)
 
 
 def test_normalize_preference():

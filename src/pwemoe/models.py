@@ -64,8 +64,3 @@ def fingerprint_tensors(named: dict[str, torch.Tensor] | Any) -> str:
         # bf16 has no numpy view; reinterpret the storage as bytes.
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Content hash of a model's parameters (see fingerprint_tensors)."""
-    return fingerprint_tensors(dict(model.named_parameters()))
