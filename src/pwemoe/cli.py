@@ -10,10 +10,18 @@ import sys
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        import os
+    if verbose == 0:  # quiet: pwemoe's own progress bars and results only
+        from transformers.utils import logging as hf_logging
 
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity_error()
+        except ImportError:  # datasets is an extra
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
