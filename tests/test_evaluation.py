@@ -177,3 +177,17 @@ def test_summary_counts_pointwise_dominance():
     pt = s["methods"]["pref_task_arithmetic"]
     assert pt["dominated_by_pwemoe"] == 1 and pt["dominating_pwemoe"] == 0
     assert s["methods"]["experts"]["dominated_by_pwemoe"] == 0
+
+
+def test_summary_covers_only_the_requested_preferences(trained_run, tmp_path):
+    from pwemoe.evaluation.run import evaluate_run
+
+    evaluate_run(trained_run, grid=3, baselines=False)
+    p = tmp_path / "prefs.txt"
+    p.write_text("0.25,0.75\n")
+    summary = evaluate_run(trained_run, preferences_file=str(p), baselines=False)
+    assert summary["preferences"] == 1 and summary["methods"]["pwemoe"]["points"] == 1
+    assert set(summary["methods"]) == {"pwemoe", "experts"}
+    rows = json.loads((trained_run / "results.json").read_text())
+    assert len([r for r in rows if r["method"] == "pwemoe"]) >= 4  # the store keeps every evaluated row
+    assert all("normalized" in r for r in rows)

@@ -155,6 +155,7 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
             bb = merged(weights)
         return record(method, pref, param, lambda t: accuracy(wb, t, bs, backbone=bb))
 
+    c = cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k
     eye = np.eye(k)
     for i, n in enumerate(tqdm(names, desc="experts", disable=verbose < 0)):
         baseline(f"expert:{n}", eye[i].tolist(), None, eye[i].tolist())
@@ -162,18 +163,38 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
         baseline("average", None, None, [1.0 / k] * k)
         for lam in cfg.eval.ta_scales:
             baseline("task_arithmetic", None, float(lam), [float(lam)] * k)
-        c = cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k
         for r in tqdm(prefs, desc="pref-weighted TA", disable=verbose < 0):
             rn = normalize_preference(r, k)
             baseline("pref_task_arithmetic", [round(x, 6) for x in rn.tolist()], float(c), (c * rn).tolist())
-    summary = summarize(store.rows, names, cfg.eval.reference_point)
+    # The summary and report cover this invocation's preferences and baselines only;
+    # results.json/csv keep every row ever evaluated in this run directory.
+    keys = {tuple(round(x, 6) for x in normalize_preference(r, k).tolist()) for r in prefs}
+    scales = {round(float(x), 6) for x in cfg.eval.ta_scales}
+
+    def current(row: dict) -> bool:
+        meth = row["method"]
+        if meth.startswith("expert:"):
+            return True
+        if meth == "pwemoe":
+            return tuple(row["preference"]) in keys
+        if not baselines:
+            return False
+        if meth == "pref_task_arithmetic":
+            return tuple(row["preference"]) in keys and row["param"] == float(c)
+        if meth == "task_arithmetic":
+            return round(row["param"], 6) in scales
+        return meth == "average"
+
+    rows = [r for r in store.rows if current(r)]
+    summary = summarize(rows, names, cfg.eval.reference_point)
+    summarize(store.rows, names, cfg.eval.reference_point)  # adds normalised accuracy to every stored row
     summary["grid"] = m if not preferences_file else None
     summary["preferences"] = len(prefs)
     summary["run"] = str(run)
     _write_tables(run, store.rows, names, summary)
     from ..report import write_report
 
-    write_report(run, store.rows, names, summary)
+    write_report(run, rows, names, summary)
     return summary
 
 
