@@ -33,6 +33,14 @@ def _perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn
     return model
 
 
+def _save(hub_id: str, root: Path, *objs) -> dict[str, str]:
+    """save_pretrained every object into root/models/<hub id>; the path_map entry for that id."""
+    d = root / "models" / hub_id.replace("/", "__")
+    for o in objs:
+        o.save_pretrained(d)
+    return {hub_id: str(d)}
+
+
 def clip_replicas(cfg: dict, root: Path) -> dict[str, str]:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
@@ -49,17 +57,10 @@ def clip_replicas(cfg: dict, root: Path) -> dict[str, str]:
                            image_size=32, patch_size=8),
         projection_dim=16)
     base = CLIPModel(conf).eval()
-    m = {}
-    d = root / "models" / cfg["model"]["base"].replace("/", "__")
-    base.save_pretrained(d)
-    tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-    m[cfg["model"]["base"]] = str(d)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    m = _save(cfg["model"]["base"], root, base, tok, proc)
     for i, t in enumerate(cfg["tasks"]):
-        e = _perturb(copy.deepcopy(base.vision_model), seed=i + 1)
-        d = root / "models" / t["expert"].replace("/", "__")
-        e.save_pretrained(d)
-        m[t["expert"]] = str(d)
+        m |= _save(t["expert"], root, _perturb(copy.deepcopy(base.vision_model), seed=i + 1))
         m |= _image_dataset(t["data"], root, n_classes=3 + i % 3, seed=i)
     return m
 
@@ -96,11 +97,7 @@ def gpt2_replicas(cfg: dict, root: Path) -> dict[str, str]:
     conf = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=257, n_positions=160, bos_token_id=256,
                       eos_token_id=256)
     base = GPT2Model(conf).eval()
-    m = {}
-    d = root / "models" / cfg["model"]["base"].replace("/", "__")
-    base.save_pretrained(d)
-    tok.save_pretrained(d)
-    m[cfg["model"]["base"]] = str(d)
+    m = _save(cfg["model"]["base"], root, base, tok)
     rng = np.random.default_rng(0)
     words = "the a cat dog sat ran on mat big small not very good bad".split()
     for i, t in enumerate(cfg["tasks"]):
@@ -111,10 +108,7 @@ def gpt2_replicas(cfg: dict, root: Path) -> dict[str, str]:
         e = GPT2ForSequenceClassification(c).eval()
         e.transformer.load_state_dict(base.state_dict())
         _perturb(e.transformer, seed=i + 1)
-        d = root / "models" / t["expert"].replace("/", "__")
-        e.save_pretrained(d)
-        tok.save_pretrained(d)
-        m[t["expert"]] = str(d)
+        m |= _save(t["expert"], root, e, tok)
         cols = [data["text_column"]] + ([data["text_pair_column"]] if data.get("text_pair_column") else [])
         feats = datasets.Features({**{col: datasets.Value("string") for col in cols},
                                    data["label_column"]: datasets.ClassLabel(num_classes=n_labels)})
