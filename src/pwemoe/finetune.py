@@ -18,7 +18,7 @@ def finetune_from_config(config: str | Path, task: str, out: str | Path, epochs:
     """Fine-tune `model.base` on the named task of a config; save a *ForSequenceClassification dir."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .tasks.data import TaskStream, load_split
+    from .tasks.data import TaskStream, first_n, load_split
 
     cfg = load_config(config)
     tcfg = next((t for t in cfg.tasks if t.name == task), None)
@@ -27,9 +27,7 @@ def finetune_from_config(config: str | Path, task: str, out: str | Path, epochs:
     if tcfg.type != "sequence_classification":
         raise ValueError(f"pwemoe finetune makes sequence-classification experts; task {task!r} is {tcfg.type}")
     base = cfg.model.path_map.get(cfg.model.base, cfg.model.base)
-    data = load_split(tcfg.data, tcfg.data.train_split, cfg.model.path_map)
-    if tcfg.data.max_train_samples:
-        data = data.select(range(min(tcfg.data.max_train_samples, len(data))))
+    data = first_n(load_split(tcfg.data, tcfg.data.train_split, cfg.model.path_map), tcfg.data.max_train_samples)
     names = tcfg.class_names or getattr(data.features[tcfg.data.label_column], "names", None)
     if not names:
         raise ValueError(f"task {task!r}: give class_names (the label column has no names)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +37,8 @@ def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | N
     if callable(src):  # a lazy loader: lets callers stream models they build themselves
         return src()
     if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"a model must be a hub id, a local directory or an nn.Module, got {type(src).__name__}")
+        raise TypeError(f"a model must be a hub id, a local directory, an nn.Module or a zero-argument loader, "
+                        f"got {type(src).__name__}")
     if model_class is None:
         from transformers import AutoModel
 

@@ -85,22 +85,17 @@ class Workbench:
         self.info = info
 
     def _load_data(self, load_train: bool, load_test: bool, max_test: int | None) -> None:
-        from .tasks.data import load_split
+        from .tasks.data import first_n, load_split
 
         errors: list[str] = []
+        pm = self.cfg.model.path_map
         for i, t in enumerate(self.tasks):
             d = t.cfg.data
             try:
-                pm = self.cfg.model.path_map
                 if load_train:
-                    t.train_data = load_split(d, d.train_split, pm)
-                    if d.max_train_samples:
-                        t.train_data = t.train_data.select(range(min(d.max_train_samples, len(t.train_data))))
+                    t.train_data = first_n(load_split(d, d.train_split, pm), d.max_train_samples)
                 if load_test:
-                    t.test_data = load_split(d, d.test_split, pm)
-                    n = max_test or d.max_test_samples
-                    if n:
-                        t.test_data = t.test_data.select(range(min(n, len(t.test_data))))
+                    t.test_data = first_n(load_split(d, d.test_split, pm), max_test or d.max_test_samples)
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
                 continue
@@ -108,11 +103,11 @@ class Workbench:
                 ds = t.train_data if t.train_data is not None else t.test_data
                 if ds is None:  # nothing loaded (export): read the features of the test split
                     try:
-                        ds = load_split(d, d.test_split, self.cfg.model.path_map)
+                        ds = load_split(d, d.test_split, pm)
                     except (ValueError, FileNotFoundError) as e:
                         errors.append(f"tasks[{i}].data: {e}")
                         continue
-                feat = ds.features.get(d.label_column) if ds is not None else None
+                feat = ds.features.get(d.label_column)
                 if getattr(feat, "names", None):
                     t.class_names = list(feat.names)
                 else:

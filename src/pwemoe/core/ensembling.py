@@ -148,7 +148,8 @@ class WeightEnsemblingModule(nn.Module):
 
         Without autograd the result is cached until the preference or router changes.
         Under autograd it is rebuilt at each call, because the previous graph is freed by
-        its backward; the training loop calls the module once per preference and step.
+        its backward, unless `share_under_grad` is set (`pwemoe.shared_merge`): then several
+        forwards of one step share one merge, and their backwards use retain_graph.
         """
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
         cache = not grad or self.share_under_grad

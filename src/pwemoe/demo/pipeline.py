@@ -84,21 +84,18 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..config import config_from_dict
-    from ..core.preference import normalize_preference
-    from ..evaluation.run import length_sorted_batches
-    from ..tasks.data import load_split
+    from ..evaluation.run import length_sorted_batches, preference_key
+    from ..tasks.data import first_n, load_split
 
     rows = json.loads((run / "results.json").read_text())
-    rn = [round(x, 6) for x in normalize_preference(pref, len(pref)).tolist()]
+    rn = preference_key(pref, len(pref))
     want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
     c = config_from_dict(cfg)
     got = {}
     for t in c.tasks:
         model = AutoModelForSequenceClassification.from_pretrained(out / t.name).eval()
         tok = AutoTokenizer.from_pretrained(out / t.name)
-        ds = load_split(t.data, t.data.test_split)
-        if t.data.max_test_samples:
-            ds = ds.select(range(min(t.data.max_test_samples, len(ds))))
+        ds = first_n(load_split(t.data, t.data.test_split, c.model.path_map), t.data.max_test_samples)
         correct = 0
         # the same length-sorted batches as `evaluate` (same padding, so bit-identical logits)
         lengths = [len(x) for x in tok(list(ds["text"]), truncation=True, max_length=t.max_length)["input_ids"]]

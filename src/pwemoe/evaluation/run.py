@@ -69,6 +69,11 @@ def accuracy(wb: Workbench, task: Task, batch_size: int, backbone: nn.Module | N
     return correct / len(ds)
 
 
+def preference_key(r: torch.Tensor | list[float], k: int) -> list[float]:
+    """The normalised preference as stored in results rows (6 decimals): one key for lookups."""
+    return [round(x, 6) for x in normalize_preference(r, k).tolist()]
+
+
 def _key(method: str, pref: list[float] | None, param: float | None) -> str:
     p = "" if pref is None else ",".join(f"{x:.6f}" for x in pref)
     return f"{method}|{p}|{'' if param is None else f'{param:.6f}'}"
@@ -130,11 +135,10 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
     # PWEMoE: merge once per preference into one plain copy of the backbone, then run every
     # task's test split through that plain model (no functional_call per batch).
     plain = None
-    for r in tqdm(prefs, desc="pwemoe", unit="pref", disable=verbose < 0):
-        rn = normalize_preference(r, k)
-        key = [round(x, 6) for x in rn.tolist()]
+    pref_keys = [preference_key(r, k) for r in prefs]
+    for key in tqdm(pref_keys, desc="pwemoe", unit="pref", disable=verbose < 0):
         if store.get("pwemoe", key, None) is None:
-            plain = merge_and_unload(wb.backbone, rn).eval() if plain is None else merge_into(wb.backbone, plain, rn)
+            plain = merge_and_unload(wb.backbone, key).eval() if plain is None else merge_into(wb.backbone, plain, key)
         record("pwemoe", key, None, lambda t: accuracy(wb, t, bs, backbone=plain))
     del plain
     # Experts are always evaluated: their own accuracy normalises everything else.
@@ -163,12 +167,11 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
         baseline("average", None, None, [1.0 / k] * k)
         for lam in cfg.eval.ta_scales:
             baseline("task_arithmetic", None, float(lam), [float(lam)] * k)
-        for r in tqdm(prefs, desc="pref-weighted TA", disable=verbose < 0):
-            rn = normalize_preference(r, k)
-            baseline("pref_task_arithmetic", [round(x, 6) for x in rn.tolist()], float(c), (c * rn).tolist())
+        for key in tqdm(pref_keys, desc="pref-weighted TA", disable=verbose < 0):
+            baseline("pref_task_arithmetic", key, float(c), [c * x for x in key])
     # The summary and report cover this invocation's preferences and baselines only;
     # results.json/csv keep every row ever evaluated in this run directory.
-    keys = {tuple(round(x, 6) for x in normalize_preference(r, k).tolist()) for r in prefs}
+    keys = {tuple(key) for key in pref_keys}
     scales = {round(float(x), 6) for x in cfg.eval.ta_scales}
 
     def current(row: dict) -> bool:
@@ -187,7 +190,7 @@ def evaluate_run(run: str | Path, grid: int | None = None, preferences_file: str
 
     rows = [r for r in store.rows if current(r)]
     summary = summarize(rows, names, cfg.eval.reference_point)
-    summarize(store.rows, names, cfg.eval.reference_point)  # adds normalised accuracy to every stored row
+    _normalised(store.rows, names)  # results.json/csv carry normalised accuracy for every stored row
     summary["grid"] = m if not preferences_file else None
     summary["preferences"] = len(prefs)
     summary["run"] = str(run)

@@ -67,6 +67,11 @@ def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = N
     return datasets.load_dataset(data.source, data_files={split: files[split]}, split=split)
 
 
+def first_n(ds: Any, n: int | None) -> Any:
+    """The first n rows of a dataset (all of them when n is None or larger)."""
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+
 class TaskStream:
     """Endless batches of indices, reshuffled every epoch from (seed, epoch); exact to resume.
 
