@@ -147,7 +147,7 @@ def train(config: str | Path | None, overrides: list[str] | None = None, resume:
         if world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             torch.distributed.all_reduce(flat)
-            _set_flat_grad(params, flat / world)
+            _flat_to_grads(params, flat / world, accumulate=False)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -215,7 +215,7 @@ def accumulate_router_gradients(
                     for i, x in enumerate(per_task)
                 ])
             w = objective.weights(losses, r, G)
-            _add_flat_grad(params, (w.to(G) @ G) / R)
+            _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
             value = float((w * losses).sum())
         else:
             losses = losses_fn(chunk) if concat else torch.cat([losses_fn([c]) for c in chunk])
@@ -245,19 +245,11 @@ def _check_finite(losses: torch.Tensor, names: list[str] | None) -> None:
         )
 
 
-def _add_flat_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    i = 0
-    for p in params:
-        g = flat[i : i + p.numel()].view_as(p)
-        p.grad = g.clone() if p.grad is None else p.grad + g
-        i += p.numel()
-
-
-def _set_flat_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    i = 0
-    for p in params:
-        p.grad = flat[i : i + p.numel()].view_as(p).clone()
-        i += p.numel()
+def _flat_to_grads(params: list[torch.nn.Parameter], flat: torch.Tensor, accumulate: bool) -> None:
+    """Write a flat gradient vector into p.grad, added to what is there when `accumulate`."""
+    for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+        g = g.view_as(p)
+        p.grad = p.grad + g if accumulate and p.grad is not None else g.clone()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
