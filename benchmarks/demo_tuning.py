@@ -20,9 +20,9 @@ import yaml
 
 
 def run_variant(name: str, overrides: dict, root: Path) -> dict:
-    from pwemoe.demo.pipeline import demo_config
-    from pwemoe.evaluation.run import evaluate_run
-    from pwemoe.training import train
+    from pwemoe.demo.offline import demo_config
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.recipes.train import train
 
     cfg = demo_config(Path("demo_runs").resolve(), overrides)
     for t in cfg["tasks"]:
@@ -37,8 +37,13 @@ def run_variant(name: str, overrides: dict, root: Path) -> dict:
     run = train(p, [], verbose=-1)
     s = evaluate_run(run, grid=4, verbose=-1)
     m = s["methods"]
-    return {"variant": name, **overrides, "train_s": round(time.perf_counter() - t0, 1),
-            "hv_pwemoe": round(m["pwemoe"]["hypervolume"], 4), "hv_pwta": round(m["pref_task_arithmetic"]["hypervolume"], 4)}
+    return {
+        "variant": name,
+        **overrides,
+        "train_s": round(time.perf_counter() - t0, 1),
+        "hv_pwemoe": round(m["pwemoe"]["hypervolume"], 4),
+        "hv_pwta": round(m["pref_task_arithmetic"]["hypervolume"], 4),
+    }
 
 
 def main() -> None:

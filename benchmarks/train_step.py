@@ -42,15 +42,22 @@ def child(k: int, variant: str, steps: int) -> dict:
 
     import pwemoe
     from pwemoe.objectives import EPO, LinearScalarization
-    from pwemoe.training import accumulate_router_gradients
+    from pwemoe.recipes.train import accumulate_router_gradients
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+    )
     model = CLIPVisionModel(cfg).eval()
     tv_bytes = 0
     if variant in ("ls", "epo"):
+
         def expert(i: int) -> torch.nn.Module:  # built on demand: upscale streams them one at a time
             e = copy.deepcopy(model)
             with torch.no_grad():
@@ -59,7 +66,7 @@ def child(k: int, variant: str, steps: int) -> dict:
             return e
 
         model = pwemoe.upscale(model, {f"t{i}": (lambda i=i: expert(i)) for i in range(k)})
-        tv_bytes = sum(m.task_vector(p).numel() * 4 for _, m in pwemoe.ensembling_modules(model) for p in m._param_names)
+        tv_bytes = sum(m.task_vector(p).numel() * 4 for _, m in pwemoe.ensembling_modules(model) for p in m.param_names)
     else:
         model.requires_grad_(False)
         if variant == "limit_wgrad":  # the floor for exact router gradients: dL/dW of every MLP, no merging
@@ -85,28 +92,35 @@ def child(k: int, variant: str, steps: int) -> dict:
         out = model(pixel_values=torch.cat([p[1] for p in parts])).pooler_output
         res, lo = [], 0
         for i, x, y in parts:
-            res.append(torch.nn.functional.cross_entropy(out[lo:lo + len(x)] @ heads[i], y))
+            res.append(torch.nn.functional.cross_entropy(out[lo : lo + len(x)] @ heads[i], y))
             lo += len(x)
         return torch.stack(res)
 
     objective = epo if variant == "epo" else LinearScalarization()
-    parts = [(i, px[16 * i:16 * (i + 1)], labels[16 * i:16 * (i + 1)]) for i in range(k)]
+    parts = [(i, px[16 * i : 16 * (i + 1)], labels[16 * i : 16 * (i + 1)]) for i in range(k)]
     for s in range(steps + 1):
         t = time.perf_counter()
         if variant in ("limit", "limit_wgrad"):
             x = px.clone().requires_grad_(True)
-            losses_fn([(i, x[16 * i:16 * (i + 1)], y) for i, _, y in parts]).sum().backward()
+            losses_fn([(i, x[16 * i : 16 * (i + 1)], y) for i, _, y in parts]).sum().backward()
             for p in params:
                 p.grad = None
-        else:  # the training loop's own step (pwemoe.training.accumulate_router_gradients) + Adam
+        else:  # the training loop's own step (pwemoe.recipes.train.accumulate_router_gradients) + Adam
             accumulate_router_gradients(model, params, objective, sampler.sample(1), [parts], losses_fn)
             opt.step()
             opt.zero_grad(set_to_none=True)
         if s > 0:  # the first step is warm-up
             times.append(time.perf_counter() - t)
-    return {"k": k, "variant": variant, "step_s": statistics.median(times), "times": times,
-            "peak_MB": (_status("VmHWM") - rss0) / MB, "tv_MB": tv_bytes / MB, "rss0_MB": rss0 / MB,
-            "epo_fallbacks": epo.fallbacks}
+    return {
+        "k": k,
+        "variant": variant,
+        "step_s": statistics.median(times),
+        "times": times,
+        "peak_MB": (_status("VmHWM") - rss0) / MB,
+        "tv_MB": tv_bytes / MB,
+        "rss0_MB": rss0 / MB,
+        "epo_fallbacks": epo.fallbacks,
+    }
 
 
 def main() -> None:
@@ -121,19 +135,31 @@ def main() -> None:
     rows = {}
     for k in a.k:
         for v in ("limit", "limit_wgrad", "ls", "epo"):
-            out = subprocess.run([sys.executable, __file__, "--child", str(k), v, str(a.steps)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(k), v, str(a.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[(k, v)] = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(rows[(k, v)]), flush=True)
-    print(f"\n{'k':>2} {'limit s':>8} {'wgrad s':>8} {'LS s':>7} {'EPO s':>7} {'LS/limit':>9} {'LS/wgrad':>9} "
-          f"{'EPO/LS':>7} {'limit MB':>9} {'wgrad MB':>9} {'LS MB':>7} {'T MB':>6} {'LS/(limit+T)':>13} {'LS/(wgrad+T)':>13}")
+    print(
+        f"\n{'k':>2} {'limit s':>8} {'wgrad s':>8} {'LS s':>7} {'EPO s':>7} {'LS/limit':>9} {'LS/wgrad':>9} "
+        f"{'EPO/LS':>7} {'limit MB':>9} {'wgrad MB':>9} {'LS MB':>7} {'T MB':>6} "
+        f"{'LS/(limit+T)':>13} {'LS/(wgrad+T)':>13}"
+    )
     for k in a.k:
         lim, wg, ls, epo = (rows[(k, v)] for v in ("limit", "limit_wgrad", "ls", "epo"))
         peak = {v: rows[(k, v)]["peak_MB"] + rows[(k, v)]["rss0_MB"] for v in ("limit", "limit_wgrad", "ls")}
-        print(f"{k:>2} {lim['step_s']:>8.2f} {wg['step_s']:>8.2f} {ls['step_s']:>7.2f} {epo['step_s']:>7.2f} "
-              f"{ls['step_s'] / lim['step_s']:>9.2f} {ls['step_s'] / wg['step_s']:>9.2f} {epo['step_s'] / ls['step_s']:>7.2f} "
-              f"{peak['limit']:>9.0f} {peak['limit_wgrad']:>9.0f} {peak['ls']:>7.0f} {ls['tv_MB']:>6.0f} "
-              f"{peak['ls'] / (peak['limit'] + ls['tv_MB']):>13.2f} {peak['ls'] / (peak['limit_wgrad'] + ls['tv_MB']):>13.2f}")
+        print(
+            f"{k:>2} {lim['step_s']:>8.2f} {wg['step_s']:>8.2f} {ls['step_s']:>7.2f} {epo['step_s']:>7.2f} "
+            f"{ls['step_s'] / lim['step_s']:>9.2f} {ls['step_s'] / wg['step_s']:>9.2f} "
+            f"{epo['step_s'] / ls['step_s']:>7.2f} "
+            f"{peak['limit']:>9.0f} {peak['limit_wgrad']:>9.0f} {peak['ls']:>7.0f} {ls['tv_MB']:>6.0f} "
+            f"{peak['ls'] / (peak['limit'] + ls['tv_MB']):>13.2f} "
+            f"{peak['ls'] / (peak['limit_wgrad'] + ls['tv_MB']):>13.2f}"
+        )
+
 
 if __name__ == "__main__":
     main()

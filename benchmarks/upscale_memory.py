@@ -37,16 +37,22 @@ def _reset_peak() -> None:
 def vit_b32():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+    )
     return CLIPVisionModel(cfg)
 
 
 def child(k: int, workdir: str, repeats: int, dtype: str) -> dict:
     import torch
+    from transformers import CLIPVisionModel
 
     import pwemoe
-    from transformers import CLIPVisionModel
 
     torch.set_num_threads(2)
     base_dir = os.path.join(workdir, "base")
@@ -61,7 +67,7 @@ def child(k: int, workdir: str, repeats: int, dtype: str) -> dict:
     build_s = time.perf_counter() - t
     peak_build = _rss("VmHWM") - rss0
     mods = list(pwemoe.ensembling_modules(model))
-    tv = sum(m.task_vector(p).numel() * m.task_vector(p).element_size() for _, m in mods for p in m._param_names)
+    tv = sum(m.task_vector(p).numel() * m.task_vector(p).element_size() for _, m in mods for p in m.param_names)
     target = sum(p.numel() * p.element_size() for _, m in mods for p in m.base_layer.parameters())
     routers = sum(p.numel() * p.element_size() for _, m in mods for p in m.router.parameters())
     # unique storages held by the model, after one merge (the cache holds one merged copy)
@@ -79,8 +85,10 @@ def child(k: int, workdir: str, repeats: int, dtype: str) -> dict:
         for _ in range(repeats):
             t = time.perf_counter()
             for _, m in mods:  # naive reference: materialises lambda_i * T_i for all i (k x P)
-                for p in m._param_names:
-                    dict(m.base_layer.named_parameters())[p] + (lam.view(-1, *[1] * (m.task_vector(p).dim() - 1)) * m.task_vector(p).float()).sum(0)
+                for p in m.param_names:
+                    dict(m.base_layer.named_parameters())[p] + (
+                        lam.view(-1, *[1] * (m.task_vector(p).dim() - 1)) * m.task_vector(p).float()
+                    ).sum(0)
             naive_times.append(time.perf_counter() - t)
     storages = {}
     for tns in list(model.parameters()) + list(model.buffers()):
@@ -90,9 +98,15 @@ def child(k: int, workdir: str, repeats: int, dtype: str) -> dict:
             storages[tns.untyped_storage().data_ptr()] = tns.untyped_storage().nbytes()
     held = sum(storages.values())
     return {
-        "k": k, "tv_dtype": dtype, "build_s": build_s, "peak_build_MB": peak_build / MB,
-        "theta0_MB": theta0 / MB, "task_vectors_MB": tv / MB, "target_weights_MB": target / MB,
-        "routers_params": routers // 4, "held_MB": held / MB,
+        "k": k,
+        "tv_dtype": dtype,
+        "build_s": build_s,
+        "peak_build_MB": peak_build / MB,
+        "theta0_MB": theta0 / MB,
+        "task_vectors_MB": tv / MB,
+        "target_weights_MB": target / MB,
+        "routers_params": routers // 4,
+        "held_MB": held / MB,
         "bound_MB": (theta0 + tv + target + routers) / MB,
         "merge_ms_median": 1e3 * statistics.median(merge_times),
         "naive_merge_ms_median": 1e3 * statistics.median(naive_times),
@@ -126,17 +140,26 @@ def main() -> None:
         rows = []
         for k in a.k:
             for dt in a.dtype:
-                out = subprocess.run([sys.executable, __file__, "--child", str(k), d, str(a.repeats), dt],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", str(k), d, str(a.repeats), dt],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     one_expert = rows[0]["theta0_MB"]
-    print(f"{'k':>2} {'tv':>5} {'build s':>8} {'peak build MB':>14} {'(θ0-free bound: T+expert+rest)':>31} "
-          f"{'held MB':>8} {'θ0+T+merged MB':>15} {'merge ms':>9} {'naive ms':>9}")
+    print(
+        f"{'k':>2} {'tv':>5} {'build s':>8} {'peak build MB':>14} {'(θ0-free bound: T+expert+rest)':>31} "
+        f"{'held MB':>8} {'θ0+T+merged MB':>15} {'merge ms':>9} {'naive ms':>9}"
+    )
     for r in rows:
         rest = r["theta0_MB"] - r["target_weights_MB"]
         bound_build = r["task_vectors_MB"] + one_expert + rest
-        print(f"{r['k']:>2} {r['tv_dtype']:>5} {r['build_s']:>8.2f} {r['peak_build_MB']:>14.0f} {bound_build:>31.0f} "
-              f"{r['held_MB']:>8.0f} {r['bound_MB']:>15.0f} {r['merge_ms_median']:>9.1f} {r['naive_merge_ms_median']:>9.1f}")
+        print(
+            f"{r['k']:>2} {r['tv_dtype']:>5} {r['build_s']:>8.2f} {r['peak_build_MB']:>14.0f} {bound_build:>31.0f} "
+            f"{r['held_MB']:>8.0f} {r['bound_MB']:>15.0f} {r['merge_ms_median']:>9.1f} "
+            f"{r['naive_merge_ms_median']:>9.1f}"
+        )
     print(json.dumps(rows, indent=1))
 
 

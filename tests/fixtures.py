@@ -11,8 +11,28 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
-WORDS = ["good", "bad", "red", "green", "blue", "movie", "the", "a", "is", "was", "very", "not", "news", "sport",
-         "film", "plot", "game", "team", "won", "lost"]
+WORDS = [
+    "good",
+    "bad",
+    "red",
+    "green",
+    "blue",
+    "movie",
+    "the",
+    "a",
+    "is",
+    "was",
+    "very",
+    "not",
+    "news",
+    "sport",
+    "film",
+    "plot",
+    "game",
+    "team",
+    "won",
+    "lost",
+]
 
 
 def _tokenizer(d: Path) -> BertTokenizerFast:
@@ -46,7 +66,7 @@ def _finetune(base: BertModel, tok, rows: list[dict], num_labels: int, seed: int
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     m.train()
     for i in range(60):
-        b = rows[(i * 16) % len(rows):][:16]
+        b = rows[(i * 16) % len(rows) :][:16]
         enc = tok([r["text"] for r in b], padding=True, return_tensors="pt")
         loss = m(**enc, labels=torch.tensor([r["label"] for r in b])).loss
         opt.zero_grad()
@@ -60,8 +80,14 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
     rng = random.Random(0)
     tok = _tokenizer(root / "base")
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=tok.vocab_size, max_position_embeddings=64)
+    cfg = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=64,
+    )
     base = BertModel(cfg)
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -78,12 +104,21 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
         expert = _finetune(base, tok, train, nl, seed=i)
         expert.save_pretrained(root / "experts" / task)
         tok.save_pretrained(root / "experts" / task)
-        tasks.append({
-            "name": task, "expert": str(root / "experts" / task), "max_length": 16,
-            "data": {"source": "csv", "path": str(root / "data" / f"{task}_train.csv"),
-                     "files": {"train": str(root / "data" / f"{task}_train.csv"),
-                               "test": str(root / "data" / f"{task}_test.csv")}},
-        })
+        tasks.append(
+            {
+                "name": task,
+                "expert": str(root / "experts" / task),
+                "max_length": 16,
+                "data": {
+                    "source": "csv",
+                    "path": str(root / "data" / f"{task}_train.csv"),
+                    "files": {
+                        "train": str(root / "data" / f"{task}_train.csv"),
+                        "test": str(root / "data" / f"{task}_test.csv"),
+                    },
+                },
+            }
+        )
     config = {
         "model": {"base": str(root / "base"), "init_lambda": 0.3},
         "tasks": tasks,

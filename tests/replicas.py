@@ -50,12 +50,27 @@ def clip_replicas(cfg: dict, root: Path) -> dict[str, str]:
     tok = CLIPTokenizerFast(vocab=vocab, merges=[])
     torch.manual_seed(0)
     conf = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     base = CLIPModel(conf).eval()
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     m = _save(cfg["model"]["base"], root, base, tok, proc)
@@ -69,8 +84,12 @@ def _image_dataset(data: dict, root: Path, n_classes: int, seed: int) -> dict[st
     import datasets
 
     rng = np.random.default_rng(seed)
-    feats = datasets.Features({data.get("image_column", "image"): datasets.Image(),
-                               data.get("label_column", "label"): datasets.ClassLabel(names=[f"class {c}" for c in range(n_classes)])})
+    feats = datasets.Features(
+        {
+            data.get("image_column", "image"): datasets.Image(),
+            data.get("label_column", "label"): datasets.ClassLabel(names=[f"class {c}" for c in range(n_classes)]),
+        }
+    )
     splits = {}
     for split in {data.get("train_split", "train"), data.get("test_split", "test")}:
         n = 12
@@ -78,8 +97,12 @@ def _image_dataset(data: dict, root: Path, n_classes: int, seed: int) -> dict[st
         from PIL import Image
 
         splits[split] = datasets.Dataset.from_dict(
-            {data.get("image_column", "image"): [Image.fromarray(x) for x in imgs],
-             data.get("label_column", "label"): [int(c) for c in rng.integers(0, n_classes, n)]}, features=feats)
+            {
+                data.get("image_column", "image"): [Image.fromarray(x) for x in imgs],
+                data.get("label_column", "label"): [int(c) for c in rng.integers(0, n_classes, n)],
+            },
+            features=feats,
+        )
     key = f"{data['path']}:{data['name']}" if data.get("name") else data["path"]
     d = root / "data" / key.replace("/", "__").replace(":", "__")
     datasets.DatasetDict(splits).save_to_disk(str(d))
@@ -94,8 +117,9 @@ def gpt2_replicas(cfg: dict, root: Path) -> dict[str, str]:
     vocab = {c: i for i, c in enumerate(chars)} | {"<|endoftext|>": 256}
     tok = GPT2TokenizerFast(vocab=vocab, merges=[])
     torch.manual_seed(0)
-    conf = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=257, n_positions=160, bos_token_id=256,
-                      eos_token_id=256)
+    conf = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=257, n_positions=160, bos_token_id=256, eos_token_id=256
+    )
     base = GPT2Model(conf).eval()
     m = _save(cfg["model"]["base"], root, base, tok)
     rng = np.random.default_rng(0)
@@ -110,8 +134,12 @@ def gpt2_replicas(cfg: dict, root: Path) -> dict[str, str]:
         _perturb(e.transformer, seed=i + 1)
         m |= _save(t["expert"], root, e, tok)
         cols = [data["text_column"]] + ([data["text_pair_column"]] if data.get("text_pair_column") else [])
-        feats = datasets.Features({**{col: datasets.Value("string") for col in cols},
-                                   data["label_column"]: datasets.ClassLabel(num_classes=n_labels)})
+        feats = datasets.Features(
+            {
+                **{col: datasets.Value("string") for col in cols},
+                data["label_column"]: datasets.ClassLabel(num_classes=n_labels),
+            }
+        )
         splits = {}
         for split in {data["train_split"], data["test_split"]}:
             n = 12

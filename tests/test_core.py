@@ -51,7 +51,9 @@ def test_ensembling_module_onehot_and_cache():
     torch.manual_seed(0)
     base = nn.Linear(4, 3)
     experts = [nn.Linear(4, 3) for _ in range(2)]
-    tv = stack_task_vectors(dict(base.named_parameters()), {f"e{i}": dict(e.named_parameters()) for i, e in enumerate(experts)})
+    tv = stack_task_vectors(
+        dict(base.named_parameters()), {f"e{i}": dict(e.named_parameters()) for i, e in enumerate(experts)}
+    )
     m = WeightEnsemblingModule(base, tv, Router(2))
     x = torch.randn(6, 4)
     for i, e in enumerate(experts):
@@ -87,8 +89,10 @@ def test_merge_methods_are_pure_functions():
     from pwemoe.core import preference_weighted_task_arithmetic, simple_average
 
     base = {"w": torch.tensor([1.0, 1.0]), "step": torch.tensor(3)}
-    experts = {"a": {"w": torch.tensor([2.0, 1.0]), "step": torch.tensor(3)},
-               "b": {"w": torch.tensor([1.0, 3.0]), "step": torch.tensor(3)}}
+    experts = {
+        "a": {"w": torch.tensor([2.0, 1.0]), "step": torch.tensor(3)},
+        "b": {"w": torch.tensor([1.0, 3.0]), "step": torch.tensor(3)},
+    }
     assert torch.allclose(task_arithmetic(base, experts, 0.5)["w"], torch.tensor([1.5, 2.0]))
     assert torch.allclose(simple_average(base, experts)["w"], torch.tensor([1.5, 2.0]))  # mean of the experts
     out = preference_weighted_task_arithmetic(base, experts, torch.tensor([0.25, 0.75]), c=2.0)

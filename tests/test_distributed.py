@@ -18,10 +18,16 @@ def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
     dump = tmp_path / "ranks"
     dump.mkdir()
     script = tmp_path / "ddp_train.py"
-    script.write_text(f"from pwemoe.training import train\ntrain({str(p)!r}, [])\n")
+    script.write_text(  # each rank dumps its in-memory routers after the run, from the recipe's callback
+        "from safetensors.torch import save_file\nfrom pwemoe import router_state_dict\n"
+        "from pwemoe.recipes.train import train\n"
+        "def on_step(recipe, step):\n    if step == recipe.cfg.train.steps:\n"
+        f"        out = {str(dump)!r} + f'/memory_rank{{recipe.rank}}.safetensors'\n"
+        "        save_file(router_state_dict(recipe.model), out)\n"
+        f"train({str(p)!r}, [], on_step=on_step)\n"
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    res = subprocess.run(torchrun + [str(script)], capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "PWEMOE_DUMP_ROUTERS": str(dump)})
+    res = subprocess.run(torchrun + [str(script)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     from safetensors.torch import load_file
 
@@ -32,8 +38,13 @@ def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
     # written once: one metrics line per step, one config, no stray temporary files
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
-    assert sorted(x.name for x in (tmp_path / "ddp").iterdir()) == [
-        "config.yaml", "metrics.jsonl", "routers.safetensors", "trainer_state.pt"]
+    assert sorted(x.name for x in (tmp_path / "ddp").iterdir() if x.name != ".pwemoe.lock.flock") == [
+        "config.yaml",
+        "metrics.jsonl",
+        "pwemoe_run.json",
+        "routers.safetensors",
+        "trainer_state.pt",
+    ]
     st = torch.load(tmp_path / "ddp" / "trainer_state.pt", weights_only=True)
     assert st["world_size"] == 2 and len(st["ranks"]) == 2
     assert st["ranks"][0]["sampler"]["rng"].tolist() != st["ranks"][1]["sampler"]["rng"].tolist()

@@ -1,4 +1,3 @@
-import copy
 import json
 import shutil
 
@@ -7,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from pwemoe.evaluation import hypervolume, non_dominated
+from pwemoe.pareto import hypervolume, non_dominated
 from pwemoe.report.plots import plot_fronts
 
 
@@ -37,8 +36,15 @@ def _fake_rows(k, rng):
             rows.append({"method": m, "preference": r, "param": None, "accuracy": acc, "normalized": acc})
     for i, n in enumerate(names):
         acc = {m: (0.95 if m == n else 0.3) for m in names}
-        rows.append({"method": f"expert:{n}", "preference": np.eye(k)[i].tolist(), "param": None, "accuracy": acc,
-                     "normalized": acc})
+        rows.append(
+            {
+                "method": f"expert:{n}",
+                "preference": np.eye(k)[i].tolist(),
+                "param": None,
+                "accuracy": acc,
+                "normalized": acc,
+            }
+        )
     for lam in (0.3, 0.6):
         acc = {n: 0.6 + 0.1 * lam for n in names}
         rows.append({"method": "task_arithmetic", "preference": None, "param": lam, "accuracy": acc, "normalized": acc})
@@ -61,7 +67,7 @@ def test_plots_for_k_2_3_5(tmp_path, k, expected):
 
 @pytest.fixture(scope="module")
 def trained_run(text_setup, tmp_path_factory):
-    from pwemoe.training import train
+    from pwemoe.recipes.train import train
 
     root, base_cfg = text_setup
     tmp = tmp_path_factory.mktemp("evalrun")
@@ -72,7 +78,7 @@ def trained_run(text_setup, tmp_path_factory):
 
 
 def test_evaluate_writes_results_hypervolumes_plots_and_report(trained_run):
-    from pwemoe.evaluation.run import evaluate_run
+    from pwemoe.recipes.evaluate import evaluate_run
 
     summary = evaluate_run(trained_run, grid=3)
     rows = json.loads((trained_run / "results.json").read_text())
@@ -98,15 +104,18 @@ def test_evaluate_writes_results_hypervolumes_plots_and_report(trained_run):
 
 
 def test_evaluate_resumes_from_results_file(trained_run, monkeypatch):
-    from pwemoe.evaluation import run as run_mod
+    from pwemoe.recipes import evaluate as run_mod
+    from pwemoe.workbench import Workbench
 
     run_mod.evaluate_run(trained_run, grid=3, baselines=False)
     rows = json.loads((trained_run / "results.json").read_text())
     kept = [r for r in rows if not (r["method"] == "pwemoe" and r["preference"] == [0.5, 0.5])]
     (trained_run / "results.json").write_text(json.dumps(kept))
     calls = []
-    real = run_mod.accuracy
-    monkeypatch.setattr(run_mod, "accuracy", lambda *a, **kw: calls.append(a[1].name) or real(*a, **kw))
+    real = Workbench.accuracy
+    monkeypatch.setattr(
+        Workbench, "accuracy", lambda self, t, *a, **kw: calls.append(t.name) or real(self, t, *a, **kw)
+    )
     run_mod.evaluate_run(trained_run, grid=3, baselines=False)
     assert sorted(calls) == ["color", "polarity"]  # only the missing preference, on both tasks
     again = json.loads((trained_run / "results.json").read_text())
@@ -117,7 +126,8 @@ def test_export_reproduces_evaluated_accuracy(trained_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pwemoe.config import load_config
-    from pwemoe.evaluation.run import evaluate_run, export_run
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.runs import export_run
 
     evaluate_run(trained_run, grid=3, baselines=False)
     rows = json.loads((trained_run / "results.json").read_text())
@@ -142,11 +152,12 @@ def test_export_reproduces_evaluated_accuracy(trained_run, tmp_path):
 def test_bad_inputs(trained_run, text_setup, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from pwemoe.evaluation.run import evaluate_run, export_run
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.runs import export_run
 
     with pytest.raises(ValueError, match="length k=2"):
         export_run(trained_run, "0.2,0.3,0.5", tmp_path / "x")
-    with pytest.raises(ValueError, match="M >= 2"):
+    with pytest.raises(ValueError, match="--grid must be an integer >= 2"):
         evaluate_run(trained_run, grid=1)
     # a checkpoint trained on other expert weights is refused, naming the expert
     root, base_cfg = text_setup
@@ -165,14 +176,19 @@ def test_bad_inputs(trained_run, text_setup, tmp_path):
 
 
 def test_summary_counts_pointwise_dominance():
-    from pwemoe.evaluation.run import summarize
+    from pwemoe.results import summarize
 
     def row(m, acc, pref=None):
         return {"method": m, "preference": pref, "param": None, "accuracy": dict(zip("ab", acc))}
 
-    rows = [row("expert:a", [0.9, 0.2], [1, 0]), row("expert:b", [0.2, 0.9], [0, 1]),
-            row("pwemoe", [0.8, 0.6], [1, 0]), row("pwemoe", [0.6, 0.8], [0, 1]),
-            row("pref_task_arithmetic", [0.7, 0.5], [1, 0]), row("pref_task_arithmetic", [0.95, 0.1], [0, 1])]
+    rows = [
+        row("expert:a", [0.9, 0.2], [1, 0]),
+        row("expert:b", [0.2, 0.9], [0, 1]),
+        row("pwemoe", [0.8, 0.6], [1, 0]),
+        row("pwemoe", [0.6, 0.8], [0, 1]),
+        row("pref_task_arithmetic", [0.7, 0.5], [1, 0]),
+        row("pref_task_arithmetic", [0.95, 0.1], [0, 1]),
+    ]
     s = summarize(rows, ["a", "b"])
     pt = s["methods"]["pref_task_arithmetic"]
     assert pt["dominated_by_pwemoe"] == 1 and pt["dominating_pwemoe"] == 0
@@ -180,7 +196,7 @@ def test_summary_counts_pointwise_dominance():
 
 
 def test_summary_covers_only_the_requested_preferences(trained_run, tmp_path):
-    from pwemoe.evaluation.run import evaluate_run
+    from pwemoe.recipes.evaluate import evaluate_run
 
     evaluate_run(trained_run, grid=3, baselines=False)
     p = tmp_path / "prefs.txt"

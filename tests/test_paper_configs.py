@@ -15,8 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("name", ["clip-vit-b32_2tasks", "clip-vit-b32_3tasks", "clip-vit-b32_TA8", "gpt2_glue"])
 def test_config_end_to_end_on_replicas(name, tmp_path):
-    from pwemoe.evaluation.run import evaluate_run, export_run
-    from pwemoe.training import train
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.recipes.train import train
+    from pwemoe.runs import export_run
 
     cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     k = len(cfg["tasks"])
@@ -42,29 +43,42 @@ def test_config_end_to_end_on_replicas(name, tmp_path):
         model = CLIPModel.from_pretrained(out).eval()
         import datasets
 
-        ds = datasets.load_from_disk(path_map[first["data"]["path"] + (f":{first['data']['name']}" if first["data"].get("name") else "")])["test"]
+        ds = datasets.load_from_disk(
+            path_map[first["data"]["path"] + (f":{first['data']['name']}" if first["data"].get("name") else "")]
+        )["test"]
         proc, tok = AutoImageProcessor.from_pretrained(out), AutoTokenizer.from_pretrained(out)
         names = ds.features["label"].names
         with torch.no_grad():
             txt = []
             for c in names:
-                e = model.get_text_features(**tok([t.format(c) for t in first["templates"]], padding=True, return_tensors="pt"))
+                e = model.get_text_features(
+                    **tok([t.format(c) for t in first["templates"]], padding=True, return_tensors="pt")
+                )
                 e = e.pooler_output if hasattr(e, "pooler_output") else e
                 e = (e / e.norm(dim=-1, keepdim=True)).mean(0)
                 txt.append(e / e.norm())
-            img = model.get_image_features(**proc(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt"))
+            img = model.get_image_features(
+                **proc(images=[im.convert("RGB") for im in ds["image"]], return_tensors="pt")
+            )
             img = img.pooler_output if hasattr(img, "pooler_output") else img
             pred = (img / img.norm(dim=-1, keepdim=True) @ torch.stack(txt).T).argmax(-1)
         acc = (pred == torch.tensor(list(ds["label"]))).float().mean().item()
     else:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
         import datasets
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(out / first["name"]).eval()
         tok = AutoTokenizer.from_pretrained(out / first["name"])
-        ds = datasets.load_from_disk(path_map[f"{first['data']['path']}:{first['data']['name']}"])[first["data"]["test_split"]]
-        enc = tok(list(ds[first["data"]["text_column"]]), truncation=True, max_length=first["max_length"],
-                  padding=True, return_tensors="pt")
+        ds = datasets.load_from_disk(path_map[f"{first['data']['path']}:{first['data']['name']}"])[
+            first["data"]["test_split"]
+        ]
+        enc = tok(
+            list(ds[first["data"]["text_column"]]),
+            truncation=True,
+            max_length=first["max_length"],
+            padding=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             pred = model(**enc).logits.argmax(-1)
         acc = (pred == torch.tensor(list(ds["label"]))).float().mean().item()

@@ -10,14 +10,33 @@ from pwemoe.tasks.sequence_classification import HEADS, split_task_model
 
 def _bert():
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, vocab_size=101, num_labels=3)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=101,
+            num_labels=3,
+        )
+    ).eval()
 
 
 def _gpt2():
     torch.manual_seed(0)
-    return GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
-                                                    num_labels=3, pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
+    return GPT2ForSequenceClassification(
+        GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=101,
+            n_positions=64,
+            num_labels=3,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("build", [_bert, _gpt2])

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,10 @@ import torch
 import yaml
 
 from pwemoe.checkpoint import load_routers
-from pwemoe.config import ConfigError, config_from_dict, load_config
+from pwemoe.config import ConfigError, load_config
 from pwemoe.objectives import EPO, epo_adjustments, epo_lp
-from pwemoe.training import train
+from pwemoe.recipes.train import train
+from pwemoe.workbench import build_config as config_from_dict
 
 
 def _write(root: Path, cfg: dict, name: str) -> Path:
@@ -29,7 +29,7 @@ def test_ls_training_lowers_weighted_loss_and_writes_run(text_setup, tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 41))
     # The weighted loss on fixed data at fixed preferences, before and after training.
     from pwemoe import load_router_state_dict, set_preference, simplex_grid
-    from pwemoe.pipeline import Workbench
+    from pwemoe.workbench import Workbench
 
     torch.manual_seed(0)
     wb = Workbench(config_from_dict(cfg), load_test=False)
@@ -49,7 +49,7 @@ def test_ls_training_lowers_weighted_loss_and_writes_run(text_setup, tmp_path):
     assert after < before * 0.9, (before, after)
     state, meta = load_routers(run / "routers.safetensors")
     assert meta["step"] == 40 and meta["task_names"] == ["polarity", "color"]
-    assert set(meta["hashes"]) == {"base", "polarity", "color"}
+    assert set(meta["hashes"]) == {"base", "polarity", "color", "polarity:head", "color:head"}
     assert meta["targets"] and meta["init_lambda"] == 0.3 and meta["pwemoe_version"]
     assert all(".router." in k for k in state)
     assert (run / "routers.safetensors").stat().st_size < 50_000  # kilobytes: routers only
@@ -63,13 +63,20 @@ def _routers(run):
 @pytest.mark.parametrize("objective", ["ls", "epo"])
 def test_killed_and_resumed_run_equals_uninterrupted(text_setup, tmp_path, objective):
     root, base_cfg = text_setup
-    cfg = {**base_cfg, "train": {**base_cfg["train"], "steps": 12, "save_interval": 4, "objective": objective,
-                                  "rays_per_step": 2}}
+    cfg = {
+        **base_cfg,
+        "train": {**base_cfg["train"], "steps": 12, "save_interval": 4, "objective": objective, "rays_per_step": 2},
+    }
     full = train(_write(tmp_path, {**cfg, "run_dir": str(tmp_path / "full")}, "full"), [])
     cfg_path = _write(tmp_path, {**cfg, "run_dir": str(tmp_path / "killed")}, "killed")
-    env = {**os.environ, "PWEMOE_DEBUG_KILL_AT_STEP": "10"}
-    res = subprocess.run([sys.executable, "-m", "pwemoe.cli", "train", str(cfg_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    # a real SIGKILL from the recipe's step callback, after the optimizer step of step 10
+    script = tmp_path / "kill.py"
+    script.write_text(
+        "import os, signal\nfrom pwemoe.recipes.train import train\n"
+        "def on_step(recipe, step):\n    if step == 10:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"train({str(cfg_path)!r}, [], on_step=on_step)\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == -9, res.stderr[-2000:]  # SIGKILL at step 10, last checkpoint at step 8
     assert load_routers(tmp_path / "killed" / "routers.safetensors")[1]["step"] == 8
     train(None, [], resume=tmp_path / "killed")
@@ -92,9 +99,12 @@ def test_existing_run_dir_is_not_overwritten(text_setup, tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_task(text_setup, tmp_path):
     root, base_cfg = text_setup
-    cfg = {**base_cfg, "run_dir": str(tmp_path / "nan"), "train": {**base_cfg["train"], "steps": 6, "lr": 1e30,
-                                                                    "save_interval": 1}}
-    from pwemoe.training import NonFiniteLossError
+    cfg = {
+        **base_cfg,
+        "run_dir": str(tmp_path / "nan"),
+        "train": {**base_cfg["train"], "steps": 6, "lr": 1e30, "save_interval": 1},
+    }
+    from pwemoe.recipes.train import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"at step \d+: loss is not finite for task") as e:
         train(_write(tmp_path, cfg, "nan"), [])
@@ -106,8 +116,10 @@ def test_non_finite_loss_stops_with_step_and_task(text_setup, tmp_path):
 def test_config_errors_are_all_reported_with_paths():
     bad = {
         "model": {"base": "x", "init_lambda": "high"},
-        "tasks": [{"name": "a", "expert": "e", "data": {"path": "p"}, "colour": 1},
-                  {"name": "b", "expert": "e", "data": {"path": "p"}}],
+        "tasks": [
+            {"name": "a", "expert": "e", "data": {"path": "p"}, "colour": 1},
+            {"name": "b", "expert": "e", "data": {"path": "p"}},
+        ],
         "train": {"objective": "nope"},
     }
     with pytest.raises(ConfigError) as e:
@@ -128,7 +140,7 @@ def test_data_errors_collected(text_setup, tmp_path):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("text,label\nred movie,7\nblue film,1\n")
     cfg["tasks"][1]["data"]["files"]["train"] = str(bad_csv)
-    from pwemoe.pipeline import Workbench
+    from pwemoe.workbench import Workbench
 
     with pytest.raises(ConfigError) as e:
         Workbench(config_from_dict(cfg), load_test=False)
@@ -230,8 +242,11 @@ def test_cli_train_other_objectives(text_setup, tmp_path, objective, args):
     from pwemoe.cli import main
 
     root, base_cfg = text_setup
-    cfg = {**base_cfg, "run_dir": str(tmp_path / objective),
-           "train": {**base_cfg["train"], "steps": 3, "objective": objective, "objective_args": args}}
+    cfg = {
+        **base_cfg,
+        "run_dir": str(tmp_path / objective),
+        "train": {**base_cfg["train"], "steps": 3, "objective": objective, "objective_args": args},
+    }
     assert main(["train", str(_write(tmp_path, cfg, objective)), "train.lr=0.02"]) == 0
     state, meta = load_routers(tmp_path / objective / "routers.safetensors")
     assert meta["step"] == 3
@@ -249,7 +264,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 
 def test_read_preferences_file(tmp_path):
-    from pwemoe.evaluation.run import read_preferences
+    from pwemoe.recipes.evaluate import read_preferences
 
     p = tmp_path / "prefs.txt"
     p.write_text("# comment\n1,1\n0.2 0.8\n")

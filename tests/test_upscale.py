@@ -86,21 +86,25 @@ def test_export_equals_preference_forward_and_reloads_plainly(arch, base_and_exp
     torch.save(inputs, tmp_path / "inputs.pt")
     torch.save(want, tmp_path / "want.pt")
     # Load in a fresh interpreter where importing pwemoe fails: the directory is plain transformers.
-    script = textwrap.dedent(
-        f"""
+    script = (
+        textwrap.dedent(
+            f"""
         import sys, torch
         sys.modules['pwemoe'] = None
         from transformers import AutoModel
         m = AutoModel.from_pretrained({str(tmp_path)!r}).eval()
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
-        want = torch.load({str(tmp_path / 'want.pt')!r}, weights_only=True)
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+        want = torch.load({str(tmp_path / "want.pt")!r}, weights_only=True)
         with torch.no_grad():
             got = m(**inputs).last_hidden_state
         err = (got - want).abs().max().item()
         print(err)
         sys.exit(0 if err < 1e-5 else 1)
         """
-    ) if arch == "bert" else None
+        )
+        if arch == "bert"
+        else None
+    )
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert torch.allclose(_out(reloaded, inputs), want, atol=1e-5)
     if script:
@@ -127,7 +131,7 @@ def test_only_routers_get_gradients(arch, base_and_experts):
         else:
             assert p.grad is None, n
     for _, m in mods:
-        for pn in m._param_names:
+        for pn in m.param_names:
             assert m.task_vector(pn).grad is None
 
 
@@ -157,7 +161,9 @@ def test_router_state_dict_roundtrip(base_and_experts):
     load_router_state_dict(model, sd)
     for k, v in router_state_dict(model).items():
         assert torch.equal(v, sd[k])
-    assert not all(torch.equal(a, b) for a, b in zip(lam_random.values(), routing_weights(model, [0.3, 0.3, 0.4]).values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(lam_random.values(), routing_weights(model, [0.3, 0.3, 0.4]).values())
+    )
     bad = dict(sd)
     key = next(iter(bad))
     bad.pop(key)
@@ -176,7 +182,12 @@ def test_preference_api():
         lam = routing_weights(model)
     assert torch.allclose(pwemoe.get_preference(model), torch.tensor([0.25, 0.75]))
     assert set(lam) == {n for n, _ in ensembling_modules(model)}
-    for bad, msg in [([0.5, 0.3, 0.2], "length"), ([-1, 2], "non-negative"), ([float("nan"), 1], "finite"), ([0, 0], "positive")]:
+    for bad, msg in [
+        ([0.5, 0.3, 0.2], "length"),
+        ([-1, 2], "non-negative"),
+        ([float("nan"), 1], "finite"),
+        ([0, 0], "positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             set_preference(model, bad)
 
@@ -189,10 +200,14 @@ def test_bad_experts_are_named():
 
     with pytest.raises(ValueError, match="'other'.*GPT2Model"):
         upscale(tiny_bert(), {"a": make_expert(base, 1), "other": tiny_gpt2()})
-    wide = BertModel(BertConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101))
+    wide = BertModel(
+        BertConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
+    )
     with pytest.raises(ValueError, match=r"expert 'wide'.*shape mismatch.*intermediate.dense.weight \(96, 32\)"):
         upscale(tiny_bert(), {"a": make_expert(base, 1), "wide": wide})
-    fewer = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=101))
+    fewer = BertModel(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=101)
+    )
     with pytest.raises(ValueError, match=r"expert 'short'.*missing keys: encoder.layer.1"):
         upscale(tiny_bert(), {"a": make_expert(base, 1), "short": fewer})
 
@@ -200,10 +215,16 @@ def test_bad_experts_are_named():
 def test_targets_patterns_and_errors():
     base = tiny_bert()
     assert pwemoe.find_targets(base) == [
-        "encoder.layer.0.intermediate", "encoder.layer.0.output", "encoder.layer.1.intermediate", "encoder.layer.1.output"
+        "encoder.layer.0.intermediate",
+        "encoder.layer.0.output",
+        "encoder.layer.1.intermediate",
+        "encoder.layer.1.output",
     ]
     assert pwemoe.find_targets(base, include_attention=True)[0] == "encoder.layer.0.attention"
-    assert pwemoe.find_targets(base, ["intermediate.dense"]) == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    assert pwemoe.find_targets(base, ["intermediate.dense"]) == [
+        "encoder.layer.0.intermediate.dense",
+        "encoder.layer.1.intermediate.dense",
+    ]
     assert pwemoe.find_targets(base, r"encoder\.layer\.1\.intermediate") == ["encoder.layer.1.intermediate"]
     assert pwemoe.find_targets(base, ["re:.*layer\\.0\\.output\\.dense"]) == ["encoder.layer.0.output.dense"]
     with pytest.raises(ValueError, match="matched no module"):
@@ -231,7 +252,9 @@ def test_bf16_task_vectors_halve_storage(base_and_experts):
 
     def tv_bytes(model):
         return sum(
-            m.task_vector(p).numel() * m.task_vector(p).element_size() for _, m in ensembling_modules(model) for p in m._param_names
+            m.task_vector(p).numel() * m.task_vector(p).element_size()
+            for _, m in ensembling_modules(model)
+            for p in m.param_names
         )
 
     import copy

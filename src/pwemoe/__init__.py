@@ -6,16 +6,16 @@ from .upscale import (
     ensembling_modules,
     find_targets,
     fixed_lambda,
-    merge_into,
-    shared_merge,
     get_preference,
     load_router_state_dict,
     merge_and_unload,
+    merge_into,
     num_tasks,
     preference,
     router_state_dict,
     routing_weights,
     set_preference,
+    shared_merge,
     upscale,
 )
 

@@ -1,4 +1,4 @@
-"""`pwemoe finetune | train | evaluate | export | demo`."""
+"""`pwemoe finetune | train | evaluate | export | demo | config`."""
 
 from __future__ import annotations
 
@@ -29,10 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("train", help="upcycle the experts and train the routers")
-    p.add_argument("config", nargs="?", help="YAML config")
+    p = sub.add_parser(
+        "train",
+        help="upcycle the experts and train the routers",
+        epilog="Settings: `pwemoe config --explain`. On --resume only train.steps, train.lr, "
+        "train.min_lr_ratio, train.save_interval, train.log_interval and eval.* may change.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (with --resume: omit it; key=value overrides only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier pwemoe run in run_dir (other files are kept)",
+    )
 
     p = sub.add_parser("evaluate", help="evaluate a run on a preference grid, with baselines, plots and a report")
     p.add_argument("run")
@@ -47,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("--preference", required=True, help="e.g. 0.2,0.8")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --out")
 
     p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
     p.add_argument("config", help="YAML config with model.base and the task")
@@ -56,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier finetune wrote in --out")
+
+    p = sub.add_parser("config", help="list every config key with its type, default and meaning")
+    p.add_argument("--explain", action="store_true", help="(the default) print every key")
 
     p = sub.add_parser("demo", help="the offline end-to-end example")
     p.add_argument("--tiny", action="store_true", help="only the seconds-long built-in example on tiny random models")
@@ -68,12 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as e:
-        print(f"pwemoe: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, TypeError) as e:
         if args.verbose:
             raise
-        print(f"pwemoe {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"pwemoe: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pwemoe {args.cmd}: interrupted; the last checkpoint and results are kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line (with -v: the traceback)
+        if args.verbose:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (ValueError, FileNotFoundError, TypeError, RuntimeError)):
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"pwemoe {args.cmd}: error: {msg} (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 
@@ -84,33 +107,62 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             run()
             return 0
-        from .demo.pipeline import run_demo
+        from .demo.offline import run_demo
 
         run_demo(args.workdir, verbose=args.verbose)
         return 0
+    if args.cmd == "config":
+        from .config import explain
+
+        print("\n".join(explain()))
+        return 0
     if args.cmd == "train":
-        from .training import train
+        from .recipes.train import train
 
         if not args.config and not args.resume:
             raise ValueError("give a config (pwemoe train CONFIG.yaml) or --resume RUN")
-        train(args.config, args.overrides, resume=args.resume, verbose=args.verbose)
+        config, overrides = args.config, list(args.overrides)
+        if args.resume:  # `train --resume RUN train.steps=8`: the positionals are all overrides
+            if config is not None and "=" not in config:
+                raise ValueError(
+                    f"with --resume the run's own config.yaml is used; got a config file {config!r} "
+                    "too. Give only key=value overrides"
+                )
+            overrides = ([config] if config else []) + overrides
+            config = None
+        train(config, overrides, resume=args.resume, overwrite=args.overwrite, verbose=args.verbose)
         return 0
     if args.cmd == "evaluate":
-        from .evaluation.run import evaluate_run
+        from .recipes.evaluate import evaluate_run
 
-        evaluate_run(args.run, grid=args.grid, preferences_file=args.preferences, baselines=not args.no_baselines,
-                     batch_size=args.batch_size, max_test_samples=args.max_test_samples, verbose=args.verbose)
+        evaluate_run(
+            args.run,
+            grid=args.grid,
+            preferences_file=args.preferences,
+            baselines=not args.no_baselines,
+            batch_size=args.batch_size,
+            max_test_samples=args.max_test_samples,
+            verbose=args.verbose,
+        )
         return 0
     if args.cmd == "export":
-        from .evaluation.run import export_run
+        from .runs import export_run
 
-        export_run(args.run, args.preference, args.out)
+        export_run(args.run, args.preference, args.out, overwrite=args.overwrite)
         return 0
     if args.cmd == "finetune":
-        from .finetune import finetune_from_config
+        from .recipes.finetune import finetune_from_config
 
-        finetune_from_config(args.config, args.task, args.out, epochs=args.epochs, lr=args.lr,
-                             batch_size=args.batch_size, seed=args.seed)
+        finetune_from_config(
+            args.config,
+            args.task,
+            args.out,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
         return 0
     raise AssertionError(args.cmd)  # argparse restricts cmd
 

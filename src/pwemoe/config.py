@@ -1,15 +1,21 @@
-"""Typed config: dataclasses + YAML. Every error is collected with its key path and raised at once."""
+"""Typed run configuration: pydantic models read from YAML, every error reported at once with its key path.
+
+This module knows no registries (task types, objectives): callers that have them pass them in
+`Registries`, and the names are checked in the same validation pass as everything else.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import copy
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -20,254 +26,341 @@ class ConfigError(ValueError):
         super().__init__(f"{len(errors)} config error(s):\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-@dataclass
-class DataConfig:
-    """Where a task's examples come from (through the `datasets` library).
+@dataclass(frozen=True)
+class Registries:
+    """What the layers above know: task type names, and objective name -> a checker of its arguments.
 
-    source: 'hub' (path = dataset id, name = its config), 'csv' | 'json' | 'parquet' | 'imagefolder'
-    (path = file, directory or glob; `files` maps split -> path instead), or 'adapter'
-    (path = a registered local adapter, see pwemoe.tasks.data.ADAPTERS).
+    `check_objective(name, args, k)` returns None when the objective can be built for k tasks, else the reason.
     """
 
-    source: str = "hub"
-    path: str = ""
-    name: str | None = None
-    files: dict[str, str] | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
+    task_types: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ()
+    check_objective: Callable[[str, dict[str, Any], int], str | None] | None = None
 
 
-@dataclass
-class TaskConfig:
-    name: str = ""
-    type: str = "sequence_classification"  # or 'clip_zero_shot'
-    expert: str = ""  # hub id or local dir of the fine-tuned model
-    data: DataConfig = field(default_factory=DataConfig)
-    class_names: list[str] | None = None  # default: the expert's id2label, or the data's ClassLabel names
-    templates: list[str] | None = None  # CLIP prompts, e.g. 'a photo of a {}.'
-    max_length: int = 128
+def _key_error(key: str, why: str) -> PydanticCustomError:
+    """An error of one field found by a validator of the whole model: reported at `<model path>.<key>`."""
+    return PydanticCustomError("pwemoe_key", "{why}", {"key": key, "why": why})
 
 
-@dataclass
-class ModelConfig:
-    base: str = ""
-    targets: list[str] | None = None
-    include_attention: bool = False
-    init_lambda: float = 0.3
-    router_hidden_layers: int = 2
-    task_vector_dtype: str = "float32"
-    path_map: dict[str, str] = field(default_factory=dict)  # hub id -> local path (offline mirrors)
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
+# A plain name: used as a directory name on export, so no separators, no '..', no leading dot.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
-@dataclass
-class TrainConfig:
-    objective: str = "ls"
-    objective_args: dict[str, Any] = field(default_factory=dict)
-    steps: int = 2000
-    lr: float = 1e-2
-    min_lr_ratio: float = 0.1
-    batch_size: int = 16
-    alpha: float = 1.0
-    rays_per_step: int = 1
-    seed: int = 0
-    save_interval: int = 100
-    log_interval: int = 10
-    concat_forward: bool = True
+class DataConfig(BaseModel):
+    """Where a task's examples come from (through the `datasets` library)."""
+
+    model_config = _STRICT
+    source: str = Field("hub", description="hub | csv | json | parquet | imagefolder | adapter")
+    path: str = Field("", description="dataset id, file, directory or glob; for source=adapter 'module:function'")
+    name: str | None = Field(None, description="the hub dataset's configuration name")
+    files: dict[str, str] | None = Field(None, description="split -> file, instead of `path` (local sources)")
+    train_split: str = Field("train", description="split the routers (and finetune) train on")
+    test_split: str = Field("test", description="split `pwemoe evaluate` measures")
+    text_column: str = Field("text", description="text input column (text tasks)")
+    text_pair_column: str | None = Field(None, description="second text column for sentence-pair tasks")
+    image_column: str = Field("image", description="image column (image tasks)")
+    label_column: str = Field("label", description="integer class label column")
+    max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
+    max_test_samples: int | None = Field(None, ge=1, description="use only the first N test examples")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        allowed = ("hub", "csv", "json", "parquet", "imagefolder", "adapter")
+        if v not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _where(self) -> DataConfig:
+        if not self.path and not self.files:
+            raise _key_error("path", "required (dataset id, file, or adapter 'module:function')")
+        return self
 
 
-@dataclass
-class EvalConfig:
-    batch_size: int = 64
-    grid: int = 11
-    baselines: bool = True
-    pwta_scale: float | None = None  # default init_lambda * k
-    ta_scales: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
-    reference_point: float = 0.0
+class TaskConfig(BaseModel):
+    """One objective: an expert fine-tuned for it, its data, and how its head is formed."""
+
+    model_config = _STRICT
+    name: str = Field(description="a plain name (letters, digits, _ . -); also the export sub-directory")
+    type: str = Field("sequence_classification", description="task type, e.g. sequence_classification, clip_zero_shot")
+    expert: str = Field(description="hub id or local directory of this task's fine-tuned model")
+    data: DataConfig = Field(description="where the examples come from")
+    class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
+    templates: list[str] | None = Field(None, description="CLIP zero-shot prompt templates, e.g. 'a photo of a {}.'")
+    max_length: int = Field(128, ge=1, description="tokens per text input (truncation)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _NAME.match(v) or ".." in v:
+            raise ValueError(f"must be a plain name (letters, digits, '_', '.', '-'; no path separators), got {v!r}")
+        return v
+
+    @field_validator("expert")
+    @classmethod
+    def _expert(cls, v: str) -> str:
+        if not v:
+            raise ValueError("required: hub id or local directory of this task's fine-tuned model")
+        return v
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str, info: ValidationInfo) -> str:
+        reg = (info.context or {}).get("registries")
+        if reg is not None and reg.task_types and v not in reg.task_types:
+            raise ValueError(f"unknown task type {v!r}; known: {sorted(reg.task_types)}")
+        return v
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tasks: list[TaskConfig] = field(default_factory=list)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    run_dir: str = "runs/pwemoe"
+class ModelConfig(BaseModel):
+    """The pretrained model, what is upcycled, and how."""
+
+    model_config = _STRICT
+    base: str = Field(description="hub id or local directory of the pretrained model")
+    targets: list[str] | None = Field(None, description="module names, suffixes or 're:' regexes (default: table)")
+    include_attention: bool = Field(False, description="upcycle attention blocks as well as MLPs")
+    init_lambda: float = Field(0.3, description="task-arithmetic scale of the rest, and the routers' initial output")
+    router_hidden_layers: int = Field(2, ge=0, le=2, description="0, 1 or 2 (k -> 2k -> ReLU -> k)")
+    task_vector_dtype: str = Field("float32", description="storage of task vectors: float32 | bfloat16 | float16")
+    path_map: dict[str, str] = Field(default_factory=dict, description="hub id -> local path (offline mirrors)")
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not v:
+            raise ValueError("required: hub id or local directory of the pretrained model")
+        return v
+
+    @field_validator("task_vector_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"must be float32, bfloat16 or float16, got {v!r}")
+        return v
+
+
+class TrainConfig(BaseModel):
+    """Router training: the objective, the schedule and the sampling of preferences."""
+
+    model_config = _STRICT
+    objective: str = Field("ls", description="ls | epo | tchebycheff | stch")
+    objective_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the objective")
+    steps: int = Field(2000, ge=1, description="optimizer steps (may be raised on --resume)")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate (may change on --resume)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine annealing floor as a fraction of lr")
+    batch_size: int = Field(16, ge=1, description="examples per task per step")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the sampled preferences")
+    rays_per_step: int = Field(1, ge=1, description="preferences per step; each gets batch_size/rays examples")
+    seed: int = Field(0, description="seed of preferences, batches and router initialisation")
+    save_interval: int = Field(100, ge=1, description="steps between checkpoints")
+    log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
+    concat_forward: bool = Field(True, description="one forward over all tasks' examples (LS-type objectives)")
+
+    @model_validator(mode="after")
+    def _rays(self) -> TrainConfig:
+        if self.rays_per_step > self.batch_size:
+            raise _key_error(
+                "rays_per_step", f"must be at most train.batch_size ({self.batch_size}), got {self.rays_per_step}"
+            )
+        return self
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str, info: ValidationInfo) -> str:
+        reg = (info.context or {}).get("registries")
+        if reg is not None and reg.objectives and v not in reg.objectives:
+            raise ValueError(f"unknown objective {v!r}; known: {sorted(reg.objectives)}")
+        return v
+
+
+class EvalConfig(BaseModel):
+    """Grid evaluation and the baselines drawn beside PWEMoE."""
+
+    model_config = _STRICT
+    batch_size: int = Field(64, ge=1, description="examples per forward")
+    grid: int = Field(11, ge=2, description="simplex grid levels per axis (M)")
+    baselines: bool = Field(True, description="evaluate the baselines as well")
+    pwta_scale: float | None = Field(None, gt=0, description="c of preference-weighted TA (default init_lambda*k)")
+    ta_scales: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], description="lambda grid of task arithmetic"
+    )
+    reference_point: float = Field(0.0, description="hypervolume reference point, on every axis")
+
+
+class Config(BaseModel):
+    """A whole run: model, tasks, training and evaluation settings, and where the run lives."""
+
+    model_config = _STRICT
+    model: ModelConfig = Field(description="the pretrained model and the upcycling")
+    tasks: list[TaskConfig] = Field(description="one entry per expert, at least 2")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="router training")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    run_dir: str = Field("runs/pwemoe", description="the run directory (a new or pwemoe-made directory)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[TaskConfig]) -> list[TaskConfig]:
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 tasks (one expert each), got {len(v)}")
+        dup = sorted({t.name for t in v if sum(u.name == t.name for u in v) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique, {dup} repeat")
+        return v
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str) -> str:
+        if not v.strip() or Path(v).resolve() == Path.cwd().resolve():
+            raise ValueError(
+                f"must name a run directory of its own (e.g. runs/my-run), got {v!r}: a run "
+                "directory is written by pwemoe and must not be the working directory"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _objective_args(self, info: ValidationInfo) -> Config:
+        # needs k (the number of tasks): checked here, before any model is loaded
+        reg = (info.context or {}).get("registries")
+        t = self.train
+        if reg is not None and reg.check_objective is not None and t.objective in reg.objectives:
+            why = reg.check_objective(t.objective, t.objective_args, len(self.tasks))
+            if why:
+                raise _key_error("train.objective_args", why)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
 
-# --- building dataclasses from plain data, collecting errors --------------------------------------
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# --- errors in pwemoe's words ----------------------------------------------------------------------
+_EXPECTED = {
+    "float_type": "float",
+    "int_type": "int",
+    "string_type": "str",
+    "bool_type": "bool",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
 
 
-def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        local: list[str] = []
-        for a in args:
-            if a is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, a, path, trial)
-            if not trial:
-                return out
-            local.extend(trial)
-        errors.append(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {type(value).__name__} {value!r}")
-        return None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, errors)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            errors.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-            return None
-        return [_convert(v, item, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-            return None
-        return {k: _convert(v, vt, f"{path}.{k}", errors) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        errors.append(f"{path}: expected {tp.__name__}, got bool {value!r}")
-        return None
-    if isinstance(tp, type) and not isinstance(value, tp):
-        errors.append(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return None
-    return value
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
 
 
-def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        errors.append(f"{path or '<root>'}: expected a mapping, got {type(data).__name__} {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            errors.append(f"{path + '.' if path else ''}{key}: unknown key; allowed keys are {sorted(names)}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{path + '.' if path else ''}{f.name}", errors)
-    try:
-        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
-    except TypeError as e:  # pragma: no cover - all fields have defaults
-        errors.append(f"{path}: {e}")
-        return cls()
-
-
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _validate(cfg: Config, errors: list[str]) -> None:
-    from .objectives import OBJECTIVES
-    from .tasks import TASK_TYPES
-
-    m, t = cfg.model, cfg.train
-    if not m.base:
-        errors.append("model.base: required (hub id or local directory of the pretrained model)")
-    if m.router_hidden_layers not in (0, 1, 2):
-        errors.append(f"model.router_hidden_layers: must be 0, 1 or 2, got {m.router_hidden_layers}")
-    if m.task_vector_dtype not in ("float32", "bfloat16", "float16"):
-        errors.append(f"model.task_vector_dtype: must be float32, bfloat16 or float16, got {m.task_vector_dtype!r}")
-    if len(cfg.tasks) < 2:
-        errors.append(f"tasks: need at least 2 tasks (one expert each), got {len(cfg.tasks)}")
-    seen = set()
-    for i, task in enumerate(cfg.tasks):
-        p = f"tasks[{i}]"
-        if not task.name:
-            errors.append(f"{p}.name: required")
-        elif task.name in seen:
-            errors.append(f"{p}.name: duplicate task name {task.name!r}")
-        seen.add(task.name)
-        if task.type not in TASK_TYPES:
-            errors.append(f"{p}.type: unknown task type {task.type!r}; known: {sorted(TASK_TYPES)}")
-        if not task.expert:
-            errors.append(f"{p}.expert: required (hub id or local directory of this task's fine-tuned model)")
-        if task.data.source not in ("hub", "csv", "json", "parquet", "imagefolder", "adapter"):
-            errors.append(f"{p}.data.source: must be hub, csv, json, parquet, imagefolder or adapter, got {task.data.source!r}")
-        if not task.data.path and not task.data.files:
-            errors.append(f"{p}.data.path: required (dataset id, file or adapter name)")
-    if t.objective not in OBJECTIVES:
-        errors.append(f"train.objective: unknown objective {t.objective!r}; known: {sorted(OBJECTIVES)}")
-    for key, val, ok in [
-        ("train.steps", t.steps, t.steps >= 1),
-        ("train.lr", t.lr, t.lr > 0),
-        ("train.min_lr_ratio", t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1),
-        ("train.batch_size", t.batch_size, t.batch_size >= 1),
-        ("train.alpha", t.alpha, t.alpha > 0),
-        ("train.save_interval", t.save_interval, t.save_interval >= 1),
-        ("train.log_interval", t.log_interval, t.log_interval >= 1),
-        ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1),
-        ("eval.grid", cfg.eval.grid, cfg.eval.grid >= 2),
-    ]:
-        if isinstance(val, (int, float)) and not ok:
-            errors.append(f"{key}: invalid value {val!r}")
-    if isinstance(t.rays_per_step, int) and not 1 <= t.rays_per_step <= t.batch_size:
-        errors.append(f"train.rays_per_step: must be between 1 and train.batch_size ({t.batch_size}), got {t.rays_per_step}")
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config; raise ConfigError listing every problem."""
-    errors: list[str] = []
-    cfg = _build(Config, data, "", errors)
-    if not errors:
-        _validate(cfg, errors)
-    else:
-        # type errors make semantic checks unreliable, but still report what can be checked
-        try:
-            _validate(cfg, errors)
-        except Exception:  # noqa: BLE001 - a partially built config may not validate cleanly
-            pass
-    if errors:
-        raise ConfigError(list(dict.fromkeys(errors)))
-    return cfg
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply 'a.b.c=value' overrides (value parsed as YAML) to nested dicts; 'tasks.0.name=x' indexes lists."""
-    errors = []
-    for o in overrides:
-        if "=" not in o:
-            errors.append(f"override {o!r}: expected key=value, e.g. train.steps=100")
+def _allowed(loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (the model class reached by walking the field annotations)."""
+    cls: Any = Config
+    for part in loc:
+        if isinstance(part, int):
             continue
-        key, raw = o.split("=", 1)
+        f = cls.model_fields.get(part)
+        if f is None:
+            break
+        ann = f.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            break
+        cls = nxt
+    return sorted(cls.model_fields)
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    loc, typ, inp = tuple(err["loc"]), err["type"], err.get("input")
+    if typ == "extra_forbidden":
+        return f"{_path(loc)}: unknown key; allowed keys are {_allowed(loc[:-1])}"
+    if typ == "missing":
+        f = _field(loc)
+        return f"{_path(loc)}: required" + (f" ({f.description})" if f is not None and f.description else "")
+    if typ in _EXPECTED:
+        return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}"
+    if typ == "pwemoe_key":
+        return f"{_path(loc + (err['ctx']['key'],))}: {err['ctx']['why']}"
+    if typ == "value_error":
+        return f"{_path(loc)}: {str(err['msg']).removeprefix('Value error, ')}"
+    return f"{_path(loc)}: {err['msg'].lower()}, got {inp!r}"
+
+
+def _field(loc: tuple) -> Any:
+    cls: Any = Config
+    f = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if cls is None:
+            return None
+        f = cls.model_fields.get(part)
+        if f is None:
+            return None
+        inner = getattr(f.annotation, "__args__", (f.annotation,))
+        cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return f
+
+
+def config_from_dict(data: Any, registries: Registries | None = None) -> Config:
+    """Build and validate a Config; raise ConfigError listing every problem with its key path."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"<root>: expected a mapping, got {type(data).__name__} {data!r}"])
+    try:
+        return Config.model_validate(data, context={"registries": registries})
+    except ValidationError as e:
+        raise ConfigError(list(dict.fromkeys(_message(x) for x in e.errors()))) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply 'a.b.c=value' overrides (value parsed as YAML; a mapping gives values as they are).
+
+    'tasks.0.name=x' indexes lists. Returns a new dict; `data` is left unchanged.
+    """
+    data = copy.deepcopy(data)
+    items: list[tuple[str, str, Any]] = []
+    errors = []
+    if isinstance(overrides, Mapping):
+        items = [(str(k), f"{k}={v!r}", v) for k, v in overrides.items()]
+    else:
+        for o in overrides:
+            if "=" not in o:
+                errors.append(f"override {o!r}: expected key=value, e.g. train.steps=100")
+                continue
+            key, raw = o.split("=", 1)
+            try:
+                val = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                errors.append(f"override {o!r}: the value is not valid YAML ({e.__class__.__name__})")
+                continue
+            items.append((key, o, val))
+    for key, o, val in items:
         node: Any = data
         parts = key.split(".")
+        if not all(parts):
+            errors.append(f"override {o!r}: empty key part in {key!r}")
+            continue
         for part in parts[:-1]:
             if isinstance(node, list) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             elif isinstance(node, dict):
-                node = node.setdefault(part, {})
+                nxt = node.setdefault(part, {})
+                if not isinstance(nxt, (dict, list)):
+                    errors.append(f"override {o!r}: {part!r} holds a {type(nxt).__name__}, not a mapping")
+                    break
+                node = nxt
             else:
                 errors.append(f"override {o!r}: cannot descend into {part!r}")
                 break
         else:
             last = parts[-1]
-            val = yaml.safe_load(raw)
             if isinstance(node, list) and last.isdigit() and int(last) < len(node):
                 node[int(last)] = val
             elif isinstance(node, dict):
@@ -279,16 +372,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, with one-line errors for a missing, unreadable or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError([f"<root>: expected a mapping at the top of {path}, got {type(data).__name__}"])
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, registries: Registries | None = None) -> Config:
+    return config_from_dict(apply_overrides(read_yaml(path), overrides or []), registries)
 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every config key with its type, default and help text (for `pwemoe config --explain`)."""
+    lines = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        inner = getattr(f.annotation, "__args__", (f.annotation,))
+        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            lines.append(f"{key}{'[i]' if 'list' in str(f.annotation) else ''}: {f.description or ''}")
+            lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.")
+            continue
+        if f.is_required():
+            default = "required"
+        else:
+            d = f.get_default(call_default_factory=True)
+            default = f"default {d!r}"
+        tp = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) else None
+        tp = tp or str(f.annotation).replace("typing.", "")
+        lines.append(f"{key} ({tp}; {default}): {f.description or ''}")
+    return lines

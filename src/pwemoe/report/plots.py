@@ -6,25 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
-STYLE = {
-    "pwemoe": dict(color="C3", marker="o", label="PWEMoE", zorder=5),
-    "pref_task_arithmetic": dict(color="C0", marker="s", label="preference-weighted TA", zorder=4),
-    "task_arithmetic": dict(color="C2", marker="^", label="task arithmetic (λ grid)", zorder=3),
-    "average": dict(color="C4", marker="D", label="simple average", zorder=3),
-    "experts": dict(color="k", marker="*", label="individual experts", zorder=6),
-}
+from ..methods import METHODS, group_rows
+
+
+def _style(name: str) -> dict:
+    m = METHODS.get(name)
+    return dict(m.style, label=m.label) if m else dict(label=name)
 
 
 def _groups(rows: list[dict], names: list[str], key: str) -> dict[str, tuple[np.ndarray, list]]:
-    g: dict[str, list[dict]] = {}
-    for r in rows:
-        m = "experts" if r["method"].startswith("expert:") else r["method"]
-        g.setdefault(m, []).append(r)
     out = {}
-    for m, rs in g.items():
-        if m in ("pwemoe", "pref_task_arithmetic"):  # join in preference order
+    for m, rs in group_rows(rows).items():
+        order = METHODS[m].order if m in METHODS else None
+        if order == "preference":  # join in preference order
             rs = sorted(rs, key=lambda r: tuple(r["preference"]))
-        elif m == "task_arithmetic":
+        elif order == "param":
             rs = sorted(rs, key=lambda r: r["param"])
         out[m] = (np.array([[r[key][n] for n in names] for r in rs], dtype=float), rs)
     return out
@@ -32,10 +28,16 @@ def _groups(rows: list[dict], names: list[str], key: str) -> dict[str, tuple[np.
 
 def _plane(ax, groups, i: int, j: int, names: list[str]) -> None:
     for m, (pts, _) in groups.items():
-        st = dict(STYLE.get(m, dict(label=m)))
-        line = m in ("pwemoe", "pref_task_arithmetic", "task_arithmetic") and len(names) == 2
-        ax.plot(pts[:, i], pts[:, j], linestyle="-" if line else "none", markersize=9 if m == "experts" else 5,
-                alpha=0.85, **st)
+        st = _style(m)
+        line = m in METHODS and METHODS[m].order is not None and len(names) == 2
+        ax.plot(
+            pts[:, i],
+            pts[:, j],
+            linestyle="-" if line else "none",
+            markersize=9 if m == "experts" else 5,
+            alpha=0.85,
+            **st,
+        )
     ax.set_xlabel(f"{names[i]} accuracy")
     ax.set_ylabel(f"{names[j]} accuracy")
     ax.grid(alpha=0.3)
@@ -68,7 +70,7 @@ def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "a
         fig = plt.figure(figsize=(6, 5.5))
         ax = fig.add_subplot(projection="3d")
         for m, (pts, rs) in groups.items():
-            st = dict(STYLE.get(m, dict(label=m)))
+            st = _style(m)
             if m == "pwemoe":
                 cols = np.array([r["preference"] for r in rs])
                 st.pop("color")
@@ -85,11 +87,17 @@ def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "a
         fig, ax = plt.subplots(figsize=(max(6, 1.3 * k), 4.8))
         x = np.arange(k)
         for m, (pts, _) in groups.items():
-            st = dict(STYLE.get(m, dict(label=m)))
+            st = _style(m)
             label = st.pop("label")
             for n, p in enumerate(pts):
-                ax.plot(x, p, alpha=0.5 if m != "experts" else 0.9, linewidth=1,
-                        label=label if n == 0 else None, **{kk: v for kk, v in st.items() if kk != "zorder"})
+                ax.plot(
+                    x,
+                    p,
+                    alpha=0.5 if m != "experts" else 0.9,
+                    linewidth=1,
+                    label=label if n == 0 else None,
+                    **{kk: v for kk, v in st.items() if kk != "zorder"},
+                )
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylabel(key)
         ax.legend(fontsize=8)

@@ -1,4 +1,4 @@
-"""Tasks: data + frozen head + metric."""
+"""Tasks: data + frozen head + metric. A new task type is one class added to TASK_TYPES."""
 
 from .base import Task
 from .clip import CLIPZeroShotTask

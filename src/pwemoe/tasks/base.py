@@ -1,23 +1,29 @@
-"""A task is data + a frozen head + a metric (accuracy)."""
+"""A task is one objective of the Pareto problem: data, a frozen head on the shared backbone, a metric."""
 
 from __future__ import annotations
 
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import TaskConfig
 
+if TYPE_CHECKING:  # annotations only: tasks never import the modality layer at run time
+    from ..modalities import Modality
 
-class Task:
-    """One objective of the Pareto problem.
 
-    Subclasses provide `encode(examples) -> features` (backbone inputs per example, unpadded),
-    `head(outputs, inputs) -> logits` on the shared backbone's outputs, and `export_model`.
+class Task(ABC):
+    """One objective. A subclass is registered in `pwemoe.tasks.TASK_TYPES` under its `type` name.
+
+    Life cycle, driven by the workbench: `load_expert_backbone` (once per expert, while the
+    experts stream into the upcycled model), then data is loaded and checked, then `attach`
+    gives the task the modality's tokenizer / processor and model (heads that need them are built
+    there). After that `encode`, `head`, `loss` and `labels` are used by training and evaluation.
     """
 
-    modality = "text"
+    modality: str = "text"  # the key of the modality in `pwemoe.modalities.MODALITIES`
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -30,31 +36,84 @@ class Task:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @abstractmethod
+    def load_expert_backbone(self, path: str) -> nn.Module:
+        """Load this task's expert; keep what is task-specific (a head) and return the shared backbone."""
+
+    @abstractmethod
+    def attach(self, modality: Modality) -> None:
+        """Take the tokenizer / processor and, if needed, build the head from the loaded model."""
+
+    @abstractmethod
+    def encode(self, rows: dict[str, list]) -> list[dict[str, Any]]:
+        """Backbone inputs per example (unpadded); rows is a column dict `dataset[indices]`."""
+
+    @abstractmethod
+    def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits Tensor[n, C] from the backbone outputs of this task's n examples."""
+
+    @abstractmethod
+    def export_model(self, plain: nn.Module) -> nn.Module:
+        """The plain model of the original class for this task, given the merged plain backbone/model."""
+
+    @abstractmethod
+    def head_fingerprint(self) -> str:
+        """sha256 of everything the head computes with (weights, class embeddings): run provenance."""
+
     def labels(self, rows: dict[str, list]) -> torch.Tensor:
         return torch.as_tensor(rows[self.cfg.data.label_column], dtype=torch.long)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels)
+        return nn.functional.cross_entropy(logits, labels.to(logits.device))
+
+    def input_columns(self) -> list[str]:
+        """Columns `encode` reads, checked when the data is loaded."""
+        return [self.cfg.data.text_column] + (
+            [self.cfg.data.text_pair_column] if self.cfg.data.text_pair_column else []
+        )
 
     def validate_data(self, errors: list[str], index: int) -> None:
-        """Append every problem with this task's data (columns, label range) to `errors`."""
+        """Append every problem with this task's data (columns, empty cells, label range) to `errors`."""
         d = self.cfg.data
         for split, ds in (("train", self.train_data), ("test", self.test_data)):
             if ds is None:
                 continue
+            if len(ds) == 0:
+                errors.append(f"tasks[{index}].data: the {split} split of task {self.name!r} is empty")
+                continue
             cols = set(ds.column_names)
-            need = [self._input_column(), d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
-            for c in need:
+            for c in self.input_columns() + [d.label_column]:
                 if c not in cols:
-                    errors.append(f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
-                                  f"columns are {sorted(cols)}")
+                    errors.append(
+                        f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
+                        f"columns are {sorted(cols)}"
+                    )
+            for c in self.input_columns():
+                if c in cols:
+                    blank = [i for i, v in enumerate(ds[c]) if v is None or (isinstance(v, str) and not v.strip())]
+                    if blank:
+                        errors.append(
+                            f"tasks[{index}].data.{_col_key(self, c)}: {split} split of task {self.name!r} "
+                            f"has {len(blank)} empty cell(s) in column {c!r} (rows {blank[:5]}); "
+                            "drop or fill them"
+                        )
             if d.label_column in cols and self.num_classes:
                 labels = ds[d.label_column]
-                bad = sorted({int(v) for v in labels if not (isinstance(v, int) and 0 <= v < self.num_classes)}
-                             if all(isinstance(v, int) for v in labels) else {str(v) for v in labels if not isinstance(v, int)})
+                bad = sorted(
+                    {int(v) for v in labels if not (isinstance(v, int) and 0 <= v < self.num_classes)}
+                    if all(isinstance(v, int) for v in labels)
+                    else {str(v) for v in labels if not isinstance(v, int)}
+                )
                 if bad:
-                    errors.append(f"tasks[{index}].data.label_column: {split} labels of task {self.name!r} must be "
-                                  f"integers in [0, {self.num_classes}), found {bad[:5]}")
+                    errors.append(
+                        f"tasks[{index}].data.label_column: {split} labels of task {self.name!r} must be "
+                        f"integers in [0, {self.num_classes}), found {bad[:5]}"
+                    )
 
-    def _input_column(self) -> str:
-        return self.cfg.data.text_column
+
+def _col_key(task: Task, column: str) -> str:
+    d = task.cfg.data
+    for key in ("text_column", "text_pair_column", "image_column"):
+        if getattr(d, key) == column:
+            return key
+    return "text_column"

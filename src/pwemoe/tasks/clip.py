@@ -27,17 +27,21 @@ class CLIPZeroShotTask(Task):
 
         return CLIPVisionModel.from_pretrained(path)
 
-    def set_processor(self, processor: Any) -> None:
-        self.processor = processor
+    def attach(self, modality: Any) -> None:
+        self.processor = modality.processor
+        self.build_head(modality.model, modality.tokenizer)
+
+    def input_columns(self) -> list[str]:
+        return [self.cfg.data.image_column]
 
     @torch.no_grad()
     def build_head(self, clip: nn.Module, tokenizer: Any) -> None:
-        """Class embeddings: mean over templates of normalised text features, renormalised."""
+        """Class embeddings Tensor[C, D]: mean over templates of normalised text features, renormalised."""
         self.clip = clip
         templates = self.cfg.templates or DEFAULT_TEMPLATES
         embeds = []
         for name in self.class_names:
-            tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+            tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(clip.device)
             e = clip.get_text_features(**tok)
             e = e.pooler_output if hasattr(e, "pooler_output") else e
             e = e / e.norm(dim=-1, keepdim=True)
@@ -45,8 +49,16 @@ class CLIPZeroShotTask(Task):
             embeds.append(e / e.norm())
         self.text_embeds = torch.stack(embeds)
 
-    def _input_column(self) -> str:
-        return self.cfg.data.image_column
+    def head_fingerprint(self) -> str:
+        from ..models import fingerprint_tensors
+
+        return fingerprint_tensors(
+            {
+                "text_embeds": self.text_embeds,
+                "logit_scale": self.clip.logit_scale,
+                **{f"proj.{n}": p for n, p in self.clip.visual_projection.named_parameters()},
+            }
+        )
 
     def encode(self, rows: dict[str, list]) -> list[dict[str, torch.Tensor]]:
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in rows[self.cfg.data.image_column]]

@@ -1,7 +1,8 @@
-"""Task data through `datasets`: hub ids, local files, or registered local adapters; seeded streams."""
+"""Task data through `datasets`: hub ids, local files, or adapters addressed by import path; seeded streams."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,18 +12,33 @@ import torch
 
 from ..config import DataConfig
 
-# name -> function(cache_dir) returning {split: datasets.Dataset}
-ADAPTERS: dict[str, Callable[[Path], dict[str, Any]]] = {}
+# An adapter is a function(cache_dir: Path) -> {split: datasets.Dataset}, addressed in a config as
+# `data: {source: adapter, path: "package.module:function"}`, or by a short name that a package
+# declares in the entry-point group below (pwemoe's own demo adapters are declared there).
+ADAPTER_GROUP = "pwemoe.data_adapters"
+Adapter = Callable[[Path], dict[str, Any]]
 
 
-def register_adapter(name: str) -> Callable:
-    """Decorator: make a local data builder addressable as `data: {source: adapter, path: NAME}`."""
-
-    def deco(fn: Callable[[Path], dict[str, Any]]) -> Callable[[Path], dict[str, Any]]:
-        ADAPTERS[name] = fn
+def resolve_adapter(spec: str) -> Adapter:
+    """The adapter function for 'module:function' or an entry-point name; a clear error otherwise."""
+    if ":" in spec:
+        mod_name, _, fn_name = spec.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"data adapter {spec!r}: cannot import module {mod_name!r} ({e})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise ValueError(f"data adapter {spec!r}: module {mod_name!r} has no function {fn_name!r}")
         return fn
+    from importlib.metadata import entry_points
 
-    return deco
+    eps = {ep.name: ep for ep in entry_points(group=ADAPTER_GROUP)}
+    if spec not in eps:
+        raise ValueError(
+            f"unknown data adapter {spec!r}; give 'module:function', or one of the installed names {sorted(eps)}"
+        )
+    return eps[spec].load()
 
 
 def cache_root() -> Path:
@@ -30,6 +46,35 @@ def cache_root() -> Path:
 
 
 def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = None) -> Any:
+    """Return a `datasets.Dataset` for one split of a task's data; one-line errors for what fails.
+
+    Missing local files, unreadable files, unknown or unreachable hub datasets (offline) become a
+    FileNotFoundError or ValueError that names the dataset, the split and the fix.
+    """
+    if data.source in ("csv", "json", "parquet"):
+        files = data.files or {split: data.path}
+        f = files.get(split)
+        if f is not None and not any(c in f for c in "*?[") and not Path(f).exists():
+            raise FileNotFoundError(f"{data.source} file {f} for split {split!r} does not exist")
+    try:
+        return _load_split(data, split, path_map)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (hub, offline, parser errors)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        hint = (
+            "the hub is not reachable: map the id to a local copy with model.path_map, or use a local source "
+            "(csv, json, parquet, imagefolder)"
+            if data.source == "hub"
+            else "check the file's format and encoding"
+        )
+        raise ValueError(
+            f"could not load split {split!r} of {data.source} data {data.path or data.files!r}: "
+            f"{type(e).__name__}: {first}; {hint}"
+        ) from e
+
+
+def _load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = None) -> Any:
     """Return a `datasets.Dataset` for one split of a task's data.
 
     `path_map` maps hub dataset ids (`id` or `id:config`) to local copies: a directory written
@@ -49,11 +94,7 @@ def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = N
         return datasets.load_dataset(local, data.name, split=split)
 
     if data.source == "adapter":
-        from ..demo import adapters  # noqa: F401 - registers the built-in adapters
-
-        if data.path not in ADAPTERS:
-            raise ValueError(f"unknown data adapter {data.path!r}; registered: {sorted(ADAPTERS)}")
-        splits = ADAPTERS[data.path](cache_root())
+        splits = resolve_adapter(data.path)(cache_root())
         if split not in splits:
             raise ValueError(f"adapter {data.path!r} has splits {sorted(splits)}, not {split!r}")
         return splits[split]

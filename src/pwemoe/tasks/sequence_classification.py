@@ -33,6 +33,16 @@ for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
     HEADS[_t] = HEADS["gpt2"]
 
 
+def _max_positions(model: nn.Module | None) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            # BERT-style position ids start at 0; RoBERTa reserves padding_idx + 1 of them
+            return v - 2 if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else v
+    return None
+
+
 def split_task_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(shell, backbone): the task model with its backbone detached, and the backbone itself."""
     prefix = model.base_model_prefix
@@ -59,28 +69,43 @@ class SequenceClassificationTask(Task):
         model = AutoModelForSequenceClassification.from_pretrained(path)
         self.model_type = model.config.model_type
         if self.model_type not in HEADS:
-            raise ValueError(f"task {self.name!r}: no sequence-classification head rule for model_type "
-                             f"{self.model_type!r}; known: {sorted(HEADS)}")
+            raise ValueError(
+                f"task {self.name!r}: no sequence-classification head rule for model_type "
+                f"{self.model_type!r}; known: {sorted(HEADS)}"
+            )
         n = model.config.num_labels
         if not self.class_names:
             id2label = getattr(model.config, "id2label", None) or {}
             self.class_names = [str(id2label.get(i, i)) for i in range(n)]
         elif len(self.class_names) != n:
-            raise ValueError(f"task {self.name!r}: class_names has {len(self.class_names)} names but the expert "
-                             f"{path} has num_labels={n}")
+            raise ValueError(
+                f"task {self.name!r}: class_names has {len(self.class_names)} names but the expert "
+                f"{path} has num_labels={n}"
+            )
         self.shell, backbone = split_task_model(model)
         return backbone
 
-    def set_processor(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+    def attach(self, modality: Any) -> None:
+        self.tokenizer = modality.tokenizer
+        limit = _max_positions(self.shell)
+        if limit is not None and self.cfg.max_length > limit:
+            raise ValueError(
+                f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
+                f"{limit} positions; set tasks[].max_length <= {limit}"
+            )
 
     def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
         d = self.cfg.data
-        texts = [str(t) for t in rows[d.text_column]]
-        pairs = [str(t) for t in rows[d.text_pair_column]] if d.text_pair_column else None
+        texts = list(rows[d.text_column])
+        pairs = list(rows[d.text_pair_column]) if d.text_pair_column else None
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.cfg.max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+    def head_fingerprint(self) -> str:
+        from ..models import fingerprint_tensors
+
+        return fingerprint_tensors(dict(self.shell.named_parameters()))
 
     def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return HEADS[self.model_type](self.shell, outputs, inputs["attention_mask"])

@@ -1,18 +1,22 @@
 """The workbench: base + experts upcycled, tasks with heads and data, and the batched forward.
 
-Shared by training, evaluation and export so that all three see exactly the same model.
+Shared by training, evaluation, export and serving, so that all of them see exactly the same model.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, Registries, config_from_dict, load_config
+from .modalities import MODALITIES, Modality
+from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES, Task
 from .upscale import upscale
 
@@ -21,62 +25,76 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def registries() -> Registries:
+    """The names a config may use, checked in the same pass as every other config error."""
+    return Registries(task_types=tuple(TASK_TYPES), objectives=tuple(OBJECTIVES), check_objective=check_objective_args)
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config with `key=value` overrides; all errors (schema and names) at once."""
+    return load_config(path, overrides, registries())
+
+
+def build_config(data: Mapping[str, Any]) -> Config:
+    return config_from_dict(dict(data), registries())
+
+
 class Workbench:
     """Everything a run needs, built from a Config.
 
     Attributes:
+        modality: the Modality object (loading, batching, export) shared by all tasks.
         model: the object holding the upcycled modules (text: the backbone; CLIP: the CLIPModel).
         backbone: what the batched inputs go through (text: the backbone; CLIP: `vision_model`).
         tasks: one Task per expert, in config order.
+        info: the `UpscaleInfo` of the upcycled model (None with upcycle=False).
     """
 
-    def __init__(self, cfg: Config, load_train: bool = True, load_test: bool = True,
-                 max_test_samples: int | None = None, upcycle: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        load_train: bool = True,
+        load_test: bool = True,
+        max_test_samples: int | None = None,
+        upcycle: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.tasks: list[Task] = [TASK_TYPES[t.type](t) for t in cfg.tasks]
         kinds = {t.modality for t in self.tasks}
         if len(kinds) != 1:
             raise ConfigError([f"tasks: all tasks must share one modality (one backbone), got {sorted(kinds)}"])
-        self.modality = kinds.pop()
-        base = self.resolve(cfg.model.base)
-        if self.modality == "text":
-            from transformers import AutoModel, AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(base)
-            if self.tokenizer.pad_token is None:  # GPT-2 and Llama ship without a pad token
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.model = AutoModel.from_pretrained(base)
-            self.backbone = self.model
-            for t in self.tasks:
-                t.set_processor(self.tokenizer)
-        else:
-            from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-            self.tokenizer = AutoTokenizer.from_pretrained(base)
-            self.processor = AutoImageProcessor.from_pretrained(base)
-            self.model = CLIPModel.from_pretrained(base)
-            self.backbone = self.model.vision_model
-            for t in self.tasks:
-                t.set_processor(self.processor)
-        self.model.eval()  # routers train with dropout off: the heads were fit to the experts' features
+        self.modality: Modality = MODALITIES[kinds.pop()](self.resolve(cfg.model.base))
+        self.modality.load()
+        self.model, self.backbone = self.modality.model, self.modality.backbone
         self.info = None
+        self._eval_batches: dict[tuple, list[list[int]]] = {}
         if upcycle:
             self._upcycle()
         self._load_data(load_train, load_test, max_test_samples)
-        if self.modality == "image":  # heads need the class names, which may come from the data
-            for t in self.tasks:
-                t.build_head(self.model, self.tokenizer)
+        for t in self.tasks:  # heads that need the class names (which may come from the data) are built here
+            t.attach(self.modality)
+            if self.info is not None:  # a changed head must change the run's provenance too
+                self.info.hashes[f"{t.name}:head"] = t.head_fingerprint()
 
     def resolve(self, path: str) -> str:
         """Map hub ids to local mirrors (model.path_map), for offline use and tests."""
         return self.cfg.model.path_map.get(path, path)
 
+    def expert_loaders(self) -> dict[str, Any]:
+        """Task name -> zero-argument loader of that expert's backbone (streamed one at a time)."""
+        return {t.name: functools.partial(t.load_expert_backbone, self.resolve(t.cfg.expert)) for t in self.tasks}
+
     def _upcycle(self) -> None:
         m = self.cfg.model
-        experts = {t.name: functools.partial(t.load_expert_backbone, self.resolve(t.cfg.expert)) for t in self.tasks}
-        upscale(self.backbone, experts, targets=m.targets, init_lambda=m.init_lambda,
-                router_hidden_layers=m.router_hidden_layers, include_attention=m.include_attention,
-                task_vector_dtype=_DTYPES[m.task_vector_dtype])
+        upscale(
+            self.backbone,
+            self.expert_loaders(),
+            targets=m.targets,
+            init_lambda=m.init_lambda,
+            router_hidden_layers=m.router_hidden_layers,
+            include_attention=m.include_attention,
+            task_vector_dtype=_DTYPES[m.task_vector_dtype],
+        )
         info = self.backbone.pwemoe_info
         info.base_id = m.base
         info.expert_ids = {t.name: t.cfg.expert for t in self.tasks}
@@ -111,31 +129,30 @@ class Workbench:
                 if getattr(feat, "names", None):
                     t.class_names = list(feat.names)
                 else:
-                    errors.append(f"tasks[{i}].class_names: required for task {t.name!r}; its label column "
-                                  f"{d.label_column!r} carries no class names")
+                    errors.append(
+                        f"tasks[{i}].class_names: required for task {t.name!r}; its label column "
+                        f"{d.label_column!r} carries no class names"
+                    )
                     continue
             t.validate_data(errors, i)
         if errors:
             raise ConfigError(errors)
 
     # --- batched forward -----------------------------------------------------------------------
-    def _pad(self, feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.modality == "text":
-            return dict(self.tokenizer.pad(feats, return_tensors="pt"))
-        return {"pixel_values": torch.stack([f["pixel_values"] for f in feats])}
-
-    def logits(self, parts: list[tuple[Task, dict[str, list]]], backbone: nn.Module | None = None) -> list[torch.Tensor]:
+    def logits(
+        self, parts: list[tuple[Task, dict[str, list]]], backbone: nn.Module | None = None
+    ) -> list[torch.Tensor]:
         """One backbone forward on the concatenated examples of several tasks; per-task logits.
 
         parts: [(task, rows)] where rows is a column dict (`dataset[indices]`). Returns logits
-        Tensor[n_t, C_t] per part. `backbone` replaces the upcycled one (baselines).
+        Tensor[n_t, C_t] per part. `backbone` replaces the upcycled one (baselines, plain copies).
         """
         feats, sizes = [], []
         for t, rows in parts:
             f = t.encode(rows)
             feats.extend(f)
             sizes.append(len(f))
-        inputs = self._pad(feats)
+        inputs = self.modality.collate(feats)
         out = (backbone or self.backbone)(**inputs)
         logits, start = [], 0
         for (t, _), n in zip(parts, sizes):
@@ -150,5 +167,32 @@ class Workbench:
         logits = self.logits(parts)
         return torch.stack([t.loss(lg, t.labels(rows)) for (t, rows), lg in zip(parts, logits)])
 
+    def eval_batches(self, task: Task, batch_size: int) -> list[list[int]]:
+        """Index batches of the task's test split, sorted by input length (less padding); cached."""
+        key = (task.name, batch_size, len(task.test_data))
+        if key not in self._eval_batches:
+            lengths = self.modality.lengths(task, task.test_data)
+            self._eval_batches[key] = length_sorted_batches(lengths, batch_size)
+        return self._eval_batches[key]
+
+    @torch.no_grad()
+    def accuracy(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:
+        """Top-1 accuracy of `task` on its test split through `backbone` (default: the upcycled one)."""
+        ds = task.test_data
+        correct = 0
+        for idx in self.eval_batches(task, batch_size):
+            rows = ds[idx]
+            logits = self.logits([(task, rows)], backbone=backbone)[0]
+            correct += int((logits.argmax(-1).cpu() == task.labels(rows)).sum())
+        return correct / len(ds)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches in order of length, so each batch pads to a similar length (less wasted compute)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+from ..config import apply_overrides
+from ..io import atomic_write_json, atomic_write_text
+
+
+def template() -> dict[str, Any]:
+    """The demo config shipped inside the package (package data, so an installed wheel has it)."""
+    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text())
 
 
 def _base_path() -> str:
@@ -21,35 +28,37 @@ def _base_path() -> str:
 
 
 def demo_config(workdir: Path, overrides: dict | None = None) -> dict:
-    cfg = yaml.safe_load(TEMPLATE.read_text())
+    """The demo's config dict for `workdir`, with `{"train.steps": 10, ...}` overrides (config's own logic)."""
+    cfg = template()
     cfg["model"]["path_map"] = {cfg["model"]["base"]: _base_path()}
     for t in cfg["tasks"]:
         t["expert"] = str(workdir / "experts" / t["name"])
     cfg["run_dir"] = str(workdir / "run")
-    for key, val in (overrides or {}).items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-        node[last] = val
-    return cfg
+    return apply_overrides(cfg, overrides or {})
 
 
-def run_demo(workdir: str | Path = "demo_runs", verbose: int = 0, overrides: dict | None = None,
-             finetune_epochs: float = 1.0, grid: int | None = None, fresh_run: bool = True) -> dict:
+def run_demo(
+    workdir: str | Path = "demo_runs",
+    verbose: int = 0,
+    overrides: dict | None = None,
+    finetune_epochs: float = 1.0,
+    grid: int | None = None,
+    fresh_run: bool = True,
+) -> dict:
     """The whole pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..evaluation.run import evaluate_run, export_run
-    from ..finetune import finetune_from_config
-    from ..training import train
+    from ..recipes.evaluate import evaluate_run
+    from ..recipes.finetune import finetune_from_config
+    from ..recipes.train import train
+    from ..runs import export_run
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(workdir, overrides)
     cfg_path = workdir / "demo.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     print(f"[1/5] experts (cached in {workdir / 'experts'})")
     for t in cfg["tasks"]:
@@ -58,23 +67,20 @@ def run_demo(workdir: str | Path = "demo_runs", verbose: int = 0, overrides: dic
         else:
             finetune_from_config(cfg_path, t["name"], t["expert"], epochs=finetune_epochs, lr=1e-4, batch_size=32)
     run = Path(cfg["run_dir"])
-    if fresh_run and run.exists():
-        shutil.rmtree(run)
     print(f"[2/5] train routers ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
-    train(cfg_path, [], verbose=verbose)
+    train(cfg_path, [], overwrite=fresh_run, verbose=verbose)  # replaces only the previous demo run's files
     print("[3/5] evaluate on the preference grid, with baselines")
     summary = evaluate_run(run, grid=grid)
     print(f"[4/5] report: {run / 'report.md'}")
     # export the grid preference with the best mean normalised accuracy (a typical "pick one" use)
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
-    out = export_run(run, pref, workdir / "export")
+    out = export_run(run, pref, workdir / "export", overwrite=True)  # only the previous demo export is replaced
     print("[5/5] reload the export with plain transformers and check its accuracy")
     check = _check_export(out, run, cfg, pref)
     elapsed = time.perf_counter() - t0
     _print_table(summary, check, elapsed, run)
-    (workdir / "demo_summary.json").write_text(json.dumps({"summary": summary, "export_check": check,
-                                                           "seconds": elapsed}, indent=1))
+    atomic_write_json(workdir / "demo_summary.json", {"summary": summary, "export_check": check, "seconds": elapsed})
     return summary
 
 
@@ -83,14 +89,14 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..config import config_from_dict
-    from ..evaluation.run import length_sorted_batches, preference_key
+    from ..results import preference_key
     from ..tasks.data import first_n, load_split
+    from ..workbench import build_config, length_sorted_batches
 
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
     want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
-    c = config_from_dict(cfg)
+    c = build_config(cfg)
     got = {}
     for t in c.tasks:
         model = AutoModelForSequenceClassification.from_pretrained(out / t.name).eval()
@@ -106,20 +112,22 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
                 correct += int((model(**enc).logits.argmax(-1) == torch.as_tensor(b["label"])).sum())
         got[t.name] = correct / len(ds)
     ok = want is not None and all(abs(got[n] - want[n]) < 1e-9 for n in got)
-    print(f"      exported {rn}: plain-transformers accuracy {got}; evaluate reported {want}; "
-          f"{'MATCH' if ok else 'MISMATCH'}")
+    print(
+        f"      exported {rn}: plain-transformers accuracy {got}; evaluate reported {want}; "
+        f"{'MATCH' if ok else 'MISMATCH'}"
+    )
     return {"preference": rn, "exported": got, "evaluated": want, "match": ok}
 
 
 def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
-    names = {"pwemoe": "PWEMoE", "pref_task_arithmetic": "pref.-weighted TA", "task_arithmetic": "task arithmetic",
-             "average": "simple average", "experts": "experts (each)"}
+    from ..methods import METHODS
+
     print(f"\nDone in {elapsed / 60:.1f} min. Report: {run / 'report.md'}\n")
     print(f"{'method':<22}{'hypervolume':>12}{'normalised':>12}")
-    for m, label in names.items():
+    for m, method in METHODS.items():
         e = summary["methods"].get(m)
         if e:
-            print(f"{label:<22}{e['hypervolume']:>12.4f}{e.get('hypervolume_normalized', float('nan')):>12.4f}")
+            print(f"{method.short:<22}{e['hypervolume']:>12.4f}{e.get('hypervolume_normalized', float('nan')):>12.4f}")
     if "ideal_point" in summary:
         ip = summary["ideal_point"]
         print(f"{'experts ideal point':<22}{ip['hypervolume']:>12.4f}{ip['hypervolume_normalized']:>12.4f}")

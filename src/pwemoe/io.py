@@ -1,0 +1,218 @@
+"""Files a run owns: atomic writes, the run-directory lock, and content hashes of inputs.
+
+Every file pwemoe writes goes through `atomic_write`: a reader (or a resumed run after SIGKILL)
+sees either the old file or the new one, never half of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Files in a run directory; all written by pwemoe (see `RUN_FILES` for what `--overwrite` may replace).
+CONFIG = "config.yaml"
+ROUTERS = "routers.safetensors"
+STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+LOCK = ".pwemoe.lock"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) then rename onto `path`: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, w)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """json.load with a one-line error naming the file and the fix (a truncated file, for instance)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} ({what}) is not valid JSON ({e.msg} at line {e.lineno}); it was damaged "
+            f"outside pwemoe. Move it away and run the command again to rebuild it."
+        ) from None
+
+
+class RunLock:
+    """One writer per run directory: an exclusive lock (filelock) plus a note of who holds it.
+
+    A second `train` or `evaluate` on the same directory fails at once with the holder's pid,
+    host and command, instead of interleaving metrics or overwriting checkpoints. The lock is
+    released by the OS if the holder dies (flock semantics), so a SIGKILLed run can be resumed.
+    """
+
+    def __init__(self, run_dir: str | Path, command: str) -> None:
+        self.dir = Path(run_dir)
+        self.command = command
+        self._lock: Any = None
+
+    def __enter__(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / LOCK
+        self._lock = FileLock(str(path) + ".flock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            holder = "another process"
+            try:
+                h = json.loads(path.read_text())
+                holder = f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
+            except (OSError, ValueError, KeyError):
+                pass
+            raise RuntimeError(
+                f"{self.dir} is in use by {holder}; wait for it to finish, or stop it, then run this command again"
+            ) from None
+        atomic_write_json(
+            path,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": self.command,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            (self.dir / LOCK).unlink(missing_ok=True)
+        finally:
+            self._lock.release()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# --- directories pwemoe writes: never delete or overwrite what it did not write ----------------------
+RUN_MARKER = "pwemoe_run.json"
+MANIFEST = ".pwemoe_files.json"
+# Everything a run directory may hold that pwemoe wrote (replaced by `train --overwrite`).
+RUN_FILES = (
+    CONFIG,
+    ROUTERS,
+    STATE,
+    METRICS,
+    RESULTS,
+    "results.csv",
+    "summary.json",
+    "report.md",
+    "report.html",
+    "plots",
+    RUN_MARKER,
+)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A directory pwemoe created as a run (it carries the run marker)."""
+    return (Path(path) / RUN_MARKER).is_file()
+
+
+def clear_run_dir(path: str | Path) -> list[str]:
+    """Remove pwemoe's own files from a run directory (train --overwrite); other files stay. Returns names."""
+    import shutil
+
+    path = Path(path)
+    if not is_run_dir(path):
+        raise ValueError(
+            f"{path} is not a pwemoe run directory (no {RUN_MARKER}); pwemoe will not delete "
+            "anything in it. Choose another run_dir."
+        )
+    removed = []
+    for name in RUN_FILES:
+        p = path / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def publish_dir(tmp: Path, out: Path, overwrite: bool, what: str) -> list[str]:
+    """Move the files of a finished temporary directory `tmp` into `out`, safely.
+
+    `out` must be absent or empty, unless `overwrite`; then only files that pwemoe wrote there
+    before (listed in its manifest) are replaced, and a file of anyone else in the way is refused
+    before anything moves. Returns the relative paths written (also stored in the manifest).
+    """
+    import shutil
+
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    if not out.exists():  # the common case: one atomic rename, so `out` is complete or absent
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tmp / MANIFEST, {"files": files})
+        os.replace(tmp, out)
+        return files
+    existing = [p for p in out.iterdir()] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what}: {out} is a file; give a directory")
+    if existing and not overwrite:
+        raise ValueError(
+            f"{what}: {out} is not empty; choose a new directory, or pass --overwrite to replace "
+            "what pwemoe wrote there before (other files are kept)"
+        )
+    ours: set[str] = set()
+    if (out / MANIFEST).is_file():
+        try:
+            ours = set(json.loads((out / MANIFEST).read_text())["files"])
+        except (ValueError, KeyError, TypeError):
+            ours = set()
+    clash = [f for f in files if (out / f).exists() and f not in ours]
+    if clash:
+        raise ValueError(
+            f"{what}: {out} holds files pwemoe did not write that the output would replace: "
+            f"{clash[:5]}; choose a new directory"
+        )
+    for f in sorted(ours - set(files)):  # our stale files from the previous output
+        p = out / f
+        if p.is_file():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / f, out / f)
+    shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(out / MANIFEST, {"files": files})
+    return files

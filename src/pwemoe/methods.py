@@ -1,0 +1,175 @@
+"""The registry of everything drawn on a front: PWEMoE and each baseline, one `Method` object each.
+
+A method says how it is named, labelled and drawn, and which points it contributes for a
+preference grid: each point has the merge weights w (theta_0 + sum_i w_i tau_i over the whole
+backbone), or None for PWEMoE (the upcycled model's routers decide). Reports, plots, summaries
+and the evaluate recipe all iterate over METHODS; a new baseline is one entry here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core.merge import merge_weights
+from .core.task_vector import check_compatible
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated model: results row `method` (e.g. 'expert:rt'), its preference or parameter, weights."""
+
+    method: str
+    preference: list[float] | None
+    param: float | None
+    weights: list[float] | None  # None: the PWEMoE model at `preference`
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the methods need to list their points."""
+
+    task_names: list[str]
+    preferences: list[list[float]]  # normalised, rounded keys (see results.preference_key)
+    ta_scales: list[float]
+    pwta_scale: float
+
+
+@dataclass(frozen=True)
+class Method:
+    """One curve or point set on the front.
+
+    name: the group key in summaries (rows of `expert:<task>` all belong to 'experts').
+    order: how a 2-D plot joins the points into a line ('preference', 'param') or None (no line).
+    baseline: evaluated only when baselines are requested (experts always are: they normalise).
+    """
+
+    name: str
+    label: str
+    style: dict[str, Any]
+    points: Callable[[EvalSettings], list[Point]]
+    order: str | None = None
+    baseline: bool = True
+    short: str = ""
+
+    def owns(self, row_method: str) -> bool:
+        return row_method == self.name or (self.name == "experts" and row_method.startswith("expert:"))
+
+
+def _pwemoe(s: EvalSettings) -> list[Point]:
+    return [Point("pwemoe", p, None, None) for p in s.preferences]
+
+
+def _pwta(s: EvalSettings) -> list[Point]:
+    c = float(s.pwta_scale)
+    return [Point("pref_task_arithmetic", p, c, [c * x for x in p]) for p in s.preferences]
+
+
+def _ta(s: EvalSettings) -> list[Point]:
+    k = len(s.task_names)
+    return [Point("task_arithmetic", None, float(lam), [float(lam)] * k) for lam in s.ta_scales]
+
+
+def _average(s: EvalSettings) -> list[Point]:
+    k = len(s.task_names)
+    return [Point("average", None, None, [1.0 / k] * k)]
+
+
+def _experts(s: EvalSettings) -> list[Point]:
+    k = len(s.task_names)
+    eye = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)]
+    return [Point(f"expert:{n}", eye[i], None, eye[i]) for i, n in enumerate(s.task_names)]
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "pwemoe",
+            "PWEMoE",
+            dict(color="C3", marker="o", zorder=5),
+            _pwemoe,
+            order="preference",
+            baseline=False,
+            short="PWEMoE",
+        ),
+        Method(
+            "pref_task_arithmetic",
+            "preference-weighted task arithmetic",
+            dict(color="C0", marker="s", zorder=4),
+            _pwta,
+            order="preference",
+            short="pref.-weighted TA",
+        ),
+        Method(
+            "task_arithmetic",
+            "task arithmetic (λ grid)",
+            dict(color="C2", marker="^", zorder=3),
+            _ta,
+            order="param",
+            short="task arithmetic",
+        ),
+        Method("average", "simple averaging", dict(color="C4", marker="D", zorder=3), _average, short="simple average"),
+        Method(
+            "experts",
+            "individual experts",
+            dict(color="k", marker="*", zorder=6),
+            _experts,
+            baseline=False,
+            short="experts (each)",
+        ),
+    )
+}
+
+
+def method_of(row_method: str) -> Method | None:
+    """The registered method a results row belongs to."""
+    return next((m for m in METHODS.values() if m.owns(row_method)), None)
+
+
+def group_rows(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows by method name, in registry order (unknown methods last, under their own name)."""
+    out: dict[str, list[dict]] = {name: [] for name in METHODS}
+    for r in rows:
+        m = method_of(r["method"])
+        out.setdefault(m.name if m else r["method"], []).append(r)
+    return {k: v for k, v in out.items() if v}
+
+
+class TaskVectorBank:
+    """theta_0 and the stacked task vectors T (Tensor[k, *shape]) of all floating parameters of a backbone.
+
+    The upcycled model keeps theta_0 and tau only for its targets (the rest is already merged),
+    so the baselines hold their own stack, built streamed, one expert at a time.
+    """
+
+    def __init__(self, base: nn.Module, experts: Mapping[str, Callable[[], nn.Module]]) -> None:
+        self.template = copy.deepcopy(base).eval().requires_grad_(False)
+        params = {n: p for n, p in self.template.named_parameters() if p.is_floating_point()}
+        self.names = list(experts)
+        self.theta0 = {n: p.detach().clone() for n, p in params.items()}
+        self.T = {
+            n: torch.empty((len(self.names), *p.shape), dtype=p.dtype, device=p.device) for n, p in params.items()
+        }
+        for i, name in enumerate(self.names):
+            e = experts[name]()
+            ep = dict(e.named_parameters())
+            check_compatible(self.theta0, {n: v for n, v in ep.items() if v.is_floating_point()}, f"expert {name!r}")
+            with torch.no_grad():
+                for n in self.theta0:
+                    self.T[n][i].copy_(ep[n].to(self.T[n].device) - self.theta0[n])
+            del e, ep
+
+    @torch.no_grad()
+    def model(self, weights: Sequence[float]) -> nn.Module:
+        """The backbone with theta_0 + sum_i w_i tau_i loaded (reuses one template module)."""
+        w = torch.as_tensor(list(weights), dtype=torch.float32)
+        for n, p in self.template.named_parameters():
+            if n in self.T:
+                p.copy_(merge_weights(w.to(p.device), self.theta0[n], self.T[n]))
+        return self.template

@@ -1,0 +1,1 @@
+"""Recipes: the commands, each reading top to bottom (torchtune style) over the workbench."""

@@ -1,0 +1,157 @@
+"""`pwemoe evaluate RUN`: PWEMoE on a preference grid and every registered baseline, then summary and report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.preference import normalize_preference, parse_preference, simplex_grid
+from ..io import CONFIG, RunLock
+from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
+from ..results import ResultStore, digest, preference_key, summarize, write_tables
+from ..runs import open_run
+from ..tasks import Task
+from ..upscale import merge_and_unload, merge_into
+from ..workbench import Workbench, read_config
+
+log = logging.getLogger(__name__)
+
+
+def read_preferences(path: str | Path, k: int) -> torch.Tensor:
+    """Preferences Tensor[n, k] from a file with one per line ('0.2,0.8' or '0.2 0.8'; '#' comments)."""
+    rows = []
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the preferences file {path}: {e}") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                rows.append(normalize_preference(parse_preference(line), k))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}, line {i}: {e}") from None
+    if not rows:
+        raise ValueError(f"{path} holds no preferences; write one per line, e.g. 0.2,0.8")
+    return torch.stack(rows)
+
+
+def split_fingerprint(task: Task) -> str:
+    """sha256 of a task's test split as evaluated: its input columns, labels and size."""
+    ds = task.test_data
+    h = hashlib.sha256(f"{len(ds)}|".encode())
+    for c in task.input_columns() + [task.cfg.data.label_column]:
+        feat = ds.features.get(c)
+        if type(feat).__name__ == "Image":  # image bytes are big: datasets' own fingerprint stands for them
+            h.update(f"{c}|{getattr(ds, '_fingerprint', '')}|".encode())
+        else:
+            h.update(f"{c}|".encode())
+            for v in ds[c]:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _check_int(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def evaluate_run(
+    run: str | Path,
+    grid: int | None = None,
+    preferences_file: str | None = None,
+    baselines: bool = True,
+    batch_size: int | None = None,
+    max_test_samples: int | None = None,
+    verbose: int = 0,
+) -> dict[str, Any]:
+    """Evaluate PWEMoE on preferences, plus baselines; write results, hypervolumes, plots and a report."""
+    _check_int("--grid", grid, 2)
+    _check_int("--batch-size", batch_size, 1)
+    _check_int("--max-test-samples", max_test_samples, 1)
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    cfg = read_config(run / CONFIG)
+    k = len(cfg.tasks)
+    m = grid if grid is not None else cfg.eval.grid
+    prefs = read_preferences(preferences_file, k) if preferences_file else simplex_grid(k, m)
+    bs = batch_size or cfg.eval.batch_size
+    with RunLock(run, "pwemoe evaluate"):
+        wb, meta = open_run(run, load_test=True, max_test_samples=max_test_samples)
+        names = [t.name for t in wb.tasks]
+        store = ResultStore(run)
+        settings = EvalSettings(
+            task_names=names,
+            preferences=[preference_key(r, k) for r in prefs],
+            ta_scales=[float(x) for x in cfg.eval.ta_scales],
+            pwta_scale=cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k,
+        )
+        # What every row depends on: the models (base, experts, heads) and the test data as evaluated.
+        common = {"models": meta.get("hashes", {}), "data": {t.name: split_fingerprint(t) for t in wb.tasks}}
+        inputs = {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
+        current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose)
+        summary = summarize(current, names, cfg.eval.reference_point)
+        summary.update(
+            {
+                "grid": m if not preferences_file else None,
+                "preferences": len(prefs),
+                "run": str(run),
+                "rows_reused": store.reused,
+                "rows_computed": store.computed,
+                "rows_replaced_stale": store.replaced,
+            }
+        )
+        write_tables(run, store.rows, names, summary)
+        from ..report import write_report
+
+        write_report(run, current, names, summary)
+    print(
+        f"evaluated {len(current)} models: {store.computed} computed, {store.reused} reused from results.json"
+        + (f", {store.replaced} stale rows replaced" if store.replaced else "")
+    )
+    return summary
+
+
+def _evaluate(
+    wb: Workbench, store: ResultStore, s: EvalSettings, inputs: dict[str, str], baselines: bool, bs: int, verbose: int
+) -> list[dict]:
+    """Every point of every registered method (in registry order); returns this invocation's rows."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    plain: nn.Module | None = None  # PWEMoE: one plain copy, re-merged per preference (no functional_call)
+    bank: TaskVectorBank | None = None  # baselines: theta_0 + T of the whole backbone, built on first use
+    for method in METHODS.values():
+        if method.baseline and not baselines:
+            continue
+        points = method.points(s)
+        for p in tqdm(points, desc=method.short or method.name, unit="model", disable=verbose < 0 or len(points) < 2):
+            key = inputs["pwemoe"] if p.weights is None else inputs["baseline"]
+            row = store.get(p.method, p.preference, p.param, key)
+            if row is None:
+                if p.weights is None:
+                    plain = (
+                        merge_and_unload(wb.backbone, p.preference).eval()
+                        if plain is None
+                        else merge_into(wb.backbone, plain, p.preference)
+                    )
+                    model = plain
+                else:
+                    if bank is None:
+                        bank = TaskVectorBank(wb.modality.fresh_backbone(), wb.expert_loaders())
+                    model = bank.model(p.weights)
+                row = _row(p, key, {t.name: wb.accuracy(t, bs, backbone=model) for t in wb.tasks})
+                store.add(row)
+            rows.append(row)
+        if method.name == "pwemoe":
+            plain = None  # free the copy before the baselines' bank is built
+    return rows
+
+
+def _row(p: Point, inputs: str, accuracy: dict[str, float]) -> dict[str, Any]:
+    return {"method": p.method, "preference": p.preference, "param": p.param, "accuracy": accuracy, "inputs": inputs}

@@ -1,0 +1,109 @@
+"""`pwemoe finetune`: make an expert by fine-tuning the base on one task (sequence classification)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..io import publish_dir
+from ..modalities.text import load_tokenizer
+from ..workbench import read_config
+
+log = logging.getLogger(__name__)
+
+
+def finetune_from_config(
+    config: str | Path,
+    task: str,
+    out: str | Path,
+    epochs: float = 1.0,
+    lr: float = 5e-5,
+    batch_size: int = 32,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Fine-tune `model.base` on the named task of a config; save a *ForSequenceClassification dir.
+
+    `out` must be new or empty, unless `overwrite`: then only what a previous finetune wrote there
+    is replaced. The model is written to a temporary sibling first, so `out` is never half-written.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from ..tasks.data import TaskStream, first_n, load_split
+
+    errors = [
+        f"{name} must be > 0, got {v!r}"
+        for name, v in (("--epochs", epochs), ("--lr", lr))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf")
+    ]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        errors.append(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if errors:
+        raise ConfigError(errors)
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # refuse before any work is done
+        raise ValueError(
+            f"finetune: {out} is not empty; choose a new directory, or pass --overwrite to replace "
+            "what pwemoe wrote there before (other files are kept)"
+        )
+    cfg = read_config(config)
+    tcfg = next((t for t in cfg.tasks if t.name == task), None)
+    if tcfg is None:
+        raise ConfigError([f"--task: no task named {task!r}; tasks are {cfg.task_names}"])
+    if tcfg.type != "sequence_classification":
+        raise ValueError(f"pwemoe finetune makes sequence-classification experts; task {task!r} is {tcfg.type}")
+    base = cfg.model.path_map.get(cfg.model.base, cfg.model.base)
+    data = first_n(load_split(tcfg.data, tcfg.data.train_split, cfg.model.path_map), tcfg.data.max_train_samples)
+    names = tcfg.class_names or getattr(data.features[tcfg.data.label_column], "names", None)
+    if not names:
+        raise ValueError(f"task {task!r}: give class_names (the label column has no names)")
+    torch.manual_seed(seed)
+    tok = load_tokenizer(base)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    steps = max(1, math.ceil(epochs * len(data) / batch_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps)
+    )
+    stream = TaskStream(len(data), batch_size, seed)
+    model.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=f"finetune {task}", unit="step")
+    d = tcfg.data
+    for _ in bar:
+        rows = data[stream.next_indices()]
+        pairs = rows[d.text_pair_column] if d.text_pair_column else None
+        enc = tok(
+            list(rows[d.text_column]),
+            pairs,
+            truncation=True,
+            max_length=tcfg.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        loss = model(**enc, labels=torch.as_tensor(rows[d.label_column])).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    tmp = out.parent / f".{out.name}.pwemoe-tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)  # our own leftover from a killed finetune
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    publish_dir(tmp, out, overwrite, "finetune")  # a cached expert is either complete or absent
+    return out

@@ -1,0 +1,86 @@
+"""Opening a trained run (the upcycled model with its routers) and exporting plain models from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import check_hashes, load_routers
+from .core.preference import PreferenceLike, normalize_preference, parse_preference
+from .io import CONFIG, ROUTERS, atomic_write_json, file_sha256, publish_dir
+from .upscale import load_router_state_dict, merge_and_unload, routing_weights, set_preference
+from .workbench import Workbench, read_config
+
+log = logging.getLogger(__name__)
+
+
+def open_run(run: str | Path, load_test: bool = True, max_test_samples: int | None = None) -> tuple[Workbench, dict]:
+    """Rebuild a run's upcycled model with its trained routers; refuse different base/expert/head weights.
+
+    Returns the workbench and the checkpoint metadata, plus `routers_sha256` (the router file's hash,
+    part of the provenance of every PWEMoE result).
+    """
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    cfg = read_config(run / CONFIG)
+    state, meta = load_routers(run / ROUTERS)
+    wb = Workbench(cfg, load_train=False, load_test=load_test, max_test_samples=max_test_samples)
+    check_hashes(meta.get("hashes", {}), wb.info.hashes, f"the checkpoint in {run}")
+    load_router_state_dict(wb.model, state)
+    meta["routers_sha256"] = file_sha256(run / ROUTERS)
+    return wb, meta
+
+
+def parse_preference_arg(preference: str | PreferenceLike, k: int) -> torch.Tensor:
+    """A validated, normalised preference Tensor[k] from '0.2,0.8' or a sequence."""
+    return normalize_preference(parse_preference(preference) if isinstance(preference, str) else preference, k)
+
+
+def export_run(run: str | Path, preference: str | PreferenceLike, out: str | Path, overwrite: bool = False) -> Path:
+    """Write plain Hugging Face model directories for one preference, plus pwemoe.json.
+
+    `out` must be new or empty unless `overwrite`, which replaces only what a previous export wrote.
+    """
+    run, out = Path(run), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export: {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # refuse before loading any model
+        raise ValueError(
+            f"export: {out} is not empty; choose a new directory, or pass --overwrite to replace "
+            "what pwemoe wrote there before (other files are kept)"
+        )
+    wb, meta = open_run(run, load_test=False)
+    r = set_preference(wb.model, parse_preference_arg(preference, len(wb.tasks)))  # validated once, used below
+    lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
+    tmp = out.parent / f".{out.name}.pwemoe-tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)  # our own leftover from a killed export
+    tmp.mkdir(parents=True)
+    plain = wb.modality.plain_model(merge_and_unload)
+    written = wb.modality.save_export(plain, wb.tasks, tmp)
+    written = {n: str(out / Path(p).relative_to(tmp)) if Path(p) != tmp else str(out) for n, p in written.items()}
+    info: dict[str, Any] = {
+        "preference": dict(zip([t.name for t in wb.tasks], r.tolist())),
+        "run": str(run.resolve()),
+        "step": meta.get("step"),
+        "routers_sha256": meta.get("routers_sha256"),
+        "base": meta.get("base"),
+        "experts": meta.get("experts"),
+        "hashes": meta.get("hashes"),
+        "routing_weights": lam,
+        "models": written,
+        "class_names": {t.name: t.class_names for t in wb.tasks},
+    }
+    atomic_write_json(tmp / "pwemoe.json", info)
+    publish_dir(tmp, out, overwrite, "export")
+    print(f"exported preference {r.tolist()} to {out}")
+    return out
+
+
+__all__ = ["export_run", "open_run", "parse_preference_arg"]
