@@ -31,7 +31,7 @@ def load_routers(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k).clone() for k in f.keys()}  # never backed by the file
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON errors: all mean a damaged file
         raise ValueError(
             f"router checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is "

@@ -54,6 +54,25 @@ def load_model(src: ModelSource, model_class: Any = None, dtype: torch.dtype | N
     return model_class.from_pretrained(str(src), **kwargs)
 
 
+def looks_local(src: str) -> bool:
+    """True for what can only be a local path: absolute, ./ ../ ~, or more than one '/' (hub ids have one)."""
+    return os.path.isabs(src) or src.startswith((".", "~")) or src.count("/") > 1 or "\\" in src
+
+
+def check_local_sources(sources: dict[str, str]) -> list[str]:
+    """Errors for sources (what -> path or hub id) that are local paths but no model directory."""
+    errors = []
+    for what, src in sources.items():
+        p = Path(os.path.expanduser(src))
+        if p.exists() and not p.is_dir():
+            errors.append(f"{what}: {src} is a file; give the model directory (config.json and *.safetensors)")
+        elif looks_local(src) and not p.is_dir():
+            errors.append(f"{what}: local model directory {src} does not exist")
+        elif p.is_dir() and not (p / "config.json").is_file():
+            errors.append(f"{what}: {src} has no config.json; is it a Hugging Face model directory (save_pretrained)?")
+    return errors
+
+
 def fingerprint_tensors(named: dict[str, torch.Tensor] | Any) -> str:
     """sha256 over names, shapes, dtypes and bytes of the tensors (sorted by name)."""
     h = hashlib.sha256()

@@ -53,8 +53,11 @@ def export_run(run: str | Path, preference: str | PreferenceLike, out: str | Pat
             f"export: {out} is not empty; choose a new directory, or pass --overwrite to replace "
             "what pwemoe wrote there before (other files are kept)"
         )
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    r = parse_preference_arg(preference, len(read_config(run / CONFIG).tasks))  # checked before models load
     wb, meta = open_run(run, load_test=False)
-    r = set_preference(wb.model, parse_preference_arg(preference, len(wb.tasks)))  # validated once, used below
+    set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
     tmp = out.parent / f".{out.name}.pwemoe-tmp"
     if tmp.exists():

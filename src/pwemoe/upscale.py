@@ -54,6 +54,18 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _check_patterns(patterns: list[str]) -> None:
+    bad = []
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                bad.append(f"{p!r} ({e})")
+    if bad:
+        raise ValueError(f"invalid target regex: {'; '.join(bad)}; write 're:' followed by a Python regular expression")
+
+
 def find_targets(model: nn.Module, targets: Targets = None, include_attention: bool = False) -> list[str]:
     """Names of the modules to upcycle.
 
@@ -75,6 +87,7 @@ def find_targets(model: nn.Module, targets: Targets = None, include_attention: b
         bad = [t for t in patterns if not isinstance(t, str) or not t]
         if bad:
             raise TypeError(f"targets must be non-empty strings, got {bad!r}")
+    _check_patterns(patterns)
     found = [n for n in names if any(_matches(n, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(_matches(n, p) for n in names)]
     if require_each and unmatched:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import Config, ConfigError, Registries, config_from_dict, load_config
 from .modalities import MODALITIES, Modality
+from .models import check_local_sources
 from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES, Task
 from .upscale import upscale
@@ -59,6 +60,14 @@ class Workbench:
         upcycle: bool = True,
     ) -> None:
         self.cfg = cfg
+        errors = check_local_sources(
+            {
+                "model.base": self.resolve(cfg.model.base),
+                **{f"tasks[{i}].expert": self.resolve(t.expert) for i, t in enumerate(cfg.tasks)},
+            }
+        )
+        if errors:  # every missing model at once, before any is loaded
+            raise ConfigError(errors)
         self.tasks: list[Task] = [TASK_TYPES[t.type](t) for t in cfg.tasks]
         kinds = {t.modality for t in self.tasks}
         if len(kinds) != 1:

@@ -71,15 +71,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def cosine_lr(step: int, segment: dict[str, float], steps: int, eta_min: float) -> float:
-    """Cosine annealing from segment['lr'] at segment['start'] down to eta_min at `steps`.
+def cosine_lr(step: int, segment: dict[str, float], eta_min: float) -> float:
+    """Cosine annealing from segment['lr'] at segment['start'] down to eta_min at segment['end'].
 
     A resume that changes steps or lr starts a new segment at the current step, so the learning
     rate keeps decaying to the new end instead of jumping back up the old curve.
     """
-    s0, lr0 = int(segment["start"]), float(segment["lr"])
-    span = max(steps - s0, 1)
-    return eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * min(step - s0, span) / span)) / 2
+    s0, lr0, end = int(segment["start"]), float(segment["lr"]), int(segment["end"])
+    span = max(end - s0, 1)
+    return eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * min(max(step - s0, 0), span) / span)) / 2
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -129,7 +129,7 @@ class TrainRecipe:
         self.rank, self.world = _dist()
         self.main = self.rank == 0
         self.step_no = 0
-        self.segment = {"start": 0, "lr": cfg.train.lr}
+        self.segment = {"start": 0, "lr": cfg.train.lr, "end": cfg.train.steps}
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -164,16 +164,21 @@ class TrainRecipe:
             s.load_state_dict(ss)
         self.objective.load_state_dict(st["objective"])
         self.step_no = int(st["step"])
-        self.segment = dict(st.get("lr_segment", {"start": 0, "lr": self.cfg.train.lr}))
+        self.segment = dict(st["lr_segment"])
         if any(k in changes for k in ("train.steps", "train.lr", "train.min_lr_ratio")):
             # a new cosine segment from here: the new lr if it changed, else the lr reached so far
-            lr0 = self.cfg.train.lr if "train.lr" in changes else self._lr_at(self.step_no)
-            self.segment = {"start": self.step_no, "lr": lr0}
+            old_min = (
+                changes.get("train.lr", (self.cfg.train.lr,))[0]
+                * changes.get("train.min_lr_ratio", (self.cfg.train.min_lr_ratio,))[0]
+            )
+            reached = cosine_lr(self.step_no, self.segment, old_min)
+            lr0 = self.cfg.train.lr if "train.lr" in changes else reached
+            self.segment = {"start": self.step_no, "lr": lr0, "end": self.cfg.train.steps}
         log.info("resumed %s at step %d", self.run_dir, self.step_no)
 
     def _lr_at(self, step: int) -> float:
         tc = self.cfg.train
-        return cosine_lr(step, self.segment, tc.steps, tc.lr * tc.min_lr_ratio)
+        return cosine_lr(step, self.segment, tc.lr * tc.min_lr_ratio)
 
     def save_checkpoint(self) -> None:
         ranks = [{"sampler": self.sampler.state_dict(), "streams": [s.state_dict() for s in self.streams]}]
@@ -341,7 +346,12 @@ def train(
 
 def _prepare_new_run(run_dir: Path, overwrite: bool) -> None:
     """A new run starts in an empty directory, or replaces only pwemoe's own files (--overwrite)."""
-    others = [p.name for p in run_dir.iterdir() if not p.name.startswith(".pwemoe.lock")] if run_dir.is_dir() else []
+    # a run that failed before its first file (bad data, missing tokenizer) left only the marker: empty
+    others = (
+        [p.name for p in run_dir.iterdir() if not p.name.startswith(".pwemoe.lock") and p.name != RUN_MARKER]
+        if run_dir.is_dir()
+        else []
+    )
     if others:
         if is_run_dir(run_dir) or any(n in RUN_FILES for n in others):
             if not overwrite:
