@@ -82,7 +82,7 @@ def export_run(run: str | Path, preference: str | PreferenceLike, out: str | Pat
     }
     atomic_write_json(tmp / "pwemoe.json", info)
     publish_dir(tmp, out, overwrite, "export")
-    print(f"exported preference {r.tolist()} to {out}")
+    print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
     return out
 
 
