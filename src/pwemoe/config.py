@@ -259,6 +259,12 @@ def _path(loc: tuple) -> str:
     return out or "<root>"
 
 
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside a field annotation (`DataConfig`, `list[TaskConfig]`), if any."""
+    inner = getattr(annotation, "__args__", (annotation,))
+    return next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _allowed(loc: tuple) -> list[str]:
     """The keys allowed at `loc` (the model class reached by walking the field annotations)."""
     cls: Any = Config
@@ -266,11 +272,7 @@ def _allowed(loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         f = cls.model_fields.get(part)
-        if f is None:
-            break
-        ann = f.annotation
-        inner = getattr(ann, "__args__", (ann,))
-        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        nxt = _submodel(f.annotation) if f is not None else None
         if nxt is None:
             break
         cls = nxt
@@ -304,8 +306,7 @@ def _field(loc: tuple) -> Any:
         f = cls.model_fields.get(part)
         if f is None:
             return None
-        inner = getattr(f.annotation, "__args__", (f.annotation,))
-        cls = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cls = _submodel(f.annotation)
     return f
 
 
@@ -400,8 +401,7 @@ def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     lines = []
     for name, f in model.model_fields.items():
         key = f"{prefix}{name}"
-        inner = getattr(f.annotation, "__args__", (f.annotation,))
-        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = _submodel(f.annotation)
         if sub is not None:
             lines.append(f"{key}{'[i]' if 'list' in str(f.annotation) else ''}: {f.description or ''}")
             lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.")
