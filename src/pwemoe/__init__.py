@@ -2,11 +2,13 @@
 
 from .core import DirichletSampler, Router, WeightEnsemblingModule, simplex_grid
 from .upscale import (
+    SharedMerge,
     UpscaleInfo,
     ensembling_modules,
     find_targets,
     fixed_lambda,
     get_preference,
+    gradient_checkpointing,
     load_router_state_dict,
     merge_and_unload,
     merge_into,
@@ -32,7 +34,9 @@ __all__ = [
     "fixed_lambda",
     "merge_into",
     "shared_merge",
+    "SharedMerge",
     "get_preference",
+    "gradient_checkpointing",
     "load_router_state_dict",
     "merge_and_unload",
     "num_tasks",

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .devices import PRECISIONS, check_device_spec
+
 
 class ConfigError(ValueError):
     """All problems of a config, one per line, each with its key path."""
@@ -158,6 +160,18 @@ class TrainConfig(BaseModel):
     save_interval: int = Field(100, ge=1, description="steps between checkpoints")
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
     concat_forward: bool = Field(True, description="one forward over all tasks' examples (LS-type objectives)")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="examples per forward; the step's forwards share one merge and accumulate gradients "
+        "(default per device type, chosen by benchmarks/train_step.py: cpu 16, cuda: all at once)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward (less memory, about 1/3 more compute)"
+    )
+    num_workers: int | None = Field(
+        None, ge=0, description="input-pipeline worker processes (0: in the training process; default per device)"
+    )
 
     @model_validator(mode="after")
     def _rays(self) -> TrainConfig:
@@ -188,6 +202,9 @@ class EvalConfig(BaseModel):
         default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], description="lambda grid of task arithmetic"
     )
     reference_point: float = Field(0.0, description="hypervolume reference point, on every axis")
+    num_workers: int | None = Field(
+        None, ge=0, description="input-pipeline worker processes (0: in the evaluating process; default per device)"
+    )
 
 
 class Config(BaseModel):
@@ -199,6 +216,27 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="router training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     run_dir: str = Field("runs/pwemoe", description="the run directory (a new or pwemoe-made directory)")
+    device: str = Field(
+        "auto", description="auto | cpu | cuda | cuda:N (auto: the local rank's GPU if there is one, else CPU)"
+    )
+    precision: str = Field(
+        "fp32", description="fp32 | bf16 | fp16: autocast of the forward (routers and optimizer stay fp32)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        why = check_device_spec(v)
+        if why:
+            raise ValueError(why)
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}, got {v!r}")
+        return v
 
     @field_validator("tasks")
     @classmethod

@@ -131,6 +131,7 @@ def upscale(
     task_vector_dtype: torch.dtype | None = None,
     model_class: Any = None,
     router_init_std: float = 0.01,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Upcycle `base` with k experts into a Pareto weight-ensembling MoE model.
 
@@ -145,6 +146,9 @@ def upscale(
         task_vector_dtype: storage dtype of the task vectors (default: the parameter dtype);
             torch.bfloat16 halves their memory.
         model_class: transformers class used to load string sources (default AutoModel).
+        device: where the upcycled model lives (default: where `base` is). The base moves there
+            first and the task vectors are built there while experts stream from disk one at a
+            time, so the device holds at most theta_0 + T + one parameter of the current expert.
 
     Returns:
         The base model with each target replaced by a `WeightEnsemblingModule`; only routers
@@ -163,14 +167,20 @@ def upscale(
     if any(isinstance(m, WeightEnsemblingModule) for m in base_model.modules()):
         raise ValueError("the base model is already upcycled; pass the original pretrained model")
     target_names = find_targets(base_model, targets, include_attention)
+    hashes = {"base": fingerprint_tensors(dict(base_model.named_parameters()))}  # hashed where it was loaded
+    if device is not None:  # the targets first; the rest is merged where it is and moved at the end
+        for t in target_names:
+            base_model.get_submodule(t).to(device)
     params = dict(base_model.named_parameters())
     target_keys = [f"{t}.{p}" for t in target_names for p, _ in base_model.get_submodule(t).named_parameters()]
     target_set = set(target_keys)
     # Task vectors of the targets, allocated once: [k, *shape] each.
-    T = {key: torch.empty((k, *params[key].shape), dtype=task_vector_dtype or params[key].dtype) for key in target_keys}
+    T = {
+        key: torch.empty((k, *p.shape), dtype=task_vector_dtype or p.dtype, device=p.device)
+        for key, p in ((key, params[key]) for key in target_keys)
+    }
     # Sum of task vectors for everything else, merged by task arithmetic at the end.
     rest = {n: torch.zeros_like(p) for n, p in params.items() if n not in target_set and p.is_floating_point()}
-    hashes = {"base": fingerprint_tensors(params)}
     expert_ids = {}
     for i, name in enumerate(task_names):
         src = experts[name]
@@ -178,8 +188,8 @@ def upscale(
         _check_same_architecture(base_model, expert, name)
         ep = dict(expert.named_parameters())
         check_compatible(params, ep, f"expert {name!r}")
-        for key in target_keys:
-            T[key][i].copy_(ep[key] - params[key])
+        for key in target_keys:  # the difference in theta_0's dtype, then rounded to the storage dtype
+            T[key][i].copy_(ep[key].to(params[key].device, non_blocking=True) - params[key])
         for key, acc in rest.items():
             add_task_vector_(acc, ep[key], params[key])
         hashes[name] = fingerprint_tensors(ep)
@@ -189,11 +199,14 @@ def upscale(
     for key, acc in rest.items():
         params[key].add_(acc, alpha=init_lambda)
     del rest
+    if device is not None:
+        base_model.to(device)
     for t in target_names:
         module = base_model.get_submodule(t)
         tv = {p: T.pop(f"{t}.{p}") for p, _ in module.named_parameters()}
-        router = Router(k, router_hidden_layers, init_lambda, router_init_std)
-        router.to(next(module.parameters()).dtype if next(module.parameters()).is_floating_point() else torch.float32)
+        router = Router(k, router_hidden_layers, init_lambda, router_init_std)  # initialised on the CPU RNG
+        p0 = next(module.parameters())
+        router.to(device=p0.device, dtype=p0.dtype if p0.is_floating_point() else torch.float32)
         base_model.set_submodule(t, WeightEnsemblingModule(module, tv, router, task_names))
     for n, p in base_model.named_parameters():
         p.requires_grad_(".router." in f".{n}")
@@ -274,22 +287,108 @@ def fixed_lambda(model: nn.Module, lam: PreferenceLike) -> Iterator[None]:
             m.set_lambda_override(None)
 
 
-@contextlib.contextmanager
-def shared_merge(model: nn.Module) -> Iterator[None]:
-    """Under autograd, compute theta(r) once and reuse it for every forward inside the block.
+class SharedMerge:
+    """One merge theta(r) shared by several forwards (`shared_merge`); gradients reach the routers on demand.
 
-    Used for per-task forwards that share one merge (EPO's per-task gradients): backward through
-    each task's graph needs `retain_graph=True` for the shared merge. Caches are dropped on exit.
+    The forwards inside the block run on detached leaf copies of theta(r), so each forward's
+    backward stops at the leaves (dL/dW, summed over forwards) and frees its activations at once.
+    `backward()` then carries the summed dL/dW through the merge to the routers in one pass over T;
+    `router_grads()` does the same without touching `.grad`, for per-task gradients (EPO).
     """
-    mods = _modules_or_raise(model)
-    for _, m in mods:
+
+    def __init__(self, modules: list[WeightEnsemblingModule]) -> None:
+        self.modules = modules
+
+    def _roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        roots, grads = [], []
+        for m in self.modules:
+            r, g = m.shared_roots()
+            roots += r
+            grads += g
+        return roots, grads
+
+    def zero_grad(self) -> None:
+        for m in self.modules:
+            m.zero_shared_grad()
+
+    def backward(self) -> None:
+        """Accumulate the routers' gradients (p.grad) from the leaves' gradients, then zero the leaves."""
+        roots, grads = self._roots()
+        if roots:
+            torch.autograd.backward(roots, grads, retain_graph=True)
+        self.zero_grad()
+
+    def router_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """d(sum of backwards since the last zero)/d(params), one tensor per param; zeroes the leaves."""
+        roots, grads = self._roots()
+        out = torch.autograd.grad(roots, list(params), grads, retain_graph=True, allow_unused=True) if roots else ()
+        self.zero_grad()
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out or [None] * len(params))]
+
+
+@contextlib.contextmanager
+def shared_merge(model: nn.Module) -> Iterator[SharedMerge]:
+    """Under autograd, compute theta(r) once and run every forward inside the block on it.
+
+    Gradients stop at the merged weights; call `.backward()` on the yielded `SharedMerge` (once,
+    after all forwards' backwards) to reach the routers. Merges are dropped on exit.
+    """
+    mods = [m for _, m in _modules_or_raise(model)]
+    for m in mods:
+        m.clear_cache()
         m.share_under_grad = True
+        if torch.is_grad_enabled():
+            m.merged_weights()  # merged here, not inside a (checkpointed) forward, which would replay it
     try:
-        yield
+        yield SharedMerge(mods)
     finally:
-        for _, m in mods:
+        for m in mods:
             m.share_under_grad = False
             m.clear_cache()
+
+
+def gradient_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Recompute each transformer layer's activations in the backward instead of keeping them.
+
+    Wraps the forward of every Hugging Face `GradientCheckpointingLayer` in a non-reentrant
+    `torch.utils.checkpoint` (works in eval mode, unlike `gradient_checkpointing_enable`, which
+    needs `model.train()` and so dropout). Inside `shared_merge` the recomputation reuses the
+    step's merge. Returns the number of layers wrapped; raises when the model has none.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    layers = [m for m in model.modules() if any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)]
+    if enable and not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no Hugging Face GradientCheckpointingLayer to checkpoint; "
+            "set train.gradient_checkpointing=false"
+        )
+    cfg = getattr(model, "config", None)
+    for layer in layers:
+        if not enable:
+            layer.__dict__.pop("forward", None)
+            continue
+        if "forward" in layer.__dict__:
+            continue  # already wrapped
+
+        layer.forward = _checkpointed(type(layer).forward.__get__(layer), checkpoint)
+    if enable and cfg is not None and getattr(cfg, "use_cache", None):
+        cfg.use_cache = False
+    return len(layers)
+
+
+def _checkpointed(orig: Any, checkpoint: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return orig(*args, **kwargs)
+        for key in ("past_key_values", "layer_past", "cache"):  # a recomputed layer must not write a cache twice
+            if kwargs.get(key) is not None:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return checkpoint(orig, *args, use_reentrant=False, **kwargs)
+
+    return forward
 
 
 @torch.no_grad()

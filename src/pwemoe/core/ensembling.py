@@ -51,10 +51,13 @@ class WeightEnsemblingModule(nn.Module):
         self._param_names = list(params)  # read through `param_names`
         for n, t in task_vectors.items():
             self.register_buffer(self._tv_name(n), t)
-        self.register_buffer("preference", torch.full((k,), 1.0 / k), persistent=False)
+        dev = next(iter(params.values())).device  # on the base layer's device, as the task vectors are
+        self.register_buffer("preference", torch.full((k,), 1.0 / k, device=dev), persistent=False)
         self._override: torch.Tensor | None = None
         self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self.share_under_grad = False  # set by `shared_merge`: reuse one merge across several forwards
+        # Set by `pwemoe.shared_merge`: {param: (theta(r) with its graph to the router, a detached leaf copy)}.
+        self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.share_under_grad = False
 
     @property
     def param_names(self) -> list[str]:
@@ -97,7 +100,7 @@ class WeightEnsemblingModule(nn.Module):
     def _cache_key(self) -> tuple:
         # Tensor._version changes on every in-place update (optimizer step, copy_, load_state_dict),
         # so the key is stale exactly when the preference or any router weight changed.
-        over = None if self._override is None else tuple(self._override.tolist())
+        over = None if self._override is None else id(self._override)  # no device sync; set anew on change
         return (
             self.preference._version,
             self.preference.data_ptr(),
@@ -108,27 +111,49 @@ class WeightEnsemblingModule(nn.Module):
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """theta(r) for every parameter of base_layer, for the current preference.
 
-        Without autograd the result is cached until the preference or router changes.
-        Under autograd it is rebuilt at each call, because the previous graph is freed by
-        its backward, unless `share_under_grad` is set (`pwemoe.shared_merge`): then several
-        forwards of one step share one merge, and their backwards use retain_graph.
+        Without autograd the result is cached until the preference or router changes. Under
+        autograd it is rebuilt at each call (the previous graph is freed by its backward), unless
+        `share_under_grad` is set (`pwemoe.shared_merge`): then the forwards of one step run on
+        detached leaf copies of one merge; their backwards stop at the leaves, and
+        `shared_backward` carries the summed leaf gradients through the merge to the router once.
+        The merge is summed in the weights' own dtype, never in autocast's lower precision.
         """
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
-        cache = not grad or self.share_under_grad
-        if cache:
-            key = (grad, *self._cache_key())
+        if grad and self.share_under_grad:
+            if self._shared is None:
+                merged = self._merge()
+                self._shared = {n: (w, w.detach().requires_grad_(True)) for n, w in merged.items()}
+            return {n: leaf for n, (_, leaf) in self._shared.items()}
+        if not grad:
+            key = self._cache_key()
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
         self._cache = None  # free the old copy before building the new one
-        lam = self.routing_weights()
-        params = dict(self.base_layer.named_parameters())
-        merged = {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
-        if cache:
+        merged = self._merge()
+        if not grad:
             self._cache = (key, merged)
         return merged
 
+    def _merge(self) -> dict[str, torch.Tensor]:
+        with torch.autocast(device_type=self.preference.device.type, enabled=False):
+            lam = self.routing_weights()
+            params = dict(self.base_layer.named_parameters())
+            return {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
+
+    def shared_roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(merged weights, their leaves' accumulated gradients) for the leaves that received one."""
+        if self._shared is None:
+            return [], []
+        pairs = [(w, leaf.grad) for w, leaf in self._shared.values() if leaf.grad is not None]
+        return [w for w, _ in pairs], [g for _, g in pairs]
+
+    def zero_shared_grad(self) -> None:
+        for _, leaf in (self._shared or {}).values():
+            leaf.grad = None
+
     def clear_cache(self) -> None:
         self._cache = None
+        self._shared = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self.base_layer, self.merged_weights(), args, kwargs, strict=False)

@@ -61,7 +61,7 @@ def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> t
 @torch.no_grad()
 def add_task_vector_(acc: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """acc += weight * (expert - base), in place, for one parameter of one streamed expert."""
-    return acc.add_(expert.detach().to(base.dtype) - base, alpha=weight)
+    return acc.add_(expert.detach().to(device=base.device, dtype=base.dtype) - base, alpha=weight)
 
 
 def weighted_task_arithmetic(

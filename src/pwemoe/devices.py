@@ -1,0 +1,108 @@
+"""Where a run computes and in which precision: `device` and `precision` settings resolved to torch objects.
+
+Knows torch and the launcher's environment (LOCAL_RANK), nothing of models or configs, so every
+layer above may use it. Placement itself (which tensors go where) is the workbench's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def check_device_spec(spec: str) -> str | None:
+    """None when `spec` is a well-formed device setting, else what is wrong (no hardware is probed)."""
+    if not isinstance(spec, str) or not _DEVICE.match(spec):
+        return f"must be {DEVICE_CHOICES}, got {spec!r}"
+    return None
+
+
+def local_rank() -> int:
+    """This process's rank on its node under `accelerate launch` / `torchrun` (0 when not launched)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def resolve_device(spec: str = "auto", key: str = "device") -> torch.device:
+    """The torch.device a `device` setting names on this machine and rank.
+
+    auto: the local rank's GPU when CUDA is available, else the CPU. cuda: the local rank's GPU
+    (each launched process takes its own). cuda:N: that GPU. A GPU that is not there is an error
+    naming the setting, raised before any model is loaded.
+    """
+    why = check_device_spec(spec)
+    if why:
+        raise ValueError(f"{key}: {why}")
+    if spec == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if spec == "auto" and not available:
+        return torch.device("cpu")
+    if not available:
+        raise ValueError(
+            f"{key}: {spec!r} requested but CUDA is not available here (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'none'}); set {key}=cpu or {key}=auto"
+        )
+    n = torch.cuda.device_count()
+    index = local_rank() if spec in ("auto", "cuda") else int(spec.split(":")[1])
+    if index >= n:
+        what = f"local rank {index}" if spec in ("auto", "cuda") else spec
+        raise ValueError(
+            f"{key}: {what} needs GPU {index}, but only {n} GPU(s) are visible; launch at most {n} "
+            f"processes per node, or pick cuda:0..cuda:{n - 1}"
+        )
+    return torch.device("cuda", index)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for the forward in `precision` (fp32: a no-op). Parameters keep their own dtype."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Switch autocast off (the merge theta_0 + sum lambda_i tau_i is summed in the weights' dtype)."""
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 (its 5-bit exponent underflows small gradients); disabled otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of tensors on `device`; pinned host memory copies asynchronously."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+__all__ = [
+    "DEVICE_CHOICES",
+    "PRECISIONS",
+    "autocast",
+    "check_device_spec",
+    "full_precision",
+    "grad_scaler",
+    "local_rank",
+    "move",
+    "resolve_device",
+    "synchronize",
+]
