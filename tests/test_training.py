@@ -60,12 +60,25 @@ def _routers(run):
     return load_routers(Path(run) / "routers.safetensors")[0]
 
 
-@pytest.mark.parametrize("objective", ["ls", "epo"])
-def test_killed_and_resumed_run_equals_uninterrupted(text_setup, tmp_path, objective):
+@pytest.mark.parametrize(
+    "objective,pipeline",
+    [
+        ("ls", {"num_workers": 2, "micro_batch_size": 5}),  # worker processes prefetch ahead of the checkpoint
+        ("epo", {"num_workers": 0}),  # batches encoded in the training process
+    ],
+)
+def test_killed_and_resumed_run_equals_uninterrupted(text_setup, tmp_path, objective, pipeline):
     root, base_cfg = text_setup
     cfg = {
         **base_cfg,
-        "train": {**base_cfg["train"], "steps": 12, "save_interval": 4, "objective": objective, "rays_per_step": 2},
+        "train": {
+            **base_cfg["train"],
+            "steps": 12,
+            "save_interval": 4,
+            "objective": objective,
+            "rays_per_step": 2,
+            **pipeline,
+        },
     }
     full = train(_write(tmp_path, {**cfg, "run_dir": str(tmp_path / "full")}, "full"), [])
     cfg_path = _write(tmp_path, {**cfg, "run_dir": str(tmp_path / "killed")}, "killed")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError, Registries, config_from_dict, load_config
+from .devices import autocast, move, resolve_device
 from .modalities import MODALITIES, Modality
 from .models import check_local_sources
 from .objectives import OBJECTIVES, check_objective_args
@@ -40,6 +42,32 @@ def build_config(data: Mapping[str, Any]) -> Config:
     return config_from_dict(dict(data), registries())
 
 
+@dataclass
+class ForwardBatch:
+    """One backbone forward's inputs: examples of one or more tasks, concatenated and collated (CPU).
+
+    inputs: collated backbone inputs (Tensor[n, ...] each). segments: (task index, example count)
+    in the order of the rows. labels: Tensor[n_s] per segment. Built by `Workbench.encode`, in
+    input-pipeline worker processes; `pin_memory` is called by a DataLoader with pin_memory=True.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    segments: list[tuple[int, int]]
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+    def pin_memory(self) -> ForwardBatch:
+        return ForwardBatch(
+            {k: v.pin_memory() for k, v in self.inputs.items()}, self.segments, [y.pin_memory() for y in self.labels]
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in [*self.inputs.values(), *self.labels])
+
+
 class Workbench:
     """Everything a run needs, built from a Config.
 
@@ -60,6 +88,11 @@ class Workbench:
         upcycle: bool = True,
     ) -> None:
         self.cfg = cfg
+        try:  # a GPU that is not there is a config error, found before any model loads
+            self.device = resolve_device(cfg.device)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
+        self.precision = cfg.precision
         errors = check_local_sources(
             {
                 "model.base": self.resolve(cfg.model.base),
@@ -77,11 +110,14 @@ class Workbench:
         self.model, self.backbone = self.modality.model, self.modality.backbone
         self.info = None
         self._eval_batches: dict[tuple, list[list[int]]] = {}
+        self._eval_cache: dict[tuple, list[ForwardBatch]] = {}
         if upcycle:
-            self._upcycle()
+            self._upcycle()  # builds the task vectors on the device, experts streamed from disk
+        self.model.to(self.device)  # the rest (e.g. CLIP's text tower and projections) joins it
         self._load_data(load_train, load_test, max_test_samples)
         for t in self.tasks:  # heads that need the class names (which may come from the data) are built here
             t.attach(self.modality)
+            t.to(self.device)
             if self.info is not None:  # a changed head must change the run's provenance too
                 self.info.hashes[f"{t.name}:head"] = t.head_fingerprint()
 
@@ -103,6 +139,7 @@ class Workbench:
             router_hidden_layers=m.router_hidden_layers,
             include_attention=m.include_attention,
             task_vector_dtype=_DTYPES[m.task_vector_dtype],
+            device=self.device,
         )
         info = self.backbone.pwemoe_info
         info.base_id = m.base
@@ -148,6 +185,47 @@ class Workbench:
             raise ConfigError(errors)
 
     # --- batched forward -----------------------------------------------------------------------
+    def encode(self, parts: Sequence[tuple[int, dict[str, list]]]) -> ForwardBatch:
+        """Tokenise / preprocess and collate the examples of several tasks into one ForwardBatch (CPU).
+
+        parts: [(task index, rows)] where rows is a column dict (`dataset[indices]`). Pure CPU work
+        with no model access, so the input pipeline runs it in worker processes.
+        """
+        feats, segments, labels = [], [], []
+        for i, rows in parts:
+            t = self.tasks[i]
+            f = t.encode(rows)
+            feats.extend(f)
+            segments.append((i, len(f)))
+            labels.append(t.labels(rows))
+        return ForwardBatch(dict(self.modality.collate(feats)), segments, labels)
+
+    def forward(self, batch: ForwardBatch, backbone: nn.Module | None = None) -> list[torch.Tensor]:
+        """Per-segment logits Tensor[n_s, C_s] from one forward of `batch` on the device, in `precision`.
+
+        `backbone` replaces the upcycled one (baselines, plain merged copies).
+        """
+        inputs = move(batch.inputs, self.device)
+        with autocast(self.device, self.precision):
+            out = (backbone or self.backbone)(**inputs)
+            logits, start = [], 0
+            for i, n in batch.segments:
+                sl = slice(start, start + n)
+                sub = type(out)(**{k: v[sl] for k, v in out.items() if isinstance(v, torch.Tensor)})
+                logits.append(self.tasks[i].head(sub, {k: v[sl] for k, v in inputs.items()}))
+                start += n
+        return logits
+
+    def segment_losses(self, batch: ForwardBatch) -> torch.Tensor:
+        """Summed loss of each segment, Tensor[len(segments)] (fp32, on the device), from one forward."""
+        logits = self.forward(batch)
+        return torch.stack(
+            [
+                self.tasks[i].loss(lg.float(), y.to(self.device, non_blocking=True), reduction="sum")
+                for (i, _), lg, y in zip(batch.segments, logits, batch.labels)
+            ]
+        )
+
     def logits(
         self, parts: list[tuple[Task, dict[str, list]]], backbone: nn.Module | None = None
     ) -> list[torch.Tensor]:
@@ -156,25 +234,12 @@ class Workbench:
         parts: [(task, rows)] where rows is a column dict (`dataset[indices]`). Returns logits
         Tensor[n_t, C_t] per part. `backbone` replaces the upcycled one (baselines, plain copies).
         """
-        feats, sizes = [], []
-        for t, rows in parts:
-            f = t.encode(rows)
-            feats.extend(f)
-            sizes.append(len(f))
-        inputs = self.modality.collate(feats)
-        out = (backbone or self.backbone)(**inputs)
-        logits, start = [], 0
-        for (t, _), n in zip(parts, sizes):
-            sl = slice(start, start + n)
-            sub = type(out)(**{k: v[sl] for k, v in out.items() if isinstance(v, torch.Tensor)})
-            logits.append(t.head(sub, {k: v[sl] for k, v in inputs.items()}))
-            start += n
-        return logits
+        return self.forward(self.encode([(self.tasks.index(t), rows) for t, rows in parts]), backbone)
 
     def losses(self, parts: list[tuple[Task, dict[str, list]]]) -> torch.Tensor:
-        """Per-task cross-entropy, Tensor[len(parts)], from one concatenated forward."""
-        logits = self.logits(parts)
-        return torch.stack([t.loss(lg, t.labels(rows)) for (t, rows), lg in zip(parts, logits)])
+        """Per-task mean loss, Tensor[len(parts)], from one concatenated forward."""
+        batch = self.encode([(self.tasks.index(t), rows) for t, rows in parts])
+        return self.segment_losses(batch) / torch.tensor([n for _, n in batch.segments], device=self.device)
 
     def eval_batches(self, task: Task, batch_size: int) -> list[list[int]]:
         """Index batches of the task's test split, sorted by input length (less padding); cached."""
@@ -184,19 +249,80 @@ class Workbench:
             self._eval_batches[key] = length_sorted_batches(lengths, batch_size)
         return self._eval_batches[key]
 
+    def eval_data(self, task: Task, batch_size: int, cache_bytes: int = 1 << 30) -> Iterator[ForwardBatch]:
+        """The task's test split as ForwardBatches, encoded by worker processes.
+
+        Encoded batches are kept for the next model of a sweep while they fit in `cache_bytes`
+        (token ids always do; images of a large test set do not and are re-encoded, prefetched).
+        """
+        key = (task.name, batch_size, len(task.test_data))
+        if key in self._eval_cache:
+            yield from self._eval_cache[key]
+            return
+        i = self.tasks.index(task)
+        kept: list[ForwardBatch] | None = []
+        total = 0
+        loader = self.loader(_EvalBatches(self, i, self.eval_batches(task, batch_size)), self.cfg.eval.num_workers)
+        for b in loader:
+            if kept is not None:
+                total += b.nbytes()
+                kept = kept + [b] if total <= cache_bytes else None
+            yield b
+        if kept is not None:
+            self._eval_cache[key] = kept
+
+    def loader(self, dataset: Any, num_workers: int | None, sampler: Any = None) -> torch.utils.data.DataLoader:
+        """A DataLoader of whole items (no re-batching): worker processes, pinned memory on GPUs, prefetch."""
+        n = default_workers(self.device) if num_workers is None else num_workers
+        if n > 0:
+            import os
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=n,
+            collate_fn=_identity,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if n > 0 else None,
+        )
+
     @torch.no_grad()
     def accuracy(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:
         """Top-1 accuracy of `task` on its test split through `backbone` (default: the upcycled one)."""
-        ds = task.test_data
-        correct = 0
-        for idx in self.eval_batches(task, batch_size):
-            rows = ds[idx]
-            logits = self.logits([(task, rows)], backbone=backbone)[0]
-            correct += int((logits.argmax(-1).cpu() == task.labels(rows)).sum())
-        return correct / len(ds)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for b in self.eval_data(task, batch_size):
+            logits = self.forward(b, backbone=backbone)[0]
+            correct += (logits.argmax(-1) == b.labels[0].to(self.device, non_blocking=True)).sum()
+        return int(correct) / len(task.test_data)  # the one device sync of the sweep point
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def default_workers(device: torch.device) -> int:
+    """Input-pipeline workers when the config leaves it open: GPUs get 4; CPUs (which the workers
+    would take from the model's own threads) get 1 to overlap pre-processing with the step."""
+    return 4 if device.type == "cuda" else 1
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _EvalBatches(torch.utils.data.Dataset):
+    """Item j: the j-th length-sorted test batch of one task, encoded (run in loader workers)."""
+
+    def __init__(self, wb: Workbench, task_index: int, batches: list[list[int]]) -> None:
+        self.wb, self.i, self.batches = wb, task_index, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> ForwardBatch:
+        t = self.wb.tasks[self.i]
+        return self.wb.encode([(self.i, t.test_data[self.batches[j]])])
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -20,6 +20,13 @@ class Objective:
         """losses: Tensor[k] (with graph), r: Tensor[k] -> scalar to backpropagate."""
         raise NotImplementedError
 
+    def linear_weights(self, r: torch.Tensor) -> torch.Tensor | None:
+        """c (Tensor[k]) when the objective is sum_i c_i L_i with c independent of L, else None.
+
+        A linear objective lets the training loop backpropagate each forward as soon as it is done.
+        """
+        return None
+
     def weights(self, losses: torch.Tensor, r: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """Gradient-based objectives: detached losses Tensor[k], G Tensor[k, p] -> weights Tensor[k]."""
         raise NotImplementedError

@@ -6,11 +6,13 @@ and batches; router gradients are all-reduced (mean); rank 0 writes the run dire
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .. import __version__
 from ..checkpoint import check_hashes, load_state, save_routers, save_state
 from ..config import Config, ConfigError, dump_config
 from ..core.preference import DirichletSampler
+from ..devices import grad_scaler
 from ..io import (
     CONFIG,
     METRICS,
@@ -35,13 +38,32 @@ from ..io import (
 )
 from ..objectives import Objective, build_objective
 from ..tasks.data import TaskStream
-from ..upscale import load_router_state_dict, router_state_dict, set_preference, shared_merge
-from ..workbench import Workbench, build_config, read_config
+from ..upscale import (
+    gradient_checkpointing,
+    load_router_state_dict,
+    router_state_dict,
+    set_preference,
+    shared_merge,
+)
+from ..workbench import ForwardBatch, Workbench, build_config, read_config
 
 log = logging.getLogger(__name__)
 
 # Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = ("train.steps", "train.lr", "train.min_lr_ratio", "train.save_interval", "train.log_interval", "eval.")
+# Where and how fast a run computes may change too (resume a CPU run on a GPU), not what it computes.
+RESUMABLE = (
+    "train.steps",
+    "train.lr",
+    "train.min_lr_ratio",
+    "train.save_interval",
+    "train.log_interval",
+    "train.num_workers",
+    "train.micro_batch_size",
+    "train.gradient_checkpointing",
+    "device",
+    "precision",
+    "eval.",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,8 +159,12 @@ class TrainRecipe:
         torch.manual_seed(tc.seed)  # router init: identical on every rank
         self.wb = wb = Workbench(self.cfg, load_train=True, load_test=False)
         self.model, self.tasks, k = wb.model, wb.tasks, len(wb.tasks)
-        self.params = wb.trainable_parameters()
-        self.opt = torch.optim.Adam(self.params, lr=tc.lr)
+        self.params = wb.trainable_parameters()  # the routers: fp32, on the device
+        self.opt = make_optimizer(self.params, tc.lr)
+        self.scaler = grad_scaler(wb.device, self.cfg.precision)  # fp16 only
+        if tc.gradient_checkpointing:
+            gradient_checkpointing(wb.backbone)
+        self.micro_batch_size = tc.micro_batch_size or default_micro_batch_size(wb.device)
         self.objective: Objective = build_objective(tc.objective, **tc.objective_args)
         # Each rank draws its own preferences and batches (documented in the README).
         self.sampler = DirichletSampler(k, tc.alpha, seed=tc.seed + 7919 * self.rank)
@@ -163,6 +189,8 @@ class TrainRecipe:
         for s, ss in zip(self.streams, mine["streams"]):
             s.load_state_dict(ss)
         self.objective.load_state_dict(st["objective"])
+        if st.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(st["scaler"])
         self.step_no = int(st["step"])
         self.segment = dict(st["lr_segment"])
         if any(k in changes for k in ("train.steps", "train.lr", "train.min_lr_ratio")):
@@ -200,28 +228,45 @@ class TrainRecipe:
                 "ranks": ranks,
                 "metadata_hashes": self.wb.info.hashes,
                 "objective": self.objective.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             },
         )
         save_routers(self.run_dir / ROUTERS, routers, checkpoint_metadata(self.cfg, self.wb, self.step_no))
 
+    # --- the input pipeline ---------------------------------------------------------------------------
+    def batches(self) -> Iterator[StepData]:
+        """Encoded batches of the steps from here on, prepared ahead by worker processes.
+
+        The seeded index streams stay the source of truth: the sampler (in this process) draws
+        each step's indices from copies of them, and every item carries the streams' state after
+        its step, which `step` adopts; so a checkpoint records exactly the batches consumed.
+        """
+        tc = self.cfg.train
+        split = self.objective.needs_task_gradients or not tc.concat_forward
+        plan = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
+        sampler = _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
+        return iter(self.wb.loader(plan, tc.num_workers, sampler=sampler))
+
     # --- one step -----------------------------------------------------------------------------------
-    def step(self) -> dict[str, Any]:
+    def step(self, data: StepData | None = None) -> dict[str, Any]:
         tc, wb = self.cfg.train, self.wb
+        if data is None:  # no pipeline running (e.g. a caller driving steps by hand): encode here
+            data = next(self.batches())
+        for s, st in zip(self.streams, data.stream_states):
+            s.load_state_dict(st)
         for g in self.opt.param_groups:
             g["lr"] = self._lr_at(self.step_no)
-        rays = self.sampler.sample(tc.rays_per_step)
-        rows = [t.train_data[s.next_indices()] for t, s in zip(self.tasks, self.streams)]
-        chunks = [[(t, _chunk(rw, j, tc.rays_per_step)) for t, rw in zip(self.tasks, rows)] for j in range(len(rays))]
+        rays = self.sampler.sample(tc.rays_per_step)  # CPU: validated there, copied to the device per ray
         try:
             task_losses, total = accumulate_router_gradients(
                 self.model,
                 self.params,
                 self.objective,
                 rays,
-                chunks,
-                wb.losses,
-                concat=tc.concat_forward,
+                data.rays,
+                wb.segment_losses,
                 names=wb.info.task_names,
+                scale=self.scaler.scale if self.scaler.is_enabled() else None,
             )
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"at step {self.step_no + 1}: {e}") from None
@@ -230,7 +275,8 @@ class TrainRecipe:
             torch.distributed.all_reduce(flat)
             _flat_to_grads(self.params, flat / self.world, accumulate=False)
         lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
+        self.scaler.step(self.opt)  # a plain opt.step() unless fp16 (then skipped on inf gradients)
+        self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
         return {
@@ -265,9 +311,10 @@ class TrainRecipe:
             return self.run_dir
         bar = _progress(tc.steps, self.step_no, disable=not self.main)
         t_start, step0 = time.perf_counter(), self.step_no
+        data = self.batches()
         try:
             while self.step_no < tc.steps:
-                rec = self.step()
+                rec = self.step(next(data))
                 step = self.step_no
                 if self.main and (step % tc.log_interval == 0 or step == tc.steps):
                     with open(metrics_path, "a") as f:
@@ -280,6 +327,7 @@ class TrainRecipe:
                 if self.on_step is not None:
                     self.on_step(self, step)
         finally:
+            del data  # stops the pipeline's workers
             if bar is not None:
                 bar.close()
         if self.main:
@@ -377,54 +425,190 @@ def accumulate_router_gradients(
     params: list[torch.nn.Parameter],
     objective: Objective,
     rays: torch.Tensor,
-    chunks: list[list[Any]],
-    losses_fn: Callable[[list[Any]], torch.Tensor],
-    concat: bool = True,
+    batches: Sequence[Sequence[Any]],
+    loss_fn: Callable[[Any], torch.Tensor],
     names: list[str] | None = None,
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One step's router gradients, accumulated into `p.grad` (the optimizer step is the caller's).
 
-    rays: Tensor[R, k] preferences; chunks[j]: the k per-task parts for ray j; losses_fn(parts)
-    returns Tensor[len(parts)], the per-part losses from one forward over the concatenated parts.
-    Returns the ray-averaged per-task losses Tensor[k] and the ray-averaged objective value.
+    rays: Tensor[R, k] preferences. batches[j]: the forwards of ray j, objects with `.segments`
+    [(task index, example count)] (`ForwardBatch`); loss_fn(batch) returns Tensor[len(segments)],
+    each segment's summed loss. Task i's loss L_i is its mean over the ray's examples, however they
+    are split into forwards. All forwards of a ray share one merge (`shared_merge`): each
+    forward's backward stops at the merged weights and frees its activations, and the summed
+    weight gradient goes through the merge to the routers once. So the step's cost and memory do
+    not depend on how the examples are split, except for objectives that are neither linear
+    nor gradient-based (Tchebycheff), whose graphs are all kept until the losses are known.
+    `scale` multiplies what is backpropagated (fp16 loss scaling; the scaler unscales the grads).
+    Returns the ray-averaged per-task losses Tensor[k] (CPU) and the ray-averaged objective value.
     """
     R, k = rays.shape
-    task_losses, total = torch.zeros(k), 0.0
-    for r, chunk in zip(rays, chunks):
-        set_preference(model, r)
-        if objective.needs_task_gradients:
-            # Per-task forwards sharing one merge: L_i's graph holds only task i's batch, so all
-            # k router gradients cost about one backward. Each L_i stays its own graph root:
-            # indexing a stacked tensor would backpropagate zeros through every other task.
-            with shared_merge(model):
-                per_task = [losses_fn([c])[0] for c in chunk]
-                losses = torch.stack([x.detach() for x in per_task])
-                _check_finite(losses, names)
-                G = torch.stack(
-                    [
-                        torch.cat([g.reshape(-1) for g in torch.autograd.grad(x, params, retain_graph=i < k - 1)])
-                        for i, x in enumerate(per_task)
-                    ]
-                )
-            w = objective.weights(losses, r, G)
-            _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
-            value = float((w * losses).sum())
-        else:
-            losses = losses_fn(chunk) if concat else torch.cat([losses_fn([c]) for c in chunk])
-            _check_finite(losses.detach(), names)
-            obj = objective.loss(losses, r.to(losses)) / R
-            obj.backward()
-            value = float(obj.detach()) * R
+    scale = scale or (lambda x: x)
+    device = next(iter(params)).device if params else rays.device
+    rays_cpu = rays.detach().cpu()  # set_preference validates on the CPU; the math below runs on the device
+    task_losses = torch.zeros(k, device=device)
+    total = torch.zeros((), device=device)
+    for r_cpu, groups in zip(rays_cpu, batches):
+        set_preference(model, r_cpu)
+        r = r_cpu.to(device, non_blocking=True)
+        counts = [0] * k
+        for g in groups:
+            for i, n in g.segments:
+                counts[i] += n
+        missing = [i for i in range(k) if counts[i] == 0]
+        if missing:
+            raise ValueError(f"every task needs examples for each preference; tasks {missing} have none")
+        inv = torch.tensor([1.0 / n for n in counts]).to(device, non_blocking=True)
+        with shared_merge(model) as merge:
+            if objective.needs_task_gradients:
+                # per-task gradients: each forward holds one task's examples; G[i] = dL_i/d(routers)
+                per_task: list[list[Any]] = [[] for _ in range(k)]
+                for g in groups:
+                    tasks = {i for i, _ in g.segments}
+                    if len(tasks) != 1:
+                        raise ValueError("objectives with per-task gradients need one task per forward")
+                    per_task[tasks.pop()].append(g)
+                rows, vals = [], []
+                for i in range(k):
+                    li = torch.zeros((), device=device)
+                    for g in per_task[i]:
+                        x = loss_fn(g).sum() * inv[i]
+                        scale(x).backward()
+                        li = li + x.detach()
+                    vals.append(li)
+                    rows.append(torch.cat([gr.reshape(-1) for gr in merge.router_grads(params)]))
+                losses, G = torch.stack(vals), torch.stack(rows)
+                _check_finite(losses, names)  # the LP needs the losses on the CPU anyway
+                if not bool(torch.isfinite(G).all()):  # fp16 overflow: let the scaler skip this step
+                    w = torch.ones(k, device=device)
+                else:
+                    w = objective.weights(losses, r, G / _scale_of(scale, G)).to(device)
+                _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
+                value = (w.to(losses) * losses).sum()
+            else:
+                c = objective.linear_weights(r)
+                losses = torch.zeros(k, device=device)
+                for g in groups:
+                    idx = torch.tensor([i for i, _ in g.segments]).to(device, non_blocking=True)
+                    part = torch.zeros(k, device=device).index_add(0, idx, loss_fn(g)) * inv
+                    if c is not None:  # linear: backpropagate this forward now, its graph is freed
+                        scale((c.to(part) * part).sum() / R).backward()
+                        part = part.detach()
+                    losses = losses + part
+                if c is None:
+                    obj = objective.loss(losses, r.to(losses)) / R
+                    scale(obj).backward()
+                    value = obj.detach() * R
+                else:
+                    value = (c.to(losses) * losses).sum()
+            merge.backward()  # summed dL/dW of every forward -> the routers, one pass over T
         task_losses += losses.detach() / R
-        total += value / R
-    return task_losses, total
+        total += value.detach() / R
+    # one device sync per step, for the logged scalars (and the check before the optimizer step)
+    out = torch.cat([task_losses, total.reshape(1)]).double().cpu()
+    _check_finite(out[:k], names)
+    return out[:k].float(), float(out[k])
 
 
-def _chunk(rows: dict[str, list], j: int, n: int) -> dict[str, list]:
-    """The j-th of n near-equal slices of a column dict."""
-    size = len(next(iter(rows.values())))
-    lo, hi = (j * size) // n, ((j + 1) * size) // n
-    return {c: v[lo:hi] for c, v in rows.items()}
+def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam on the routers; fused into one kernel on a GPU (a few hundred numbers: launches dominate)."""
+    fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _scale_of(scale: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The factor `scale` multiplies by (1 without loss scaling)."""
+    return scale(torch.ones((), device=like.device, dtype=like.dtype))
+
+
+def default_micro_batch_size(device: torch.device) -> int | None:
+    """Examples per forward when train.micro_batch_size is unset, chosen by benchmarks/train_step.py:
+    on a CPU, forwards of 16 examples beat one big concatenated forward; on a GPU one forward of
+    all examples is fastest (None: no split)."""
+    return 16 if device.type == "cpu" else None
+
+
+@dataclass
+class StepData:
+    """One step's encoded input: per ray, its forwards; and the index streams' state after the step."""
+
+    rays: list[list[ForwardBatch]]
+    stream_states: list[dict[str, int]]
+
+    def pin_memory(self) -> StepData:
+        return StepData([[b.pin_memory() for b in fw] for fw in self.rays], self.stream_states)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Draws each step's indices from the seeded streams, in this process: (step, indices, states after)."""
+
+    def __init__(self, streams: list[TaskStream], start: int) -> None:
+        self.streams, self.start = streams, start
+
+    def __iter__(self) -> Iterator[tuple[int, list[list[int]], list[dict[str, int]]]]:
+        step = self.start
+        while True:
+            idx = [s.next_indices() for s in self.streams]
+            yield step, idx, [s.state_dict() for s in self.streams]
+            step += 1
+
+
+class _StepEncoder(torch.utils.data.Dataset):
+    """Item (step, indices, states) -> StepData: rows read, tokenised / preprocessed and collated
+    into the step's forwards (run in the loader's worker processes)."""
+
+    def __init__(self, wb: Workbench, rays: int, micro: int | None, split_tasks: bool) -> None:
+        self.wb, self.rays, self.micro, self.split_tasks = wb, rays, micro, split_tasks
+
+    def __getitem__(self, item: tuple[int, list[list[int]], list[dict[str, int]]]) -> StepData:
+        _, idx, states = item
+        tasks = self.wb.tasks
+        out = []
+        for j in range(self.rays):
+            parts = [(i, _chunk(ix, j, self.rays)) for i, ix in enumerate(idx)]
+            out.append(
+                [
+                    self.wb.encode([(i, tasks[i].train_data[sub]) for i, sub in group])
+                    for group in forward_groups(parts, self.micro, self.split_tasks)
+                ]
+            )
+        return StepData(out, states)
+
+
+def forward_groups(
+    parts: list[tuple[int, list[int]]], micro: int | None, split_tasks: bool
+) -> list[list[tuple[int, list[int]]]]:
+    """Split the tasks' example indices into forwards of at most `micro` examples (None: no limit).
+
+    parts: [(task index, indices)] in task order. With `split_tasks` a forward holds one task's
+    examples only (per-task gradients, concat_forward=false); otherwise forwards run across tasks.
+    """
+    groups: list[list[tuple[int, list[int]]]] = []
+    cur: list[tuple[int, list[int]]] = []
+    room = micro or float("inf")
+    for i, ix in parts:
+        if split_tasks and cur:
+            groups.append(cur)
+            cur, room = [], micro or float("inf")
+        pos = 0
+        while pos < len(ix):
+            take = int(min(room, len(ix) - pos))
+            cur.append((i, ix[pos : pos + take]))
+            pos += take
+            room -= take
+            if room == 0:
+                groups.append(cur)
+                cur, room = [], micro or float("inf")
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _chunk(ix: list[int], j: int, n: int) -> list[int]:
+    """The j-th of n near-equal slices of a list."""
+    lo, hi = (j * len(ix)) // n, ((j + 1) * len(ix)) // n
+    return ix[lo:hi]
 
 
 def _check_finite(losses: torch.Tensor, names: list[str] | None) -> None:

@@ -63,8 +63,14 @@ class Task(ABC):
     def labels(self, rows: dict[str, list]) -> torch.Tensor:
         return torch.as_tensor(rows[self.cfg.data.label_column], dtype=torch.long)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels.to(logits.device))
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, labels.to(logits.device), reduction=reduction)
+
+    def to(self, device: torch.device) -> None:
+        """Move what the head computes with to `device` (called once, after `attach`): its modules here."""
+        for v in vars(self).values():
+            if isinstance(v, nn.Module):
+                v.to(device)
 
     def input_columns(self) -> list[str]:
         """Columns `encode` reads, checked when the data is loaded."""

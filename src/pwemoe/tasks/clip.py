@@ -49,16 +49,25 @@ class CLIPZeroShotTask(Task):
             embeds.append(e / e.norm())
         self.text_embeds = torch.stack(embeds)
 
+    def to(self, device: torch.device) -> None:
+        super().to(device)
+        self.text_embeds = self.text_embeds.to(device)
+
     def head_fingerprint(self) -> str:
+        """What the head is computed from (text tower, projections, prompts), not its float output,
+        which differs in the last bits between devices."""
         from ..models import fingerprint_tensors
 
-        return fingerprint_tensors(
-            {
-                "text_embeds": self.text_embeds,
-                "logit_scale": self.clip.logit_scale,
-                **{f"proj.{n}": p for n, p in self.clip.visual_projection.named_parameters()},
-            }
-        )
+        c = self.clip
+        named = {
+            "logit_scale": c.logit_scale,
+            **{f"text.{n}": p for n, p in c.text_model.named_parameters()},
+            **{f"text_proj.{n}": p for n, p in c.text_projection.named_parameters()},
+            **{f"proj.{n}": p for n, p in c.visual_projection.named_parameters()},
+        }
+        prompts = repr((self.class_names, self.cfg.templates or DEFAULT_TEMPLATES)).encode()
+        named["prompts"] = torch.frombuffer(bytearray(prompts), dtype=torch.uint8)
+        return fingerprint_tensors(named)
 
     def encode(self, rows: dict[str, list]) -> list[dict[str, torch.Tensor]]:
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in rows[self.cfg.data.image_column]]
