@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-test-samples", type=int, help="evaluate on the first N test examples per task")
+    _placement(p)
 
     p = sub.add_parser("export", help="write a plain Hugging Face model for one preference")
     p.add_argument("run")
     p.add_argument("--preference", required=True, help="e.g. 0.2,0.8")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --out")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's config)")
 
     p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
     p.add_argument("config", help="YAML config with model.base and the task")
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier finetune wrote in --out")
+    _placement(p)
 
     p = sub.add_parser("config", help="list every config key with its type, default and meaning")
     p.add_argument("--explain", action="store_true", help="(the default) print every key")
@@ -98,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(e).__name__}: {msg}"
         print(f"pwemoe {args.cmd}: error: {msg} (run with -v for the traceback)", file=sys.stderr)
         return 2
+
+
+def _placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default: the config's)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -143,12 +151,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_test_samples=args.max_test_samples,
             verbose=args.verbose,
+            device=args.device,
+            precision=args.precision,
         )
         return 0
     if args.cmd == "export":
         from .runs import export_run
 
-        export_run(args.run, args.preference, args.out, overwrite=args.overwrite)
+        export_run(args.run, args.preference, args.out, overwrite=args.overwrite, device=args.device)
         return 0
     if args.cmd == "finetune":
         from .recipes.finetune import finetune_from_config
@@ -162,6 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             overwrite=args.overwrite,
+            device=args.device,
+            precision=args.precision,
         )
         return 0
     raise AssertionError(args.cmd)  # argparse restricts cmd

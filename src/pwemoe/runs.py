@@ -9,16 +9,25 @@ from typing import Any
 import torch
 
 from .checkpoint import check_hashes, load_routers
+from .config import Config
 from .core.preference import PreferenceLike, normalize_preference, parse_preference
 from .io import CONFIG, ROUTERS, atomic_write_json, file_sha256, publish_dir
 from .upscale import load_router_state_dict, merge_and_unload, routing_weights, set_preference
-from .workbench import Workbench, read_config
+from .workbench import Workbench, build_config, read_config
 
 log = logging.getLogger(__name__)
 
 
-def open_run(run: str | Path, load_test: bool = True, max_test_samples: int | None = None) -> tuple[Workbench, dict]:
+def open_run(
+    run: str | Path,
+    load_test: bool = True,
+    max_test_samples: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+) -> tuple[Workbench, dict]:
     """Rebuild a run's upcycled model with its trained routers; refuse different base/expert/head weights.
+
+    `device` / `precision` replace the run's own settings (e.g. evaluate a CPU-trained run on a GPU).
 
     Returns the workbench and the checkpoint metadata, plus `routers_sha256` (the router file's hash,
     part of the provenance of every PWEMoE result).
@@ -26,7 +35,7 @@ def open_run(run: str | Path, load_test: bool = True, max_test_samples: int | No
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
-    cfg = read_config(run / CONFIG)
+    cfg = with_placement(read_config(run / CONFIG), device, precision)
     state, meta = load_routers(run / ROUTERS)
     wb = Workbench(cfg, load_train=False, load_test=load_test, max_test_samples=max_test_samples)
     check_hashes(meta.get("hashes", {}), wb.info.hashes, f"the checkpoint in {run}")
@@ -35,12 +44,24 @@ def open_run(run: str | Path, load_test: bool = True, max_test_samples: int | No
     return wb, meta
 
 
+def with_placement(cfg: Config, device: str | None, precision: str | None) -> Config:
+    """The config with `device` / `precision` replaced where given (validated like any config value)."""
+    extra = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
+    return build_config({**cfg.to_dict(), **extra}) if extra else cfg
+
+
 def parse_preference_arg(preference: str | PreferenceLike, k: int) -> torch.Tensor:
     """A validated, normalised preference Tensor[k] from '0.2,0.8' or a sequence."""
     return normalize_preference(parse_preference(preference) if isinstance(preference, str) else preference, k)
 
 
-def export_run(run: str | Path, preference: str | PreferenceLike, out: str | Path, overwrite: bool = False) -> Path:
+def export_run(
+    run: str | Path,
+    preference: str | PreferenceLike,
+    out: str | Path,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> Path:
     """Write plain Hugging Face model directories for one preference, plus pwemoe.json.
 
     `out` must be new or empty unless `overwrite`, which replaces only what a previous export wrote.
@@ -55,8 +76,9 @@ def export_run(run: str | Path, preference: str | PreferenceLike, out: str | Pat
         )
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
-    r = parse_preference_arg(preference, len(read_config(run / CONFIG).tasks))  # checked before models load
-    wb, meta = open_run(run, load_test=False)
+    cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
+    r = parse_preference_arg(preference, len(cfg.tasks))
+    wb, meta = open_run(run, load_test=False, device=device)
     set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
     tmp = out.parent / f".{out.name}.pwemoe-tmp"

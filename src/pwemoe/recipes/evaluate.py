@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..io import CONFIG, RunLock
 from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
 from ..results import ResultStore, digest, preference_key, summarize, write_tables
-from ..runs import open_run
+from ..runs import open_run, with_placement
 from ..tasks import Task
 from ..upscale import merge_and_unload, merge_into
 from ..workbench import Workbench, read_config
@@ -68,6 +68,8 @@ def evaluate_run(
     batch_size: int | None = None,
     max_test_samples: int | None = None,
     verbose: int = 0,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate PWEMoE on preferences, plus baselines; write results, hypervolumes, plots and a report."""
     _check_int("--grid", grid, 2)
@@ -76,13 +78,19 @@ def evaluate_run(
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
-    cfg = read_config(run / CONFIG)
+    cfg = with_placement(read_config(run / CONFIG), device, precision)  # errors before any model loads
     k = len(cfg.tasks)
     m = grid if grid is not None else cfg.eval.grid
     prefs = read_preferences(preferences_file, k) if preferences_file else simplex_grid(k, m)
     bs = batch_size or cfg.eval.batch_size
-    with RunLock(run, "pwemoe evaluate"):
-        wb, meta = open_run(run, load_test=True, max_test_samples=max_test_samples)
+    from accelerate import PartialState
+
+    state = PartialState()  # under accelerate launch / torchrun: the grid is split across the ranks
+    rank, world = _dist()
+    lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        state.wait_for_everyone()  # no rank starts before rank 0 holds the lock
+        wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision)
         names = [t.name for t in wb.tasks]
         store = ResultStore(run)
         settings = EvalSettings(
@@ -94,7 +102,11 @@ def evaluate_run(
         # What every row depends on: the models (base, experts, heads) and the test data as evaluated.
         common = {"models": meta.get("hashes", {}), "data": {t.name: split_fingerprint(t) for t in wb.tasks}}
         inputs = {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
-        current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose)
+        state.wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
+        current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose, rank, world)
+        if rank != 0:  # rank 0 writes the tables and the report
+            state.wait_for_everyone()
+            return {}
         summary = summarize(current, names, cfg.eval.reference_point)
         summary.update(
             {
@@ -110,6 +122,7 @@ def evaluate_run(
         from ..report import write_report
 
         write_report(run, current, names, summary)
+        state.wait_for_everyone()
     print(
         f"evaluated {len(current)} models: {store.computed} computed, {store.reused} reused from results.json"
         + (f", {store.replaced} stale rows replaced" if store.replaced else "")
@@ -117,40 +130,80 @@ def evaluate_run(
     return summary
 
 
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _evaluate(
-    wb: Workbench, store: ResultStore, s: EvalSettings, inputs: dict[str, str], baselines: bool, bs: int, verbose: int
+    wb: Workbench,
+    store: ResultStore,
+    s: EvalSettings,
+    inputs: dict[str, str],
+    baselines: bool,
+    bs: int,
+    verbose: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[dict]:
-    """Every point of every registered method (in registry order); returns this invocation's rows."""
+    """Every point of every registered method (in registry order); returns this invocation's rows.
+
+    With several processes the points still to compute are dealt round-robin: in each round every
+    rank evaluates one point, and rank 0 gathers the round's rows and stores them (results.json is
+    rewritten after each row), so an interrupted multi-rank sweep resumes from the last round.
+    """
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
-    plain: nn.Module | None = None  # PWEMoE: one plain copy, re-merged per preference (no functional_call)
-    bank: TaskVectorBank | None = None  # baselines: theta_0 + T of the whole backbone, built on first use
+    state: dict[str, Any] = {"plain": None, "bank": None}  # PWEMoE: one re-merged plain copy; baselines: theta_0 + T
     for method in METHODS.values():
         if method.baseline and not baselines:
             continue
         points = method.points(s)
-        for p in tqdm(points, desc=method.short or method.name, unit="model", disable=verbose < 0 or len(points) < 2):
-            key = inputs["pwemoe"] if p.weights is None else inputs["baseline"]
-            row = store.get(p.method, p.preference, p.param, key)
-            if row is None:
-                if p.weights is None:
-                    plain = (
-                        merge_and_unload(wb.backbone, p.preference).eval()
-                        if plain is None
-                        else merge_into(wb.backbone, plain, p.preference)
-                    )
-                    model = plain
-                else:
-                    if bank is None:
-                        bank = TaskVectorBank(wb.modality.fresh_backbone(), wb.expert_loaders())
-                    model = bank.model(p.weights)
-                row = _row(p, key, {t.name: wb.accuracy(t, bs, backbone=model) for t in wb.tasks})
-                store.add(row)
-            rows.append(row)
+        keys = [inputs["pwemoe"] if p.weights is None else inputs["baseline"] for p in points]
+        found = [store.get(p.method, p.preference, p.param, key) for p, key in zip(points, keys)]
+        todo = [j for j, row in enumerate(found) if row is None]
+        bar = tqdm(
+            total=len(todo),
+            desc=method.short or method.name,
+            unit="model",
+            disable=rank != 0 or verbose < 0 or len(todo) < 2,
+        )
+        for start in range(0, len(todo), world):
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            row = None if mine is None else _row(points[mine], keys[mine], _accuracies(wb, points[mine], state, bs))
+            got = [row]
+            if world > 1:
+                got = [None] * world
+                torch.distributed.all_gather_object(got, row)
+            for j, r in zip(todo[start : start + world], got):
+                found[j] = r
+                if rank == 0:
+                    store.add(r)
+            bar.update(len(todo[start : start + world]))
+        bar.close()
+        rows.extend(found)
         if method.name == "pwemoe":
-            plain = None  # free the copy before the baselines' bank is built
+            state["plain"] = None  # free the copy before the baselines' bank is built
     return rows
+
+
+def _accuracies(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, float]:
+    """Per-task accuracy of one point's model, on the workbench's device."""
+    if p.weights is None:
+        plain = state["plain"]
+        state["plain"] = (
+            merge_and_unload(wb.backbone, p.preference).eval()
+            if plain is None
+            else merge_into(wb.backbone, plain, p.preference)
+        )
+        model = state["plain"]
+    else:
+        if state["bank"] is None:
+            state["bank"] = TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+        model = state["bank"].model(p.weights)
+    return {t.name: wb.accuracy(t, bs, backbone=model) for t in wb.tasks}
 
 
 def _row(p: Point, inputs: str, accuracy: dict[str, float]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..devices import autocast, grad_scaler, move, resolve_device
 from ..io import publish_dir
 from ..modalities.text import load_tokenizer
 from ..workbench import read_config
@@ -25,8 +26,12 @@ def finetune_from_config(
     batch_size: int = 32,
     seed: int = 0,
     overwrite: bool = False,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Fine-tune `model.base` on the named task of a config; save a *ForSequenceClassification dir.
+
+    Runs on the config's `device` in its `precision` (fp16 with dynamic loss scaling).
 
     `out` must be new or empty, unless `overwrite`: then only what a previous finetune wrote there
     is replaced. The model is written to a temporary sibling first, so `out` is never half-written.
@@ -50,7 +55,11 @@ def finetune_from_config(
             f"finetune: {out} is not empty; choose a new directory, or pass --overwrite to replace "
             "what pwemoe wrote there before (other files are kept)"
         )
-    cfg = read_config(config)
+    cfg = read_config(config, [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v])
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
     tcfg = next((t for t in cfg.tasks if t.name == task), None)
     if tcfg is None:
         raise ConfigError([f"--task: no task named {task!r}; tasks are {cfg.task_names}"])
@@ -68,6 +77,8 @@ def finetune_from_config(
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    model.to(device)
+    scaler = grad_scaler(device, cfg.precision)
     steps = max(1, math.ceil(epochs * len(data) / batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -90,13 +101,17 @@ def finetune_from_config(
             padding=True,
             return_tensors="pt",
         )
-        loss = model(**enc, labels=torch.as_tensor(rows[d.label_column])).loss
+        with autocast(device, cfg.precision):
+            loss = model(**move(dict(enc), device), labels=torch.as_tensor(rows[d.label_column]).to(device)).loss
         opt.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar.n % 10 == 0:  # a device sync: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     tmp = out.parent / f".{out.name}.pwemoe-tmp"
     if tmp.exists():
