@@ -82,3 +82,13 @@ def text_setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("text_setup")
     return root, build_text_setup(root)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda`-marked tests skip cleanly where there is no GPU (CI); benchmarks/gpu_check.sh runs them."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
