@@ -43,6 +43,8 @@ import json
 import statistics
 import time
 
+from train_step import _status  # the same /proc reading as pwemoe's own benchmark (this folder)
+
 MB = 2**20
 
 VIT_B_32 = {
@@ -61,14 +63,6 @@ TINY = {
     "patch_size": 32,
     "image_size": 64,
 }
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def child_fusion_bench(k: int, steps: int, shape: dict, check: bool = False) -> dict:

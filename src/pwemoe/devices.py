@@ -33,6 +33,13 @@ def local_rank() -> int:
         return 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def resolve_device(spec: str = "auto", key: str = "device") -> torch.device:
     """The torch.device a `device` setting names on this machine and rank.
 
@@ -103,6 +110,7 @@ __all__ = [
     "grad_scaler",
     "local_rank",
     "move",
+    "rank_and_world",
     "resolve_device",
     "synchronize",
 ]

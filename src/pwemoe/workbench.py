@@ -266,7 +266,10 @@ class Workbench:
         for b in loader:
             if kept is not None:
                 total += b.nbytes()
-                kept = kept + [b] if total <= cache_bytes else None
+                if total <= cache_bytes:
+                    kept.append(b)
+                else:
+                    kept = None  # too big to keep: later models re-encode
             yield b
         if kept is not None:
             self._eval_cache[key] = kept

@@ -115,7 +115,7 @@ class WeightEnsemblingModule(nn.Module):
         autograd it is rebuilt at each call (the previous graph is freed by its backward), unless
         `share_under_grad` is set (`pwemoe.shared_merge`): then the forwards of one step run on
         detached leaf copies of one merge; their backwards stop at the leaves, and
-        `shared_backward` carries the summed leaf gradients through the merge to the router once.
+        `SharedMerge.backward` carries the summed leaf gradients through the merge to the router once.
         The merge is summed in the weights' own dtype, never in autocast's lower precision.
         """
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())

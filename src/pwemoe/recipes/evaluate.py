@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
+from ..devices import rank_and_world
 from ..io import CONFIG, RunLock
 from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
 from ..results import ResultStore, digest, preference_key, summarize, write_tables
@@ -86,7 +87,7 @@ def evaluate_run(
     from accelerate import PartialState
 
     state = PartialState()  # under accelerate launch / torchrun: the grid is split across the ranks
-    rank, world = _dist()
+    rank, world = rank_and_world()
     lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
     with lock:
         state.wait_for_everyone()  # no rank starts before rank 0 holds the lock
@@ -128,12 +129,6 @@ def evaluate_run(
         + (f", {store.replaced} stale rows replaced" if store.replaced else "")
     )
     return summary
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _evaluate(

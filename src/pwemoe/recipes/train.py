@@ -22,7 +22,7 @@ from .. import __version__
 from ..checkpoint import check_hashes, load_state, save_routers, save_state
 from ..config import Config, ConfigError, dump_config
 from ..core.preference import DirichletSampler
-from ..devices import grad_scaler
+from ..devices import grad_scaler, rank_and_world
 from ..io import (
     CONFIG,
     METRICS,
@@ -87,12 +87,6 @@ def checkpoint_metadata(cfg: Config, wb: Workbench, step: int) -> dict[str, Any]
     }
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def cosine_lr(step: int, segment: dict[str, float], eta_min: float) -> float:
     """Cosine annealing from segment['lr'] at segment['start'] down to eta_min at segment['end'].
 
@@ -148,7 +142,7 @@ class TrainRecipe:
         on_step: Callable[[TrainRecipe, int], None] | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.resume, self.on_step = cfg, Path(run_dir), resume, on_step
-        self.rank, self.world = _dist()
+        self.rank, self.world = rank_and_world()
         self.main = self.rank == 0
         self.step_no = 0
         self.segment = {"start": 0, "lr": cfg.train.lr, "end": cfg.train.steps}
@@ -241,17 +235,21 @@ class TrainRecipe:
         each step's indices from copies of them, and every item carries the streams' state after
         its step, which `step` adopts; so a checkpoint records exactly the batches consumed.
         """
+        encoder, sampler = self._pipeline()
+        return iter(self.wb.loader(encoder, self.cfg.train.num_workers, sampler=sampler))
+
+    def _pipeline(self) -> tuple[_StepEncoder, _StepSampler]:
         tc = self.cfg.train
         split = self.objective.needs_task_gradients or not tc.concat_forward
-        plan = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
-        sampler = _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
-        return iter(self.wb.loader(plan, tc.num_workers, sampler=sampler))
+        encoder = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
+        return encoder, _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
 
     # --- one step -----------------------------------------------------------------------------------
     def step(self, data: StepData | None = None) -> dict[str, Any]:
         tc, wb = self.cfg.train, self.wb
-        if data is None:  # no pipeline running (e.g. a caller driving steps by hand): encode here
-            data = next(self.batches())
+        if data is None:  # no pipeline running (a caller driving steps by hand): encode in this process
+            encoder, sampler = self._pipeline()
+            data = encoder[next(iter(sampler))]
         for s, st in zip(self.streams, data.stream_states):
             s.load_state_dict(st)
         for g in self.opt.param_groups:
@@ -375,7 +373,7 @@ def train(
         cfg = read_config(config, overrides)
         run_dir = Path(cfg.run_dir)
     state = PartialState()  # initialises the process group under accelerate launch / torchrun (gloo on CPU)
-    rank, _ = _dist()
+    rank, _ = rank_and_world()
     lock = RunLock(run_dir, "pwemoe train") if rank == 0 else None
     if lock is not None:
         lock.__enter__()
