@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from .core.preference import normalize_preference
 from .io import RESULTS, atomic_write_json, atomic_write_text, read_json
 from .methods import group_rows
 from .pareto import hypervolume, non_dominated
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 
 def preference_key(r: torch.Tensor | list[float], k: int) -> list[float]:
@@ -32,6 +35,38 @@ def preference_key(r: torch.Tensor | list[float], k: int) -> list[float]:
 def digest(obj: Any) -> str:
     """A short sha256 of a JSON-serialisable description of inputs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_fingerprint(task: Task) -> str:
+    """sha256 of a task's test split as evaluated: its input columns, labels and size."""
+    ds = task.test_data
+    h = hashlib.sha256(f"{len(ds)}|".encode())
+    for c in task.input_columns() + [task.cfg.data.label_column]:
+        feat = ds.features.get(c)
+        if type(feat).__name__ == "Image":  # image bytes are big: datasets' own fingerprint stands for them
+            h.update(f"{c}|{getattr(ds, '_fingerprint', '')}|".encode())
+        else:
+            h.update(f"{c}|".encode())
+            for v in ds[c]:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def row_inputs(meta: dict, tasks: list[Task]) -> dict[str, str]:
+    """The `inputs` digests of a run's rows: what every row depends on, the models (base, experts,
+    heads) and the test data as evaluated; PWEMoE rows also on the router checkpoint.
+
+    meta: `open_run`'s checkpoint metadata (hashes, routers_sha256). Returns {"pwemoe", "baseline"}.
+    """
+    common = {"models": meta.get("hashes", {}), "data": {t.name: split_fingerprint(t) for t in tasks}}
+    return {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
+
+
+def make_row(
+    method: str, preference: list[float] | None, param: float | None, accuracy: dict[str, float], inputs: str
+) -> dict[str, Any]:
+    """One results.json row: a method at a preference or parameter, its per-task accuracy and inputs digest."""
+    return {"method": method, "preference": preference, "param": param, "accuracy": accuracy, "inputs": inputs}
 
 
 def _key(method: str, pref: list[float] | None, param: float | None) -> str:

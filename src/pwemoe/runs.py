@@ -67,18 +67,38 @@ def export_run(
     `out` must be new or empty unless `overwrite`, which replaces only what a previous export wrote.
     """
     run, out = Path(run), Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export: {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # refuse before loading any model
-        raise ValueError(
-            f"export: {out} is not empty; choose a new directory, or pass --overwrite to replace "
-            "what pwemoe wrote there before (other files are kept)"
-        )
+    check_export_dir(out, overwrite)  # refuse before loading any model
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
     cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
     r = parse_preference_arg(preference, len(cfg.tasks))
     wb, meta = open_run(run, load_test=False, device=device)
+    out = write_export(wb, meta, run, r, out, overwrite)
+    print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
+    return out
+
+
+def check_export_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless `overwrite` (checked before any model loads)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export: {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"export: {out} is not empty; choose a new directory, or pass --overwrite to replace "
+            "what pwemoe wrote there before (other files are kept)"
+        )
+
+
+def write_export(
+    wb: Workbench, meta: dict, run: str | Path, r: torch.Tensor, out: str | Path, overwrite: bool = False
+) -> Path:
+    """Write the plain models of an open run (`open_run`) for the normalised preference r (Tensor[k]).
+
+    Built in a temporary sibling directory and published in one step, with pwemoe.json (the
+    preference, routing weights and provenance). Sets the model's preference to r.
+    """
+    run, out = Path(run), Path(out)
+    check_export_dir(out, overwrite)
     set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
     tmp = out.parent / f".{out.name}.pwemoe-tmp"
@@ -104,8 +124,7 @@ def export_run(
     }
     atomic_write_json(tmp / "pwemoe.json", info)
     publish_dir(tmp, out, overwrite, "export")
-    print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
     return out
 
 
-__all__ = ["export_run", "open_run", "parse_preference_arg"]
+__all__ = ["check_export_dir", "export_run", "open_run", "parse_preference_arg", "write_export"]

@@ -185,11 +185,12 @@ class Workbench:
             raise ConfigError(errors)
 
     # --- batched forward -----------------------------------------------------------------------
-    def encode(self, parts: Sequence[tuple[int, dict[str, list]]]) -> ForwardBatch:
+    def encode(self, parts: Sequence[tuple[int, dict[str, list]]], with_labels: bool = True) -> ForwardBatch:
         """Tokenise / preprocess and collate the examples of several tasks into one ForwardBatch (CPU).
 
         parts: [(task index, rows)] where rows is a column dict (`dataset[indices]`). Pure CPU work
-        with no model access, so the input pipeline runs it in worker processes.
+        with no model access, so the input pipeline runs it in worker processes. `with_labels=False`
+        (inference on unlabelled inputs) leaves `labels` empty.
         """
         feats, segments, labels = [], [], []
         for i, rows in parts:
@@ -197,7 +198,8 @@ class Workbench:
             f = t.encode(rows)
             feats.extend(f)
             segments.append((i, len(f)))
-            labels.append(t.labels(rows))
+            if with_labels:
+                labels.append(t.labels(rows))
         return ForwardBatch(dict(self.modality.collate(feats)), segments, labels)
 
     def forward(self, batch: ForwardBatch, backbone: nn.Module | None = None) -> list[torch.Tensor]:

@@ -25,18 +25,19 @@ def normalize_preference(r: PreferenceLike, k: int) -> torch.Tensor:
         t = torch.as_tensor(r, dtype=torch.float32).detach().flatten().cpu()
     except (TypeError, ValueError) as e:
         raise TypeError(f"preference must be a sequence of {k} numbers, got {r!r} ({e})") from None
+    shown = [float(f"{x:.6g}") for x in t.tolist()]  # what the user typed, not float32 noise
     if t.numel() != k:
         raise ValueError(
             f"preference must have length k={k} (one weight per task), got {t.numel()} values: "
-            f"{t.tolist()}. Pass one non-negative weight per task, e.g. {[round(1 / k, 3)] * k}."
+            f"{shown}. Pass one non-negative weight per task, e.g. {[round(1 / k, 3)] * k}."
         )
     if not torch.isfinite(t).all():
-        raise ValueError(f"preference must be finite, got {t.tolist()}")
+        raise ValueError(f"preference must be finite, got {shown}")
     if (t < 0).any():
-        raise ValueError(f"preference must be non-negative, got {t.tolist()}")
+        raise ValueError(f"preference must be non-negative, got {shown}")
     s = t.sum()
     if s <= 0:
-        raise ValueError(f"preference must have a positive sum, got {t.tolist()}; at least one task needs weight > 0")
+        raise ValueError(f"preference must have a positive sum, got {shown}; at least one task needs weight > 0")
     return t / s
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,8 @@ from ..core.preference import normalize_preference, parse_preference, simplex_gr
 from ..devices import rank_and_world
 from ..io import CONFIG, RunLock
 from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
-from ..results import ResultStore, digest, preference_key, summarize, write_tables
+from ..results import ResultStore, make_row, preference_key, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
-from ..tasks import Task
 from ..upscale import merge_and_unload, merge_into
 from ..workbench import Workbench, read_config
 
@@ -39,21 +37,6 @@ def read_preferences(path: str | Path, k: int) -> torch.Tensor:
     if not rows:
         raise ValueError(f"{path} holds no preferences; write one per line, e.g. 0.2,0.8")
     return torch.stack(rows)
-
-
-def split_fingerprint(task: Task) -> str:
-    """sha256 of a task's test split as evaluated: its input columns, labels and size."""
-    ds = task.test_data
-    h = hashlib.sha256(f"{len(ds)}|".encode())
-    for c in task.input_columns() + [task.cfg.data.label_column]:
-        feat = ds.features.get(c)
-        if type(feat).__name__ == "Image":  # image bytes are big: datasets' own fingerprint stands for them
-            h.update(f"{c}|{getattr(ds, '_fingerprint', '')}|".encode())
-        else:
-            h.update(f"{c}|".encode())
-            for v in ds[c]:
-                h.update(repr(v).encode())
-    return h.hexdigest()
 
 
 def _check_int(name: str, value: int | None, minimum: int) -> None:
@@ -100,9 +83,7 @@ def evaluate_run(
             ta_scales=[float(x) for x in cfg.eval.ta_scales],
             pwta_scale=cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k,
         )
-        # What every row depends on: the models (base, experts, heads) and the test data as evaluated.
-        common = {"models": meta.get("hashes", {}), "data": {t.name: split_fingerprint(t) for t in wb.tasks}}
-        inputs = {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
+        inputs = row_inputs(meta, wb.tasks)
         state.wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
         current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose, rank, world)
         if rank != 0:  # rank 0 writes the tables and the report
@@ -120,9 +101,10 @@ def evaluate_run(
             }
         )
         write_tables(run, store.rows, names, summary)
-        from ..report import write_report
+        from ..report import write_report, write_report_html
 
         write_report(run, current, names, summary)
+        write_report_html(run, current, names, summary)
         state.wait_for_everyone()
     print(
         f"evaluated {len(current)} models: {store.computed} computed, {store.reused} reused from results.json"
@@ -167,7 +149,7 @@ def _evaluate(
         )
         for start in range(0, len(todo), world):
             mine = todo[start + rank] if start + rank < len(todo) else None
-            row = None if mine is None else _row(points[mine], keys[mine], _accuracies(wb, points[mine], state, bs))
+            row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)
             got = [row]
             if world > 1:
                 got = [None] * world
@@ -201,5 +183,5 @@ def _accuracies(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict
     return {t.name: wb.accuracy(t, bs, backbone=model) for t in wb.tasks}
 
 
-def _row(p: Point, inputs: str, accuracy: dict[str, float]) -> dict[str, Any]:
-    return {"method": p.method, "preference": p.preference, "param": p.param, "accuracy": accuracy, "inputs": inputs}
+def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> dict[str, Any]:
+    return make_row(p.method, p.preference, p.param, _accuracies(wb, p, state, bs), inputs)
