@@ -17,6 +17,7 @@ LAYERS = [
     ["workbench", "results"],
     ["runs", "report"],
     ["recipes"],
+    ["serve"],
     ["demo"],
     ["cli", "__main__"],
 ]

@@ -23,8 +23,18 @@ from .upscale import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # the serving API loads the run layers only when asked for
+    if name == "PreferenceModel":
+        from .serve import PreferenceModel
+
+        return PreferenceModel
+    raise AttributeError(f"module 'pwemoe' has no attribute {name!r}")
+
+
 __all__ = [
     "DirichletSampler",
+    "PreferenceModel",
     "Router",
     "UpscaleInfo",
     "WeightEnsemblingModule",

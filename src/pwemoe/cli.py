@@ -1,4 +1,4 @@
-"""`pwemoe finetune | train | evaluate | export | demo | config`."""
+"""`pwemoe finetune | train | evaluate | export | serve | demo | config`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --out")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's config)")
+
+    p = sub.add_parser(
+        "serve",
+        help="the Pareto explorer in the browser and a JSON inference API taking a preference per request",
+        epilog="API: GET /api/run, GET /api/results, POST /api/routing_weights, /api/predict, /api/evaluate, "
+        "/api/export (see the README for curl examples).",
+    )
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--public", action="store_true", help="allow --host other than loopback (no authentication!)")
+    p.add_argument("--cache-size", type=int, default=4, help="merged models kept (LRU), one backbone's memory each")
+    p.add_argument("--max-batch", type=int, default=64, help="most inputs one /api/predict request may carry")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--max-test-samples", type=int, help="'evaluate now' uses the first N test examples per task")
+    _placement(p)
 
     p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
     p.add_argument("config", help="YAML config with model.base and the task")
@@ -159,6 +175,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .runs import export_run
 
         export_run(args.run, args.preference, args.out, overwrite=args.overwrite, device=args.device)
+        return 0
+    if args.cmd == "serve":
+        from .serve import serve
+
+        serve(
+            args.run,
+            host=args.host,
+            port=args.port,
+            public=args.public,
+            max_body_mb=args.max_body_mb,
+            cache_size=args.cache_size,
+            max_batch=args.max_batch,
+            max_test_samples=args.max_test_samples,
+            device=args.device,
+            precision=args.precision,
+        )
         return 0
     if args.cmd == "finetune":
         from .recipes.finetune import finetune_from_config

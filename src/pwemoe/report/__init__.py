@@ -1,4 +1,4 @@
-"""Plots and the markdown report."""
+"""Plots, the markdown report and its interactive HTML twin."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from ..methods import METHODS
+from .html import write_report_html
 from .plots import plot_fronts
 
 
@@ -74,3 +75,6 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+__all__ = ["write_report", "write_report_html"]

@@ -1,0 +1,51 @@
+"""`pwemoe serve RUN`: a Pareto explorer in the browser and an inference API taking a preference per request.
+
+`PreferenceModel` (the Python API) needs only the core; the web app needs the `serve` extra
+(fastapi, uvicorn, plotly), imported when a server is started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .model import MergeCache, PreferenceModel, TooLarge
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_host(host: str, public: bool) -> None:
+    """Serving beyond this machine must be asked for: the API writes exports and results into the run."""
+    if host not in LOOPBACK and not public:
+        raise ValueError(
+            f"--host {host} would serve the run to other machines; pwemoe binds to 127.0.0.1 unless "
+            "--public is given too (the API has no authentication: put it behind one if you do)"
+        )
+
+
+def serve(
+    run: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    public: bool = False,
+    max_body_mb: float = 8.0,
+    **model_kwargs: Any,
+) -> None:
+    """Load the run and serve the explorer and the API until interrupted (uvicorn)."""
+    check_host(host, public)
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as e:
+        raise RuntimeError(f"pwemoe serve needs the serve extra: pip install 'pwemoe[serve]' ({e})") from None
+    model = PreferenceModel(run, **model_kwargs)
+    app = create_app(model, max_body_bytes=int(max_body_mb * (1 << 20)))
+    shown = f"[{host}]" if ":" in host else host
+    print(f"pwemoe serve: {Path(run)} on http://{shown}:{port}/ (API: http://{shown}:{port}/api/run; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+__all__ = ["MergeCache", "PreferenceModel", "TooLarge", "check_host", "serve"]

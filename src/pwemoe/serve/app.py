@@ -1,0 +1,218 @@
+"""The `pwemoe serve` web app: the Pareto explorer page and a JSON API over a `PreferenceModel`.
+
+Everything the page needs is served from installed packages (its own static files, and
+plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in and out):
+
+    GET  /api/run                  tasks, k, upcycled modules, metrics, base and expert ids
+    GET  /api/results              results.json rows of this run's models and data, summary, figures
+    POST /api/routing_weights      {preference} -> lambda(r) per upcycled module
+    POST /api/predict              {preference, task, inputs} -> labels and probabilities
+    POST /api/evaluate             {preference, wait} -> the results row (wait) or a job to poll
+    GET  /api/jobs/{id}            an evaluation's progress and, when done, its row
+    POST /api/export               {preference, name?, overwrite?} -> where the plain models were written
+
+Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job),
+409 (the run directory is in use), 413 (body or batch too large), 422 (malformed JSON or fields).
+"""
+
+import itertools
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..report.interactive import front_figures, plotly_js_path
+from .model import PreferenceModel, TooLarge
+
+STATIC = Path(__file__).parent / "static"
+
+
+class PreferenceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preference: list[float]
+
+
+class PredictBody(PreferenceBody):
+    task: str
+    inputs: list[Any]
+
+
+class EvaluateBody(PreferenceBody):
+    wait: bool = False
+
+
+class ExportBody(PreferenceBody):
+    name: str | None = None
+    overwrite: bool = False
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before they are read whole."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen, started = 0, False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return msg
+
+        async def tracking_send(msg: dict) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(self.limit)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(
+        {"error": f"request body larger than {limit} bytes; send fewer or smaller inputs (or raise --max-body-mb)"},
+        status_code=413,
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        got = e.get("input")
+        parts.append(f"{loc}: {e.get('msg')}" + (f" (got {got!r:.80})" if got is not None and loc != "body" else ""))
+    return "; ".join(parts) + ". Expected JSON such as " + '{"preference": [0.5, 0.5], ...}'
+
+
+class _Jobs:
+    """Evaluations run in background threads, one at a time (the model serialises them); polled by id."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def start(self, model: PreferenceModel, preference: list[float]) -> dict[str, Any]:
+        with self.lock:
+            job = {"id": str(next(self.ids)), "status": "running", "done": 0, "total": None, "preference": preference}
+            self.jobs[job["id"]] = job
+
+        def progress(done: int, total: int) -> None:
+            job["done"], job["total"] = done, total
+
+        def work() -> None:
+            try:
+                job["row"] = model.evaluate(preference, progress)
+                job["status"] = "done"
+            except Exception as e:  # noqa: BLE001 - reported to the poller
+                job["status"], job["error"] = "failed", str(e) or type(e).__name__
+
+        threading.Thread(target=work, daemon=True, name=f"pwemoe-evaluate-{job['id']}").start()
+        return dict(job)
+
+
+def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI:
+    """The FastAPI app serving `model` (interactive docs off: they load from a CDN)."""
+    app = FastAPI(title="pwemoe", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    jobs = _Jobs()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(TooLarge)
+    async def _large(request: Request, exc: TooLarge) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=413)
+
+    @app.exception_handler(ValueError)
+    async def _bad(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(TypeError)
+    async def _bad_type(request: Request, exc: TypeError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RuntimeError)
+    async def _busy(request: Request, exc: RuntimeError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Any:
+        if name == "plotly.min.js":
+            return FileResponse(plotly_js_path(), media_type="text/javascript")
+        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+        if name not in files:
+            return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
+        return FileResponse(files[name])
+
+    @app.get("/api/run")
+    def run_info() -> dict:
+        return model.info()
+
+    @app.get("/api/results")
+    def results() -> dict:
+        res = model.results()
+        figs: dict[str, list] = {"accuracy": [], "normalized": []}
+        if res["rows"]:
+            figs["accuracy"] = front_figures(res["rows"], model.task_names, "accuracy")
+            if res["summary"] and "ideal_point" in res["summary"]:
+                figs["normalized"] = front_figures(res["rows"], model.task_names, "normalized")
+        return {**res, "figures": figs}
+
+    @app.post("/api/routing_weights")
+    def routing(body: PreferenceBody) -> dict:
+        lam = model.routing_weights(body.preference)
+        return {"preference": model.preference(body.preference), "tasks": model.task_names, "routing_weights": lam}
+
+    @app.post("/api/predict")
+    def predict(body: PredictBody) -> dict:
+        return model.predict(body.preference, body.task, body.inputs)
+
+    @app.post("/api/evaluate")
+    def evaluate(body: EvaluateBody) -> dict:
+        pref = model.preference(body.preference)  # invalid input fails here, not in the job
+        if body.wait:
+            return {"status": "done", "row": model.evaluate(pref)}
+        return jobs.start(model, pref)
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: str) -> Any:
+        j = jobs.jobs.get(job_id)
+        if j is None:
+            return JSONResponse({"error": f"no evaluation job {job_id!r}; POST /api/evaluate starts one"}, 404)
+        return dict(j)
+
+    @app.post("/api/export")
+    def export(body: ExportBody) -> dict:
+        return model.export(body.preference, body.name, body.overwrite)
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+__all__ = ["create_app"]

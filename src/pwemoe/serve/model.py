@@ -1,0 +1,338 @@
+"""`PreferenceModel`: a trained run as one model that takes a preference with every call.
+
+This is the Python API under `pwemoe serve`: predictions, routing weights, evaluation and export
+for any preference r, without HTTP. Merged weights theta(r) are plain copies of the backbone kept
+in an LRU cache keyed by the normalised preference (`MergeCache`), so a repeated preference costs
+no merge and concurrent callers with different preferences never share weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.preference import PreferenceLike, normalize_preference
+from ..io import RESULTS, RunLock
+from ..results import ResultStore, make_row, preference_key, row_inputs, summarize
+from ..runs import open_run, write_export
+from ..upscale import merge_and_unload, merge_into, routing_weights
+
+Key = tuple[float, ...]
+EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class TooLarge(ValueError):
+    """A request larger than the configured limit (the server answers 413)."""
+
+
+@dataclass
+class _Entry:
+    model: nn.Module
+    users: int = 0
+
+
+class MergeCache:
+    """Plain merged backbones theta(r), keyed by the normalised preference, least recently used out first.
+
+    A miss re-merges into the least recently used copy that no caller is using (`merge_into`, no new
+    allocation); only while the cache is filling, or when every copy is in use, is a new copy made
+    (`merge_and_unload`). A copy is never re-merged while a caller holds it (`lease`), so concurrent
+    callers with different preferences never see each other's weights. Merges run under `lock`, the
+    lock that guards the upcycled model's preference state.
+    """
+
+    def __init__(self, backbone: nn.Module, size: int, lock: threading.RLock) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"cache_size must be an integer >= 1 (merged copies kept), got {size!r}")
+        self.backbone, self.size, self.lock = backbone, size, lock
+        self.entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self.hits = self.misses = self.reused = 0
+
+    @contextlib.contextmanager
+    def lease(self, key: Key) -> Iterator[tuple[nn.Module, bool]]:
+        """Yield (plain model with theta(key), whether it was cached); the copy is held until exit."""
+        with self.lock:
+            e = self.entries.get(key)
+            hit = e is not None
+            if e is not None:
+                self.hits += 1
+                self.entries.move_to_end(key)
+            else:
+                self.misses += 1
+                free = next((k for k, v in self.entries.items() if v.users == 0), None)
+                if free is not None and len(self.entries) >= self.size:
+                    e = self.entries.pop(free)
+                    merge_into(self.backbone, e.model, list(key))
+                    self.reused += 1
+                else:
+                    e = _Entry(merge_and_unload(self.backbone, list(key)).eval().requires_grad_(False))
+                self.entries[key] = e
+            e.users += 1
+        try:
+            yield e.model, hit
+        finally:
+            with self.lock:
+                e.users -= 1
+                while len(self.entries) > self.size:  # over size only while every copy was in use
+                    old = next((k for k, v in self.entries.items() if v.users == 0), None)
+                    if old is None:
+                        break
+                    del self.entries[old]
+
+    def stats(self) -> dict[str, int]:
+        return {"size": self.size, "held": len(self.entries), "hits": self.hits, "misses": self.misses}
+
+
+class PreferenceModel:
+    """A trained run that answers for any preference: `predict`, `routing_weights`, `evaluate`, `export`.
+
+    Args:
+        run: a run directory (`pwemoe train` output).
+        device / precision: override the run's own settings (e.g. serve a GPU-trained run on a CPU).
+        cache_size: merged copies of the backbone kept (each costs one backbone's memory).
+        max_test_samples: evaluate on the first N test examples per task (rows record this slice).
+        max_batch: the most inputs one `predict` call takes.
+
+    Thread-safe: every method may be called from several threads at once.
+    """
+
+    def __init__(
+        self,
+        run: str | Path,
+        device: str | None = None,
+        precision: str | None = None,
+        cache_size: int = 4,
+        max_test_samples: int | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.run = Path(run)
+        self.wb, self.meta = open_run(run, True, max_test_samples, device=device, precision=precision)
+        self.wb.backbone.requires_grad_(False)
+        self.task_names = [t.name for t in self.wb.tasks]
+        self.k = len(self.task_names)
+        self.max_batch = max_batch
+        self.max_test_samples = max_test_samples
+        self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
+        self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
+        self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
+        self.inputs = row_inputs(self.meta, self.wb.tasks)  # the provenance of rows this model computes
+        self._encoded: dict[str, list[Any]] = {}
+
+    # --- what the run is -------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Tasks, k, upcycled modules, metrics, base and expert ids, and the serving settings."""
+        info = self.wb.info
+        return {
+            "run": str(self.run.resolve()),
+            "tasks": [
+                {
+                    "name": t.name,
+                    "type": t.cfg.type,
+                    "input": "image" if t.modality == "image" else "text",
+                    "text_pair": bool(getattr(t.cfg.data, "text_pair_column", None)) and t.modality == "text",
+                    "class_names": list(t.class_names),
+                    "test_examples": len(t.test_data),
+                }
+                for t in self.wb.tasks
+            ],
+            "k": self.k,
+            "targets": list(info.targets) if info is not None else [],
+            "metrics": {"accuracy": "higher is better"},
+            "base": self.meta.get("base"),
+            "experts": self.meta.get("experts"),
+            "step": self.meta.get("step"),
+            "routers_sha256": self.meta.get("routers_sha256"),
+            "device": str(self.wb.device),
+            "precision": self.wb.precision,
+            "cache": self.cache.stats(),
+            "max_batch": self.max_batch,
+            "max_test_samples": self.max_test_samples,
+        }
+
+    def preference(self, r: PreferenceLike) -> list[float]:
+        """The validated, normalised preference as pwemoe records it (6 decimals): the cache key."""
+        return preference_key(normalize_preference(r, self.k), self.k)
+
+    def routing_weights(self, r: PreferenceLike) -> dict[str, list[float]]:
+        """{upcycled module: lambda(r) (k numbers)} in model order."""
+        key = self.preference(r)
+        with self._lock:
+            return {n: v.tolist() for n, v in routing_weights(self.wb.model, key).items()}
+
+    # --- inference ---------------------------------------------------------------------------------
+    def logits(self, r: PreferenceLike, task: str, inputs: Sequence[Any]) -> tuple[torch.Tensor, bool]:
+        """Logits Tensor[n, C] (fp32, CPU) of `task` for n inputs under preference r; and whether theta(r) was cached.
+
+        inputs: texts (or [text, pair] lists for pair tasks), or images (PIL images, bytes, or base64
+        strings, data URLs too) for CLIP tasks.
+        """
+        key = tuple(self.preference(r))
+        i = self._task_index(task)
+        batch = self.wb.encode([(i, self._rows(i, inputs))], with_labels=False)  # CPU, outside the lock
+        with self.cache.lease(key) as (plain, hit), torch.no_grad():
+            logits = self.wb.forward(batch, backbone=plain)[0]
+        return logits.float().cpu(), hit
+
+    def predict(self, r: PreferenceLike, task: str, inputs: Sequence[Any]) -> dict[str, Any]:
+        """Labels and class probabilities of `task` for `inputs` under preference r."""
+        logits, hit = self.logits(r, task, inputs)
+        names = self.wb.tasks[self._task_index(task)].class_names
+        probs = logits.softmax(-1)
+        return {
+            "task": task,
+            "preference": self.preference(r),
+            "cache": "hit" if hit else "miss",
+            "predictions": [
+                {
+                    "label": names[int(p.argmax())],
+                    "index": int(p.argmax()),
+                    "probabilities": dict(zip(names, p.tolist())),
+                }
+                for p in probs
+            ],
+        }
+
+    def _task_index(self, task: str) -> int:
+        if task not in self.task_names:
+            raise ValueError(f"unknown task {task!r}; this run's tasks are {self.task_names}")
+        return self.task_names.index(task)
+
+    def _rows(self, i: int, inputs: Sequence[Any]) -> dict[str, list]:
+        """The column dict Task.encode reads, from user inputs, validated."""
+        t = self.wb.tasks[i]
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise TypeError(f"inputs must be a list of examples for task {t.name!r}, got {type(inputs).__name__}")
+        if len(inputs) == 0:
+            raise ValueError(f"inputs is empty; give 1 to {self.max_batch} examples for task {t.name!r}")
+        if len(inputs) > self.max_batch:
+            raise TooLarge(
+                f"{len(inputs)} inputs in one request; at most {self.max_batch} (split the batch, or raise --max-batch)"
+            )
+        cols = t.input_columns()
+        if t.modality == "image":
+            return {cols[0]: [_image(x, j) for j, x in enumerate(inputs)]}
+        if len(cols) == 2:  # sentence pairs
+            bad = [j for j, x in enumerate(inputs) if not _is_pair(x)]
+            if bad:
+                raise ValueError(
+                    f"task {t.name!r} takes sentence pairs: each input a list of two non-empty strings; "
+                    f"inputs {bad[:5]} are not"
+                )
+            return {cols[0]: [x[0] for x in inputs], cols[1]: [x[1] for x in inputs]}
+        bad = [j for j, x in enumerate(inputs) if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ValueError(f"task {t.name!r} takes texts: each input a non-empty string; inputs {bad[:5]} are not")
+        return {cols[0]: list(inputs)}
+
+    # --- evaluation and export ---------------------------------------------------------------------
+    def evaluate(
+        self, r: PreferenceLike, progress: Callable[[int, int], None] | None = None, store: bool = True
+    ) -> dict[str, Any]:
+        """Accuracy of PWEMoE at r on each task's test split (the slice given at start), as `pwemoe evaluate`
+        computes it; the row is added to results.json (`store`), or reused from there when it was
+        computed from the same models, routers and test data.
+
+        progress(done, total) is called after every evaluated batch. Returns the row, plus `reused`.
+        """
+        key = self.preference(r)
+        bs = self.wb.cfg.eval.batch_size
+        with self._eval_lock, RunLock(self.run, "pwemoe serve (evaluate)") if store else contextlib.nullcontext():
+            if store:
+                found = ResultStore(self.run).get("pwemoe", key, None, self.inputs["pwemoe"])
+                if found is not None:
+                    return {**found, "reused": True}
+            batches = {t.name: self.wb.eval_batches(t, bs) for t in self.wb.tasks}
+            total, done = sum(len(b) for b in batches.values()), 0
+            acc = {}
+            with self.cache.lease(tuple(key)) as (plain, _), torch.no_grad():
+                for i, t in enumerate(self.wb.tasks):
+                    correct = torch.zeros((), dtype=torch.long, device=self.wb.device)
+                    for b in self._test_batches(i, batches[t.name]):
+                        logits = self.wb.forward(b, backbone=plain)[0]
+                        correct += (logits.argmax(-1) == b.labels[0].to(self.wb.device)).sum()
+                        done += 1
+                        if progress is not None:
+                            progress(done, total)
+                    acc[t.name] = int(correct) / len(t.test_data)
+            row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
+            if store:
+                ResultStore(self.run).add(row)  # re-read under the run lock: rows others wrote are kept
+        return {**row, "reused": False}
+
+    def _test_batches(self, i: int, index_batches: list[list[int]]) -> list[Any]:
+        """The task's length-sorted test batches, encoded once (in this thread: no loader processes
+        are forked from a threaded server) and kept for later evaluations."""
+        t = self.wb.tasks[i]
+        if t.name not in self._encoded:
+            self._encoded[t.name] = [self.wb.encode([(i, t.test_data[idx])]) for idx in index_batches]
+        return self._encoded[t.name]
+
+    def export(self, r: PreferenceLike, name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Write the plain models for r under RUN/exports/<name> (default: from r); returns pwemoe.json."""
+        key = self.preference(r)
+        name = name or "r-" + "-".join(f"{x:.3f}" for x in key)
+        if not isinstance(name, str) or not EXPORT_NAME.match(name):
+            raise ValueError(
+                f"export name must be 1-100 letters, digits, '.', '_' or '-' (a folder under "
+                f"{self.run / 'exports'}), not starting with '.' or '-', got {name!r}"
+            )
+        out = self.run / "exports" / name
+        with self._lock:
+            write_export(self.wb, self.meta, self.run, torch.tensor(key), out, overwrite)
+        import json
+
+        return {"path": str(out.resolve()), **json.loads((out / "pwemoe.json").read_text())}
+
+    def results(self) -> dict[str, Any]:
+        """The rows of results.json computed from this model's inputs, their summary (hypervolumes),
+        and how many stored rows were left out because they came from other models, routers or data."""
+        path = self.run / RESULTS
+        rows = ResultStore(self.run).rows if path.exists() else []
+        current = [
+            r for r in rows if r.get("inputs") == self.inputs["pwemoe" if r["method"] == "pwemoe" else "baseline"]
+        ]
+        summary = summarize(current, self.task_names, self.wb.cfg.eval.reference_point) if current else None
+        return {"tasks": self.task_names, "rows": current, "other_rows": len(rows) - len(current), "summary": summary}
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(s, str) and s.strip() for s in x)
+
+
+def _image(x: Any, j: int) -> Any:
+    """A PIL image from a PIL image, raw bytes, or a base64 string (a data URL too)."""
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return x
+    if isinstance(x, str):
+        s = x.split(",", 1)[1] if x.startswith("data:") else x
+        try:
+            x = base64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"input {j} is not valid base64 (give an image file's bytes base64-encoded)") from None
+    if not isinstance(x, (bytes, bytearray)):
+        raise TypeError(f"input {j}: expected an image (PIL image, bytes or base64 string), got {type(x).__name__}")
+    try:
+        im = Image.open(io.BytesIO(x))
+        im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise ValueError(f"input {j} is not an image PIL can read ({type(e).__name__}: {e})") from None
+    return im
+
+
+__all__ = ["MergeCache", "PreferenceModel", "TooLarge"]

@@ -1,0 +1,58 @@
+"""A real uvicorn server on 127.0.0.1 at a free port, in a thread, and a small JSON client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve `app` until the block exits; yields the base URL (http://127.0.0.1:PORT)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the OS picks a free port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not t.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+        sock.close()
+
+
+def call(
+    url: str, body: Any = None, raw: bytes | None = None, content_type: str = "application/json"
+) -> tuple[int, Any]:
+    """(status, parsed JSON) of a GET (no body) or POST (JSON `body`, or `raw` bytes)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            payload = res.read()
+            status = res.status
+    except urllib.error.HTTPError as e:
+        payload, status = e.read(), e.code
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload

@@ -1,0 +1,246 @@
+"""`PreferenceModel`, its merge cache, and the `pwemoe serve` API against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.serving import call, running
+
+pytest.importorskip("fastapi")
+
+TEXTS = ["good movie very good", "the film was bad", "red green news", "blue team won the game"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(text_setup, tmp_path_factory) -> Path:
+    """A tiny BERT run (k = 2), trained 20 steps and evaluated on the M = 3 grid with baselines."""
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.recipes.train import train
+
+    root, base_cfg = text_setup
+    tmp = tmp_path_factory.mktemp("serverun")
+    cfg = {**base_cfg, "run_dir": str(tmp / "run"), "train": {**base_cfg["train"], "steps": 20}}
+    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = Path(train(tmp / "c.yaml", []))
+    evaluate_run(run, grid=3, verbose=-1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(evaluated_run):
+    from pwemoe import PreferenceModel
+
+    return PreferenceModel(evaluated_run, cache_size=2, max_batch=8)
+
+
+def _plain_logits(export_dir: Path, task: str, texts: list[str]) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    m = AutoModelForSequenceClassification.from_pretrained(export_dir / task).eval()
+    tok = AutoTokenizer.from_pretrained(export_dir / task)
+    enc = tok(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return m(**enc).logits
+
+
+def test_predict_equals_the_exported_plain_model(model, evaluated_run):
+    r = [0.3, 0.7]
+    out = model.export(r, name="pm-check")
+    assert Path(out["path"]) == (evaluated_run / "exports" / "pm-check").resolve()
+    assert out["preference"] == pytest.approx({"polarity": 0.3, "color": 0.7})
+    for task in ("polarity", "color"):
+        logits, _ = model.logits(r, task, TEXTS)
+        want = _plain_logits(Path(out["path"]), task, TEXTS)
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        pred = model.predict(r, task, TEXTS)
+        names = model.wb.tasks[model.task_names.index(task)].class_names
+        assert [p["label"] for p in pred["predictions"]] == [names[i] for i in want.argmax(-1).tolist()]
+        for p, row in zip(pred["predictions"], want.softmax(-1)):
+            assert list(p["probabilities"].values()) == pytest.approx(row.tolist(), abs=1e-6)
+            assert math.isclose(sum(p["probabilities"].values()), 1.0, abs_tol=1e-5)
+
+
+def test_merge_cache_is_lru_reuses_free_copies_and_never_a_held_one(model):
+    from pwemoe import merge_and_unload
+    from pwemoe.serve import MergeCache
+
+    cache = MergeCache(model.wb.backbone, 2, model._lock)
+    keys = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.25, 0.75)]
+
+    def check(m, key):  # the copy holds exactly theta(key)
+        want = merge_and_unload(model.wb.backbone, list(key)).state_dict()
+        for n, v in m.state_dict().items():
+            assert torch.equal(v, want[n]), n
+
+    with cache.lease(keys[0]) as (m0, hit):
+        assert not hit
+    with cache.lease(keys[1]) as (m1, hit):
+        assert not hit
+    with cache.lease(keys[0]) as (m, hit):
+        assert hit and m is m0  # a repeated preference costs no merge
+    with cache.lease(keys[2]) as (m2, hit):  # full: re-merges the least recently used copy (keys[1]'s)
+        assert not hit and m2 is m1 and cache.reused == 1
+        check(m2, keys[2])
+    assert list(cache.entries) == [keys[0], keys[2]]
+    with cache.lease(keys[0]) as (a, _), cache.lease(keys[2]) as (b, _):
+        with cache.lease(keys[3]) as (c, hit):  # both copies held: a new one, never a held copy
+            assert not hit and c is not a and c is not b
+            check(a, keys[0])
+            check(b, keys[2])
+            check(c, keys[3])
+            assert len(cache.entries) == 3  # over size while every copy is in use
+        assert list(cache.entries) == [keys[0], keys[2]]  # trimmed on release: the free copy goes
+    assert len(cache.entries) == 2
+    assert cache.stats() == {"size": 2, "held": 2, "hits": 3, "misses": 4}
+    with pytest.raises(ValueError, match="cache_size"):
+        MergeCache(model.wb.backbone, 0, model._lock)
+
+
+def test_api_endpoints(model, evaluated_run):
+    from pwemoe.recipes.evaluate import evaluate_run  # noqa: F401  (the rows below come from it)
+    from pwemoe.runs import open_run
+    from pwemoe.serve.app import create_app
+    from pwemoe.upscale import merge_and_unload, routing_weights
+
+    wb, _ = open_run(evaluated_run)  # an independent copy of the run, for reference values
+    with running(create_app(model)) as url:
+        status, info = call(url + "/api/run")
+        assert status == 200 and info["k"] == 2 and [t["name"] for t in info["tasks"]] == ["polarity", "color"]
+        assert info["targets"] and info["metrics"] == {"accuracy": "higher is better"}
+        assert info["experts"] and info["base"]
+
+        status, page = call(url + "/")
+        assert status == 200 and b'src="/static/plotly.min.js"' in page and b"http" not in page  # no CDN
+        status, js = call(url + "/static/plotly.min.js")
+        assert status == 200 and len(js) > 1_000_000
+        assert call(url + "/static/explorer.js")[0] == 200
+        assert call(url + "/static/nothing.js")[0] == 404
+
+        status, lam = call(url + "/api/routing_weights", {"preference": [2, 6]})  # normalised to (0.25, 0.75)
+        want = routing_weights(wb.model, [0.25, 0.75])
+        assert status == 200 and lam["preference"] == [0.25, 0.75]
+        assert set(lam["routing_weights"]) == set(want)
+        for n, v in want.items():
+            assert lam["routing_weights"][n] == pytest.approx(v.tolist(), abs=1e-6)
+
+        body = {"preference": [0.9, 0.1], "task": "color", "inputs": TEXTS[:2]}
+        status, first = call(url + "/api/predict", body)
+        status2, again = call(url + "/api/predict", body)
+        assert status == status2 == 200 and again["cache"] == "hit"
+        assert again["predictions"] == first["predictions"]
+        assert first["predictions"] == model.predict([0.9, 0.1], "color", TEXTS[:2])["predictions"]
+
+        rows = json.loads((evaluated_run / "results.json").read_text())
+        grid_row = next(r for r in rows if r["method"] == "pwemoe" and r["preference"] == [0.5, 0.5])
+        status, res = call(url + "/api/evaluate", {"preference": [1, 1], "wait": True})
+        assert status == 200 and res["row"]["reused"] and res["row"]["accuracy"] == grid_row["accuracy"]
+
+        status, job = call(url + "/api/evaluate", {"preference": [0.3, 0.7]})  # new: a job to poll
+        assert status == 200 and job["status"] == "running"
+        for _ in range(600):
+            status, job = call(url + f"/api/jobs/{job['id']}")
+            if job["status"] != "running":
+                break
+            import time
+
+            time.sleep(0.05)
+        assert job["status"] == "done" and job["done"] == job["total"] > 0, job
+        plain = merge_and_unload(wb.backbone, [0.3, 0.7])
+        want = {t.name: wb.accuracy(t, 64, backbone=plain) for t in wb.tasks}
+        assert job["row"]["accuracy"] == want and not job["row"]["reused"]
+        stored = json.loads((evaluated_run / "results.json").read_text())
+        assert sum(r["method"] == "pwemoe" and r["preference"] == [0.3, 0.7] for r in stored) == 1
+        assert len(stored) == len(rows) + 1  # added, nothing else touched
+
+        status, res = call(url + "/api/results")
+        assert status == 200 and res["other_rows"] == 0 and len(res["rows"]) == len(rows) + 1
+        assert res["summary"]["methods"]["pwemoe"]["points"] == 4
+        assert [f["name"] for f in res["figures"]["accuracy"]] == ["plane"]
+
+        status, ex = call(url + "/api/export", {"preference": [0.6, 0.4], "name": "api-export"})
+        assert (
+            status == 200
+            and Path(ex["path"]).is_dir()
+            and ex["preference"] == pytest.approx({"polarity": 0.6, "color": 0.4})
+        )
+        logits, _ = model.logits([0.6, 0.4], "polarity", TEXTS)
+        torch.testing.assert_close(logits, _plain_logits(Path(ex["path"]), "polarity", TEXTS), rtol=1e-5, atol=1e-5)
+        status, err = call(url + "/api/export", {"preference": [0.6, 0.4], "name": "api-export"})
+        assert status == 400 and "not empty" in err["error"]
+        assert call(url + "/api/export", {"preference": [0.6, 0.4], "name": "api-export", "overwrite": True})[0] == 200
+        status, err = call(url + "/api/export", {"preference": [0.6, 0.4], "name": "../outside"})
+        assert status == 400 and "export name" in err["error"]
+        assert not (evaluated_run.parent / "outside").exists()
+        assert call(url + "/api/jobs/nope")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "path, body, raw, ctype, status, words",
+    [
+        ("predict", {"preference": [1.0], "task": "color", "inputs": ["a"]}, None, None, 400, "length k=2"),
+        ("predict", {"preference": [-1, 2], "task": "color", "inputs": ["a"]}, None, None, 400, "non-negative"),
+        ("predict", None, b'{"preference": [NaN, 1], "task": "color", "inputs": ["a"]}', None, 400, "finite"),
+        ("predict", {"preference": [0, 0], "task": "color", "inputs": ["a"]}, None, None, 400, "positive sum"),
+        ("predict", {"preference": [1, 1], "task": "colour", "inputs": ["a"]}, None, None, 400, "unknown task"),
+        ("predict", {"preference": [1, 1], "task": "color", "inputs": []}, None, None, 400, "inputs is empty"),
+        ("predict", {"preference": [1, 1], "task": "color", "inputs": ["a", ""]}, None, None, 400, "non-empty"),
+        ("predict", {"preference": [1, 1], "task": "color", "inputs": "a"}, None, None, 422, "inputs"),
+        ("predict", {"preference": [1, 1], "task": "color", "inputs": ["a"] * 9}, None, None, 413, "at most 8"),
+        ("predict", {"preference": [1, 1], "inputs": ["a"]}, None, None, 422, "task: Field required"),
+        ("predict", {"preference": "0.5,0.5", "task": "color", "inputs": ["a"]}, None, None, 422, "valid list"),
+        ("predict", None, b'{"preference": [1, 1], "task": ', None, 422, "JSON"),
+        ("predict", None, b'{"preference": [1, 1], "task": "color", "inputs": ["a"]}', "text/plain", 422, ""),
+        ("predict", None, b'{"inputs": ["' + b"x" * (3 << 20) + b'"]}', None, 413, "larger than"),
+        ("routing_weights", {"preference": [1, 1], "extra": 1}, None, None, 422, "extra"),
+        ("evaluate", {"preference": [1, math.inf]}, None, None, 400, "finite"),
+        ("export", {"preference": [1, 1], "name": ".hidden"}, None, None, 400, "export name"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(model, path, body, raw, ctype, status, words):
+    from pwemoe.serve.app import create_app
+
+    if raw is None:
+        raw = json.dumps(body).encode()  # Infinity / NaN as Python's json writes them
+    with running(create_app(model, max_body_bytes=2 << 20)) as url:
+        got, res = call(f"{url}/api/{path}", raw=raw, content_type=ctype or "application/json")
+        assert got == status, res
+        assert isinstance(res, dict) and words in res["error"], res
+        assert call(url + "/api/run")[0] == 200
+
+
+def test_concurrent_requests_with_mixed_preferences_equal_one_at_a_time(model):
+    """16 requests at once over 5 preferences with a 2-copy cache: evictions and re-merges under load."""
+    from pwemoe.serve.app import create_app
+
+    prefs = [[1, 0], [0, 1], [0.5, 0.5], [0.2, 0.8], [0.7, 0.3]]
+    bodies = [{"preference": prefs[i % 5], "task": ["polarity", "color"][i % 2], "inputs": TEXTS} for i in range(16)]
+    with running(create_app(model)) as url:
+        alone = [call(url + "/api/predict", b) for b in bodies]
+        with ThreadPoolExecutor(16) as ex:
+            together = list(ex.map(lambda b: call(url + "/api/predict", b), bodies))
+    assert all(s == 200 for s, _ in alone + together)
+    for (_, a), (_, b) in zip(alone, together):
+        assert a["predictions"] == b["predictions"] and a["preference"] == b["preference"]
+    assert model.cache.stats()["held"] <= 2
+
+
+def test_serve_binds_loopback_unless_public_is_asked(evaluated_run, capsys):
+    from pwemoe.cli import main
+
+    assert main(["serve", str(evaluated_run), "--host", "0.0.0.0"]) == 2
+    assert "--public" in capsys.readouterr().err
+
+
+def test_evaluate_writes_a_self_contained_interactive_report(evaluated_run):
+    page = (evaluated_run / "report.html").read_text()
+    assert page.count("Plotly.newPlot(") >= 2  # raw and normalised fronts
+    assert "<script src=" not in page and "<link" not in page  # plotly.js is inlined: nothing to fetch
+    assert "r = (0.5, 0.5)" in page and "polarity: " in page  # hover text of the PWEMoE rows
+    assert len(page) > 1_000_000
