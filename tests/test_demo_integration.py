@@ -16,7 +16,7 @@ needs = [
 
 
 @pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs} (make test installs them)")
-def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch):
+def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch, capsys):
     from pwemoe.core import simplex_grid_size
     from pwemoe.demo.offline import run_demo
 
@@ -39,6 +39,8 @@ def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch):
     assert check["match"] and check["exported"] == check["evaluated"]
     cfg = yaml.safe_load((tmp_path / "demo" / "demo.yaml").read_text())
     assert [t["name"] for t in cfg["tasks"]] == ["rt_sentiment", "bbc_news", "tweet_sentiment"]
+    assert (run / "report.html").stat().st_size > 1_000_000
+    assert capsys.readouterr().out.rstrip().endswith(f"pwemoe serve {run}")  # the demo ends with the serve command
 
 
 @pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs}")

@@ -81,6 +81,8 @@ def run_demo(
     elapsed = time.perf_counter() - t0
     _print_table(summary, check, elapsed, run)
     atomic_write_json(workdir / "demo_summary.json", {"summary": summary, "export_check": check, "seconds": elapsed})
+    print(f"\nInteractive report: {run / 'report.html'}")
+    print(f"Explore the front, routing weights and predictions in the browser:\n\n    pwemoe serve {run}\n")
     return summary
 
 
