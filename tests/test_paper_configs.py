@@ -83,3 +83,29 @@ def test_config_end_to_end_on_replicas(name, tmp_path):
             pred = model(**enc).logits.argmax(-1)
         acc = (pred == torch.tensor(list(ds["label"]))).float().mean().item()
     assert acc == pytest.approx(want[first["name"]], abs=1e-6)
+
+    # the serving API answers the same for that preference: images as base64 PNGs, texts, pairs
+    from pwemoe import PreferenceModel
+
+    pm = PreferenceModel(run)
+    n = 4
+    if name.startswith("clip"):
+        import base64
+        import io
+
+        def b64(im):
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="PNG")
+            return base64.b64encode(buf.getvalue()).decode()
+
+        inputs = [b64(im) for im in ds["image"][:n]]
+    else:
+        inputs = list(ds[first["data"]["text_column"]][:n])
+    out = pm.predict(pref, first["name"], inputs)
+    assert [p["index"] for p in out["predictions"]] == pred[:n].tolist()
+    pair = next((t for t in cfg["tasks"] if t["data"].get("text_pair_column")), None)
+    if pair is not None:
+        res = pm.predict(pref, pair["name"], [["a premise here", "a hypothesis"]])
+        assert res["predictions"][0]["label"] in pm.wb.tasks[pm.task_names.index(pair["name"])].class_names
+        with pytest.raises(ValueError, match="sentence pairs"):
+            pm.predict(pref, pair["name"], ["not a pair"])

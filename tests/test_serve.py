@@ -244,3 +244,38 @@ def test_evaluate_writes_a_self_contained_interactive_report(evaluated_run):
     assert "<script src=" not in page and "<link" not in page  # plotly.js is inlined: nothing to fetch
     assert "r = (0.5, 0.5)" in page and "polarity: " in page  # hover text of the PWEMoE rows
     assert len(page) > 1_000_000
+
+
+@pytest.mark.parametrize("k, names", [(2, ["plane"]), (3, ["ternary", "planes"]), (4, ["parcoords"])])
+def test_front_figures_per_k(k, names):
+    from pwemoe.report.interactive import front_figures
+    from pwemoe.results import normalise
+
+    tasks = [f"t{i}" for i in range(k)]
+    eye = [[float(i == j) for j in range(k)] for i in range(k)]
+    rows = [
+        {
+            "method": f"expert:{t}",
+            "preference": eye[i],
+            "param": None,
+            "accuracy": {u: 0.9 - 0.1 * (u != t) for u in tasks},
+        }
+        for i, t in enumerate(tasks)
+    ] + [
+        {"method": "pwemoe", "preference": [1 / k] * k, "param": None, "accuracy": {u: 0.85 for u in tasks}},
+        {"method": "task_arithmetic", "preference": None, "param": 0.3, "accuracy": {u: 0.8 for u in tasks}},
+    ]
+    normalise(rows, tasks)
+    figs = front_figures(rows, tasks)
+    assert [f["name"] for f in figs] == names
+    data = [t for f in figs for t in f["figure"]["data"]]
+    if k == 4:
+        (pc,) = data
+        assert [d["label"] for d in pc["dimensions"]] == tasks and len(pc["dimensions"][0]["values"]) == len(rows)
+    else:  # every row appears once per plane, with hover text naming its method and values
+        texts = [x for t in data if t["type"] == "scatter" for x in t["text"]]
+        assert len(texts) == len(rows) * (1 if k == 2 else 3)
+        assert any("PWEMoE" in x and "t0: 0.8500" in x for x in texts) and any("λ = 0.3" in x for x in texts)
+    if k == 3:
+        tern = figs[0]["figure"]["data"][0]
+        assert tern["a"] == [1 / 3] and tern["marker"]["color"] == [pytest.approx(0.85 / 0.9)]
