@@ -112,14 +112,21 @@ def test_evaluate_resumes_from_results_file(trained_run, monkeypatch):
     kept = [r for r in rows if not (r["method"] == "pwemoe" and r["preference"] == [0.5, 0.5])]
     (trained_run / "results.json").write_text(json.dumps(kept))
     calls = []
-    real = Workbench.accuracy
-    monkeypatch.setattr(
-        Workbench, "accuracy", lambda self, t, *a, **kw: calls.append(t.name) or real(self, t, *a, **kw)
-    )
+    real = Workbench.correct
+    monkeypatch.setattr(Workbench, "correct", lambda self, t, *a, **kw: calls.append(t.name) or real(self, t, *a, **kw))
     run_mod.evaluate_run(trained_run, grid=3, baselines=False)
     assert sorted(calls) == ["color", "polarity"]  # only the missing preference, on both tasks
     again = json.loads((trained_run / "results.json").read_text())
     assert any(r["method"] == "pwemoe" and r["preference"] == [0.5, 0.5] for r in again)
+    # a row whose per-example correctness is missing (e.g. killed between the two writes) is recomputed
+    corr = json.loads((trained_run / "correct.json").read_text())
+    del corr["pwemoe|1.000000,0.000000|"]
+    (trained_run / "correct.json").write_text(json.dumps(corr))
+    calls.clear()
+    summary = run_mod.evaluate_run(trained_run, grid=3, baselines=False)
+    assert sorted(calls) == ["color", "polarity"] and summary["rows_computed"] == 1
+    assert "pwemoe|1.000000,0.000000|" in json.loads((trained_run / "correct.json").read_text())
+    assert "hypervolume_ci" in summary["methods"]["pwemoe"]
 
 
 def test_export_reproduces_evaluated_accuracy(trained_run, tmp_path):

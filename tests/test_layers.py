@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pwemoe"
 # Bottom to top. A module may import its own layer or lower ones (run-time imports, including
 # those inside functions; `if TYPE_CHECKING:` blocks are annotations only and are skipped).
 LAYERS = [
-    ["core", "architectures", "io", "pareto", "devices"],
+    ["core", "architectures", "io", "pareto", "devices", "bootstrap"],
     ["models", "objectives"],
     ["upscale", "config", "checkpoint"],
     ["tasks", "modalities", "methods"],

@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-test-samples", type=int, help="evaluate on the first N test examples per task")
+    p.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="test (reported) or validation (for choosing settings; written under RUN/validation/)",
+    )
     _placement(p)
 
     p = sub.add_parser("export", help="write a plain Hugging Face model for one preference")
@@ -169,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             device=args.device,
             precision=args.precision,
+            split=args.split,
         )
         return 0
     if args.cmd == "export":

@@ -66,6 +66,18 @@ class DataConfig(BaseModel):
     label_column: str = Field("label", description="integer class label column")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
     max_test_samples: int | None = Field(None, ge=1, description="use only the first N test examples")
+    validation_split: str | None = Field(
+        None, description="split to choose settings and checkpoints on (pwemoe evaluate --split validation)"
+    )
+    validation_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="or carve this seeded, stratified share of the training split as validation data "
+        "(removed from what experts and routers train on)",
+    )
+    validation_seed: int = Field(0, description="seed of the validation carve")
+    max_validation_samples: int | None = Field(None, ge=1, description="use only the first N validation examples")
 
     @field_validator("source")
     @classmethod
@@ -79,7 +91,21 @@ class DataConfig(BaseModel):
     def _where(self) -> DataConfig:
         if not self.path and not self.files:
             raise _key_error("path", "required (dataset id, file, or adapter 'module:function')")
+        if self.validation_split and self.validation_fraction:
+            raise _key_error(
+                "validation_fraction", "give validation_split or validation_fraction, not both (one validation set)"
+            )
+        if self.validation_split is not None and self.validation_split in (self.train_split, self.test_split):
+            raise _key_error(
+                "validation_split",
+                f"must differ from train_split and test_split, got {self.validation_split!r}; "
+                "or carve one from the training split with validation_fraction",
+            )
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_split or self.validation_fraction)
 
 
 class TaskConfig(BaseModel):
@@ -172,6 +198,25 @@ class TrainConfig(BaseModel):
     num_workers: int | None = Field(
         None, ge=0, description="input-pipeline worker processes (0: in the training process; default per device)"
     )
+    val_interval: int | None = Field(
+        None,
+        ge=1,
+        description="every N steps (and at the end), measure the front on the validation split: "
+        "hypervolume of PWEMoE on the val_grid, logged as val_hv in metrics.jsonl",
+    )
+    val_grid: int = Field(3, ge=2, description="simplex grid levels per axis of the validation front")
+    select: str = Field(
+        "last",
+        description="routers that evaluate/export/serve use: last | best_val_hv (the checkpoint with the "
+        "best validation hypervolume; needs val_interval)",
+    )
+
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: str) -> str:
+        if v not in ("last", "best_val_hv"):
+            raise ValueError(f"must be last or best_val_hv, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _rays(self) -> TrainConfig:
@@ -196,6 +241,11 @@ class EvalConfig(BaseModel):
     model_config = _STRICT
     batch_size: int = Field(64, ge=1, description="examples per forward")
     grid: int = Field(11, ge=2, description="simplex grid levels per axis (M)")
+    bootstrap_resamples: int = Field(
+        1000, ge=0, description="paired bootstrap resamples of the test examples for every interval (0: none)"
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap percentile intervals")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap resamples")
     baselines: bool = Field(True, description="evaluate the baselines as well")
     pwta_scale: float | None = Field(None, gt=0, description="c of preference-weighted TA (default init_lambda*k)")
     ta_scales: list[float] = Field(
@@ -267,6 +317,20 @@ class Config(BaseModel):
             why = reg.check_objective(t.objective, t.objective_args, len(self.tasks))
             if why:
                 raise _key_error("train.objective_args", why)
+        return self
+
+    @model_validator(mode="after")
+    def _validation(self) -> Config:
+        t = self.train
+        if t.select == "best_val_hv" and t.val_interval is None:
+            raise _key_error("train.select", "best_val_hv needs train.val_interval (how often to validate)")
+        missing = [x.name for x in self.tasks if not x.data.has_validation]
+        if t.val_interval is not None and missing:
+            raise _key_error(
+                "train.val_interval",
+                f"needs validation data for every task; {missing} have none: set tasks.<i>.data.validation_split "
+                "or tasks.<i>.data.validation_fraction",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

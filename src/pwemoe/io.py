@@ -22,6 +22,8 @@ ROUTERS = "routers.safetensors"
 STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+CORRECT = "correct.json"  # per-example correctness of every results row (bootstrap intervals)
+BEST_ROUTERS = "routers_best_val.safetensors"  # train.select=best_val_hv: the selected routers
 LOCK = ".pwemoe.lock"
 
 
@@ -133,6 +135,9 @@ RUN_FILES = (
     STATE,
     METRICS,
     RESULTS,
+    CORRECT,
+    BEST_ROUTERS,
+    "validation",
     "results.csv",
     "summary.json",
     "report.md",

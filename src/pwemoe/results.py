@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .core.preference import normalize_preference
-from .io import RESULTS, atomic_write_json, atomic_write_text, read_json
+from .io import CORRECT, RESULTS, atomic_write_json, atomic_write_text, read_json
 from .methods import group_rows
 from .pareto import hypervolume, non_dominated
 
@@ -38,18 +38,10 @@ def digest(obj: Any) -> str:
 
 
 def split_fingerprint(task: Task) -> str:
-    """sha256 of a task's test split as evaluated: its input columns, labels and size."""
-    ds = task.test_data
-    h = hashlib.sha256(f"{len(ds)}|".encode())
-    for c in task.input_columns() + [task.cfg.data.label_column]:
-        feat = ds.features.get(c)
-        if type(feat).__name__ == "Image":  # image bytes are big: datasets' own fingerprint stands for them
-            h.update(f"{c}|{getattr(ds, '_fingerprint', '')}|".encode())
-        else:
-            h.update(f"{c}|".encode())
-            for v in ds[c]:
-                h.update(repr(v).encode())
-    return h.hexdigest()
+    """sha256 of a task's evaluation split as evaluated: its input columns, labels and size."""
+    from .tasks.data import dataset_fingerprint
+
+    return dataset_fingerprint(task.test_data, task.input_columns() + [task.cfg.data.label_column])
 
 
 def row_inputs(meta: dict, tasks: list[Task]) -> dict[str, str]:
@@ -75,32 +67,45 @@ def _key(method: str, pref: list[float] | None, param: float | None) -> str:
 
 
 class ResultStore:
-    """results.json rows, re-read on start and rewritten atomically after every new row.
+    """results.json rows, re-read on start and rewritten atomically after every new row, and beside them
+    correct.json: each row's per-example correctness (the data of the bootstrap intervals).
 
-    `get(..., inputs)` returns a row only if it was computed from the same inputs; `add` replaces
-    a row of the same method/preference/parameter computed from other inputs.
+    `get(..., inputs)` returns a row only if it was computed from the same inputs and its correctness
+    is stored too; `add` replaces a row of the same method/preference/parameter computed from other
+    inputs. `correct[key]` is {task: packed bits} (see `pack_correct`).
     """
 
-    def __init__(self, run: Path) -> None:
-        self.path = run / RESULTS
+    def __init__(self, run: Path, results: str = RESULTS, correct: str = CORRECT) -> None:
+        self.path = run / results
+        self.correct_path = run / correct
         rows = read_json(self.path, "evaluation results") if self.path.exists() else []
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
             raise ValueError(
                 f"{self.path} is not a pwemoe results file (a JSON list of rows); move it away and evaluate again"
             )
+        corr = read_json(self.correct_path, "per-example correctness") if self.correct_path.exists() else {}
+        if not isinstance(corr, dict):
+            raise ValueError(f"{self.correct_path} is not a pwemoe correctness file; move it away and evaluate again")
         self.rows: list[dict[str, Any]] = rows
+        self.correct: dict[str, dict[str, Any]] = corr
         self.index = {_key(r["method"], r.get("preference"), r.get("param")): r for r in self.rows}
         self.reused = self.computed = self.replaced = 0
 
     def get(self, method: str, pref: list[float] | None, param: float | None, inputs: str) -> dict | None:
-        row = self.index.get(_key(method, pref, param))
-        if row is not None and row.get("inputs") == inputs:
+        key = _key(method, pref, param)
+        row = self.index.get(key)
+        c = self.correct.get(key)
+        if row is not None and row.get("inputs") == inputs and c is not None and c.get("inputs") == inputs:
             self.reused += 1
             return row
         return None
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], correct: dict[str, str]) -> None:
+        """Store a row and its packed per-example correctness {task: bits}; correctness first, so a
+        row in results.json always has it (a kill in between leaves an unused entry, recomputed later)."""
         key = _key(row["method"], row["preference"], row["param"])
+        self.correct[key] = {"inputs": row["inputs"], "tasks": correct}
+        atomic_write_json(self.correct_path, self.correct)
         old = self.index.get(key)
         if old is not None:  # computed from other inputs: the new row replaces it
             self.rows.remove(old)
@@ -110,6 +115,32 @@ class ResultStore:
         self.computed += 1
         atomic_write_json(self.path, self.rows)
 
+    def correctness(self, rows: list[dict], names: list[str]) -> dict[str, np.ndarray] | None:
+        """{task: bool array [len(rows), n_task]} for `rows`, or None when any row lacks it."""
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for r in rows:
+            c = self.correct.get(_key(r["method"], r["preference"], r["param"]))
+            if c is None or c.get("inputs") != r.get("inputs"):
+                return None
+            for n in names:
+                out[n].append(unpack_correct(c["tasks"][n]))
+        return {n: np.stack(v) for n, v in out.items()}
+
+
+def pack_correct(correct: torch.Tensor) -> dict[str, Any]:
+    """BoolTensor[n] -> {"n": n, "bits": base64 of the packed bits} (JSON, 1 bit per example)."""
+    import base64
+
+    a = correct.detach().cpu().numpy().astype(bool)
+    return {"n": int(a.size), "bits": base64.b64encode(np.packbits(a).tobytes()).decode()}
+
+
+def unpack_correct(packed: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
+    return np.unpackbits(bits)[: int(packed["n"])].astype(bool)
+
 
 def normalise(rows: list[dict], names: list[str]) -> None:
     """Add `normalized` (accuracy / the task's own expert's accuracy) to each row, in place."""
@@ -118,8 +149,22 @@ def normalise(rows: list[dict], names: list[str]) -> None:
         r["normalized"] = {n: (r["accuracy"][n] / own[n] if own.get(n) else None) for n in names}
 
 
-def summarize(rows: list[dict], names: list[str], reference: float = 0.0) -> dict[str, Any]:
-    """Hypervolume (raw and normalised) and non-dominated points per method (registry order)."""
+def summarize(
+    rows: list[dict],
+    names: list[str],
+    reference: float = 0.0,
+    correct: dict[str, np.ndarray] | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Hypervolume (raw and normalised) and non-dominated points per method (registry order).
+
+    With `correct` ({task: bool [len(rows), n_task]}, see `ResultStore.correctness`) and resamples > 0,
+    adds paired-bootstrap percentile intervals: `accuracy_ci` on every row, `hypervolume_ci` (and
+    normalised) per method, and `comparisons`: PWEMoE against each method, the hypervolume
+    difference and ratio with their intervals.
+    """
     normalise(rows, names)
     groups = group_rows(rows)
     out: dict[str, Any] = {
@@ -159,7 +204,75 @@ def summarize(rows: list[dict], names: list[str], reference: float = 0.0) -> dic
             pts = np.array([[r["accuracy"][n] for n in names] for r in rs])
             out["methods"][g]["dominated_by_pwemoe"] = int(sum(_dominated(p, pw) for p in pts))
             out["methods"][g]["dominating_pwemoe"] = int(sum(_dominated(p, pts) for p in pw))
+    if correct is not None and resamples > 0 and rows:
+        _intervals(out, rows, names, groups, reference, correct, resamples, level, seed)
     return out
+
+
+def _intervals(
+    out: dict[str, Any],
+    rows: list[dict],
+    names: list[str],
+    groups: dict[str, list[dict]],
+    reference: float,
+    correct: dict[str, np.ndarray],
+    resamples: int,
+    level: float,
+    seed: int,
+) -> None:
+    """Paired bootstrap intervals (see `summarize`), added to `out` and the rows in place."""
+    from .bootstrap import accuracy_samples, interval
+
+    samples = accuracy_samples({n: correct[n] for n in names}, resamples, seed)
+    acc = np.stack([samples[n] for n in names], axis=-1)  # [B, R, k]
+    lo, hi = interval(acc, level)
+    for i, r in enumerate(rows):
+        r["accuracy_ci"] = {n: [float(lo[i, j]), float(hi[i, j])] for j, n in enumerate(names)}
+    where = {id(r): i for i, r in enumerate(rows)}
+    experts = groups.get("experts", [])
+    own_idx = [next((where[id(r)] for r in experts if r["method"] == f"expert:{n}"), None) for n in names]
+    own = acc[:, own_idx, np.arange(len(names))] if None not in own_idx else None  # [B, k]
+    hv: dict[str, dict[str, np.ndarray]] = {}
+    for g, rs in groups.items():
+        idx = [where[id(r)] for r in rs]
+        pts = acc[:, idx, :]  # [B, n_g, k]
+        hv[g] = {"raw": np.array([hypervolume(p, reference) for p in pts])}
+        if own is not None and (own > 0).all():
+            hv[g]["norm"] = np.array([hypervolume(p / o, reference) for p, o in zip(pts, own)])
+        e = out["methods"][g]
+        e["hypervolume_ci"] = [float(x) for x in interval(hv[g]["raw"], level)]
+        if "norm" in hv[g]:
+            e["hypervolume_normalized_ci"] = [float(x) for x in interval(hv[g]["norm"], level)]
+    out["bootstrap"] = {
+        "method": "paired percentile bootstrap: each resample redraws every task's test examples with "
+        "replacement, the same draw for every model",
+        "resamples": resamples,
+        "level": level,
+        "seed": seed,
+    }
+    if "pwemoe" not in hv:
+        return
+    comp = {}
+    for g in hv:
+        if g == "pwemoe":
+            continue
+        c: dict[str, Any] = {}
+        for kind, key in (("raw", "hypervolume"), ("norm", "hypervolume_normalized")):
+            if kind not in hv[g] or kind not in hv["pwemoe"]:
+                continue
+            a, b = hv["pwemoe"][kind], hv[g][kind]
+            pa, pb = out["methods"]["pwemoe"][key], out["methods"][g][key]
+            d_lo, d_hi = interval(a - b, level)
+            c[key] = {
+                "difference": pa - pb,
+                "difference_ci": [float(d_lo), float(d_hi)],
+                "ratio": pa / pb if pb > 0 else None,
+                "ratio_ci": [float(x) for x in interval(a / b, level)] if (b > 0).all() else None,
+                "interval_excludes_zero": bool(d_lo > 0 or d_hi < 0),
+                "share_of_resamples_pwemoe_larger": float((a > b).mean()),
+            }
+        comp[g] = c
+    out["comparisons"] = comp
 
 
 def _dominated(p: np.ndarray, others: np.ndarray) -> bool:

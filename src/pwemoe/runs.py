@@ -11,7 +11,7 @@ import torch
 from .checkpoint import check_hashes, load_routers
 from .config import Config
 from .core.preference import PreferenceLike, normalize_preference, parse_preference
-from .io import CONFIG, ROUTERS, atomic_write_json, file_sha256, publish_dir
+from .io import BEST_ROUTERS, CONFIG, ROUTERS, atomic_write_json, file_sha256, publish_dir
 from .upscale import load_router_state_dict, merge_and_unload, routing_weights, set_preference
 from .workbench import Workbench, build_config, read_config
 
@@ -24,10 +24,13 @@ def open_run(
     max_test_samples: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    eval_split: str = "test",
 ) -> tuple[Workbench, dict]:
     """Rebuild a run's upcycled model with its trained routers; refuse different base/expert/head weights.
 
     `device` / `precision` replace the run's own settings (e.g. evaluate a CPU-trained run on a GPU).
+    The routers are the run's selected ones (`train.select`: the last checkpoint, or the one with the
+    best validation hypervolume); `eval_split` says which data `test_data` holds (test or validation).
 
     Returns the workbench and the checkpoint metadata, plus `routers_sha256` (the router file's hash,
     part of the provenance of every PWEMoE result).
@@ -36,12 +39,22 @@ def open_run(
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
     cfg = with_placement(read_config(run / CONFIG), device, precision)
-    state, meta = load_routers(run / ROUTERS)
-    wb = Workbench(cfg, load_train=False, load_test=load_test, max_test_samples=max_test_samples)
+    path = routers_path(run, cfg)
+    state, meta = load_routers(path)
+    wb = Workbench(cfg, load_train=False, load_test=load_test, max_test_samples=max_test_samples, eval_split=eval_split)
     check_hashes(meta.get("hashes", {}), wb.info.hashes, f"the checkpoint in {run}")
     load_router_state_dict(wb.model, state)
-    meta["routers_sha256"] = file_sha256(run / ROUTERS)
+    meta["routers_sha256"] = file_sha256(path)
+    meta["routers_file"] = path.name
     return wb, meta
+
+
+def routers_path(run: Path, cfg: Config) -> Path:
+    """The router file a run's results come from: the best-validation checkpoint with
+    train.select=best_val_hv (once one was validated), else the last checkpoint."""
+    if cfg.train.select == "best_val_hv" and (run / BEST_ROUTERS).is_file():
+        return run / BEST_ROUTERS
+    return run / ROUTERS
 
 
 def with_placement(cfg: Config, device: str | None, precision: str | None) -> Config:

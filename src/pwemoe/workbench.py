@@ -86,8 +86,12 @@ class Workbench:
         load_test: bool = True,
         max_test_samples: int | None = None,
         upcycle: bool = True,
+        eval_split: str = "test",
     ) -> None:
+        if eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be test or validation, got {eval_split!r}")
         self.cfg = cfg
+        self.eval_split = eval_split  # what `test_data` holds: the test split, or the validation data
         try:  # a GPU that is not there is a config error, found before any model loads
             self.device = resolve_device(cfg.device)
         except ValueError as e:
@@ -149,7 +153,7 @@ class Workbench:
         self.info = info
 
     def _load_data(self, load_train: bool, load_test: bool, max_test: int | None) -> None:
-        from .tasks.data import first_n, load_split
+        from .tasks.data import first_n, load_task_data
 
         errors: list[str] = []
         pm = self.cfg.model.path_map
@@ -157,9 +161,9 @@ class Workbench:
             d = t.cfg.data
             try:
                 if load_train:
-                    t.train_data = first_n(load_split(d, d.train_split, pm), d.max_train_samples)
+                    t.train_data = load_task_data(d, "train", pm)
                 if load_test:
-                    t.test_data = first_n(load_split(d, d.test_split, pm), max_test or d.max_test_samples)
+                    t.test_data = first_n(load_task_data(d, self.eval_split, pm), max_test)
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
                 continue
@@ -167,7 +171,7 @@ class Workbench:
                 ds = t.train_data if t.train_data is not None else t.test_data
                 if ds is None:  # nothing loaded (export): read the features of the test split
                     try:
-                        ds = load_split(d, d.test_split, pm)
+                        ds = load_task_data(d, "test", pm)
                     except (ValueError, FileNotFoundError) as e:
                         errors.append(f"tasks[{i}].data: {e}")
                         continue
@@ -294,13 +298,19 @@ class Workbench:
         )
 
     @torch.no_grad()
+    def correct(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Per-example correctness BoolTensor[n] (CPU, test-split order) of `task` through `backbone`
+        (default: the upcycled one); what the bootstrap intervals resample."""
+        out = torch.zeros(len(task.test_data), dtype=torch.bool, device=self.device)
+        for idx, b in zip(self.eval_batches(task, batch_size), self.eval_data(task, batch_size)):
+            hit = self.forward(b, backbone=backbone)[0].argmax(-1) == b.labels[0].to(self.device, non_blocking=True)
+            out[torch.as_tensor(idx, device=self.device)] = hit
+        return out.cpu()  # the one device sync of the sweep point
+
     def accuracy(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:
         """Top-1 accuracy of `task` on its test split through `backbone` (default: the upcycled one)."""
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for b in self.eval_data(task, batch_size):
-            logits = self.forward(b, backbone=backbone)[0]
-            correct += (logits.argmax(-1) == b.labels[0].to(self.device, non_blocking=True)).sum()
-        return int(correct) / len(task.test_data)  # the one device sync of the sweep point
+        c = self.correct(task, batch_size, backbone)
+        return int(c.sum()) / len(c)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -123,15 +123,28 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
 
 def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
     from ..methods import METHODS
+    from ..report import comparison_sentence
 
+    boot = summary.get("bootstrap")
+    ci = f"{round(100 * boot['level'])}% CI" if boot else ""
     print(f"\nDone in {elapsed / 60:.1f} min. Report: {run / 'report.md'}\n")
-    print(f"{'method':<22}{'hypervolume':>12}{'normalised':>12}")
+    print(f"{'method':<22}{'hypervolume':>12}{ci:>20}{'normalised':>12}{ci:>20}")
+
+    def span(c: list[float] | None) -> str:
+        return f"[{c[0]:.4f}, {c[1]:.4f}]" if c else ""
+
     for m, method in METHODS.items():
         e = summary["methods"].get(m)
         if e:
-            print(f"{method.short:<22}{e['hypervolume']:>12.4f}{e.get('hypervolume_normalized', float('nan')):>12.4f}")
+            print(
+                f"{method.short:<22}{e['hypervolume']:>12.4f}{span(e.get('hypervolume_ci')):>20}"
+                f"{e.get('hypervolume_normalized', float('nan')):>12.4f}{span(e.get('hypervolume_normalized_ci')):>20}"
+            )
     if "ideal_point" in summary:
         ip = summary["ideal_point"]
-        print(f"{'experts ideal point':<22}{ip['hypervolume']:>12.4f}{ip['hypervolume_normalized']:>12.4f}")
+        print(f"{'experts ideal point':<22}{ip['hypervolume']:>12.4f}{'':>20}{ip['hypervolume_normalized']:>12.4f}")
+    sentence = comparison_sentence(summary, "pref_task_arithmetic")
+    if sentence:
+        print(f"\nPWEMoE vs preference-weighted task arithmetic: {sentence}")
     if not check["match"]:
         raise RuntimeError("the exported model does not reproduce the evaluated accuracy")

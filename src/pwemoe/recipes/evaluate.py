@@ -13,7 +13,7 @@ from ..core.preference import normalize_preference, parse_preference, simplex_gr
 from ..devices import rank_and_world
 from ..io import CONFIG, RunLock
 from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
-from ..results import ResultStore, make_row, preference_key, row_inputs, summarize, write_tables
+from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
 from ..upscale import merge_and_unload, merge_into
 from ..workbench import Workbench, read_config
@@ -54,15 +54,29 @@ def evaluate_run(
     verbose: int = 0,
     device: str | None = None,
     precision: str | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Evaluate PWEMoE on preferences, plus baselines; write results, hypervolumes, plots and a report."""
+    """Evaluate PWEMoE on preferences, plus baselines; write results, hypervolumes, plots and a report.
+
+    split: "test" (results in the run directory) or "validation" (the tasks' validation data;
+    everything is written under RUN/validation/, apart from the test results).
+    """
     _check_int("--grid", grid, 2)
     _check_int("--batch-size", batch_size, 1)
     _check_int("--max-test-samples", max_test_samples, 1)
+    if split not in ("test", "validation"):
+        raise ValueError(f"--split must be test or validation, got {split!r}")
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
     cfg = with_placement(read_config(run / CONFIG), device, precision)  # errors before any model loads
+    no_val = [t.name for t in cfg.tasks if not t.data.has_validation]
+    if split == "validation" and no_val:
+        raise ValueError(
+            f"--split validation: tasks {no_val} have no validation data; set data.validation_split or "
+            "data.validation_fraction in the run's config (before training: the routers must not train on it)"
+        )
+    out_dir = run if split == "test" else run / split
     k = len(cfg.tasks)
     m = grid if grid is not None else cfg.eval.grid
     prefs = read_preferences(preferences_file, k) if preferences_file else simplex_grid(k, m)
@@ -74,9 +88,10 @@ def evaluate_run(
     lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
     with lock:
         state.wait_for_everyone()  # no rank starts before rank 0 holds the lock
-        wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision)
+        wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision, eval_split=split)
         names = [t.name for t in wb.tasks]
-        store = ResultStore(run)
+        out_dir.mkdir(exist_ok=True)
+        store = ResultStore(out_dir)
         settings = EvalSettings(
             task_names=names,
             preferences=[preference_key(r, k) for r in prefs],
@@ -89,9 +104,16 @@ def evaluate_run(
         if rank != 0:  # rank 0 writes the tables and the report
             state.wait_for_everyone()
             return {}
-        summary = summarize(current, names, cfg.eval.reference_point)
+        e = cfg.eval
+        correct = store.correctness(current, names)
+        summary = summarize(
+            current, names, e.reference_point, correct, e.bootstrap_resamples, e.confidence, e.bootstrap_seed
+        )
         summary.update(
             {
+                "split": split,
+                "routers_step": meta.get("step"),
+                "routers_selected_by": meta.get("selected_by", "last"),
                 "grid": m if not preferences_file else None,
                 "preferences": len(prefs),
                 "run": str(run),
@@ -100,11 +122,11 @@ def evaluate_run(
                 "rows_replaced_stale": store.replaced,
             }
         )
-        write_tables(run, store.rows, names, summary)
+        write_tables(out_dir, store.rows, names, summary)
         from ..report import write_report, write_report_html
 
-        write_report(run, current, names, summary)
-        write_report_html(run, current, names, summary)
+        write_report(out_dir, current, names, summary)
+        write_report_html(out_dir, current, names, summary)
         state.wait_for_everyone()
     print(
         f"evaluated {len(current)} models: {store.computed} computed, {store.reused} reused from results.json"
@@ -149,15 +171,15 @@ def _evaluate(
         )
         for start in range(0, len(todo), world):
             mine = todo[start + rank] if start + rank < len(todo) else None
-            row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)
+            row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)  # (row, correctness)
             got = [row]
             if world > 1:
                 got = [None] * world
                 torch.distributed.all_gather_object(got, row)
-            for j, r in zip(todo[start : start + world], got):
+            for j, (r, c) in zip(todo[start : start + world], got):
                 found[j] = r
                 if rank == 0:
-                    store.add(r)
+                    store.add(r, c)
             bar.update(len(todo[start : start + world]))
         bar.close()
         rows.extend(found)
@@ -166,8 +188,8 @@ def _evaluate(
     return rows
 
 
-def _accuracies(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, float]:
-    """Per-task accuracy of one point's model, on the workbench's device."""
+def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
+    """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device."""
     if p.weights is None:
         plain = state["plain"]
         state["plain"] = (
@@ -180,8 +202,11 @@ def _accuracies(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict
         if state["bank"] is None:
             state["bank"] = TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
         model = state["bank"].model(p.weights)
-    return {t.name: wb.accuracy(t, bs, backbone=model) for t in wb.tasks}
+    return {t.name: wb.correct(t, bs, backbone=model) for t in wb.tasks}
 
 
-def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> dict[str, Any]:
-    return make_row(p.method, p.preference, p.param, _accuracies(wb, p, state, bs), inputs)
+def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> tuple[dict, dict]:
+    """The results row of one point and its packed per-example correctness {task: bits}."""
+    correct = _correct(wb, p, state, bs)
+    acc = {n: int(c.sum()) / len(c) for n, c in correct.items()}
+    return make_row(p.method, p.preference, p.param, acc, inputs), {n: pack_correct(c) for n, c in correct.items()}

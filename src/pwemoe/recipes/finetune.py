@@ -5,16 +5,44 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import ConfigError
 from ..devices import autocast, grad_scaler, move, resolve_device
-from ..io import publish_dir
+from ..io import atomic_write_json, publish_dir
 from ..modalities.text import load_tokenizer
 from ..workbench import read_config
 
 log = logging.getLogger(__name__)
+
+FINETUNE_INFO = "pwemoe_finetune.json"  # what an expert was trained on and how: a cache key for the demo
+
+
+def finetune_provenance(
+    cfg: Any, task: str, epochs: float, lr: float, batch_size: int, seed: int, data: Any = None
+) -> dict[str, Any]:
+    """What determines a finetuned expert: base, task data as trained on (after the validation carve),
+    and the hyperparameters. `data`: the loaded training data (loaded here when None)."""
+    from ..tasks.data import dataset_fingerprint, load_task_data
+
+    tcfg = next(t for t in cfg.tasks if t.name == task)
+    d = tcfg.data
+    if data is None:
+        data = load_task_data(d, "train", cfg.model.path_map)
+    cols = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else []) + [d.label_column]
+    return {
+        "task": task,
+        "base": cfg.model.base,
+        "train_examples": len(data),
+        "train_data": dataset_fingerprint(data, cols),
+        "max_length": tcfg.max_length,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
 
 
 def finetune_from_config(
@@ -38,7 +66,7 @@ def finetune_from_config(
     """
     from transformers import AutoModelForSequenceClassification
 
-    from ..tasks.data import TaskStream, first_n, load_split
+    from ..tasks.data import TaskStream, load_task_data
 
     errors = [
         f"{name} must be > 0, got {v!r}"
@@ -66,7 +94,7 @@ def finetune_from_config(
     if tcfg.type != "sequence_classification":
         raise ValueError(f"pwemoe finetune makes sequence-classification experts; task {task!r} is {tcfg.type}")
     base = cfg.model.path_map.get(cfg.model.base, cfg.model.base)
-    data = first_n(load_split(tcfg.data, tcfg.data.train_split, cfg.model.path_map), tcfg.data.max_train_samples)
+    data = load_task_data(tcfg.data, "train", cfg.model.path_map)  # never the validation carve
     names = tcfg.class_names or getattr(data.features[tcfg.data.label_column], "names", None)
     if not names:
         raise ValueError(f"task {task!r}: give class_names (the label column has no names)")
@@ -120,5 +148,6 @@ def finetune_from_config(
         shutil.rmtree(tmp)  # our own leftover from a killed finetune
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    atomic_write_json(tmp / FINETUNE_INFO, finetune_provenance(cfg, task, epochs, lr, batch_size, seed, data))
     publish_dir(tmp, out, overwrite, "finetune")  # a cached expert is either complete or absent
     return out

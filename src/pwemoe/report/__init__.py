@@ -10,10 +10,40 @@ from .html import write_report_html
 from .plots import plot_fronts
 
 
+def with_ci(x: float, ci: list[float] | None, digits: int = 4) -> str:
+    """'0.4411 [0.4102, 0.4700]', or the number alone without an interval."""
+    return f"{x:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def comparison_sentence(summary: dict, baseline: str) -> str:
+    """The bootstrap verdict on PWEMoE's hypervolume against `baseline` (empty without intervals)."""
+    c = (summary.get("comparisons") or {}).get(baseline, {}).get("hypervolume")
+    boot = summary.get("bootstrap")
+    if not c or not boot:
+        return ""
+    lvl = round(100 * boot["level"])
+    lo, hi = c["difference_ci"]
+    ratio = f"ratio {c['ratio']:.3f}" + (
+        f" [{c['ratio_ci'][0]:.3f}, {c['ratio_ci'][1]:.3f}]" if c.get("ratio_ci") else ""
+    )
+    verdict = (
+        f"the {lvl}% interval of the difference excludes zero: the gain is not explained by test-set noise"
+        if lo > 0
+        else f"the {lvl}% interval of the difference excludes zero, in the baseline's favour"
+        if hi < 0
+        else f"the {lvl}% interval of the difference includes zero: the difference is within test-set noise"
+    )
+    return (
+        f"Difference {c['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}], {ratio} ({lvl}% paired bootstrap CIs); {verdict}. "
+    )
+
+
 def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -> Path:
     """report.md beside results.csv: the hypervolume table, the verdict, the plots and the rows."""
     plots = plot_fronts(rows, names, run / "plots", "accuracy") + plot_fronts(rows, names, run / "plots", "normalized")
     ref = summary["reference_point"]["accuracy"]
+    boot = summary.get("bootstrap")
+    ci_head = f" [{round(100 * boot['level'])}% CI]" if boot else ""
     lines = [
         f"# PWEMoE report: {', '.join(names)}",
         "",
@@ -22,8 +52,14 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         + ".",
         f"Hypervolume reference point: {ref} (raw accuracy) and the same for accuracy normalised by each "
         "task's own expert. Larger is better.",
+        (
+            f"Intervals: {boot['method']}; {boot['resamples']} resamples, {round(100 * boot['level'])}% "
+            f"percentile intervals (seed {boot['seed']}), over the {summary.get('split', 'test')} split."
+            if boot
+            else "No intervals (eval.bootstrap_resamples = 0, or rows without stored per-example correctness)."
+        ),
         "",
-        "| method | points | hypervolume | normalised hypervolume | best mean normalised acc. |",
+        f"| method | points | hypervolume{ci_head} | normalised hypervolume{ci_head} | best mean normalised acc. |",
         "|---|---|---|---|---|",
     ]
     meth = summary["methods"]
@@ -31,8 +67,8 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         if name in meth:
             e = meth[name]
             lines.append(
-                f"| {method.label} | {e['points']} | {e['hypervolume']:.4f} | "
-                f"{e.get('hypervolume_normalized', float('nan')):.4f} | "
+                f"| {method.label} | {e['points']} | {with_ci(e['hypervolume'], e.get('hypervolume_ci'))} | "
+                f"{with_ci(e.get('hypervolume_normalized', float('nan')), e.get('hypervolume_normalized_ci'))} | "
                 f"{e.get('mean_normalized_accuracy', float('nan')):.4f} |"
             )
     if "ideal_point" in summary:
@@ -48,7 +84,8 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         lines += [
             f"**PWEMoE vs preference-weighted task arithmetic:** hypervolume {a:.4f} vs {b:.4f}, "
             f"{verdict} the training-free baseline ({100 * (a - b) / max(b, 1e-12):+.1f}%). "
-            f"{pt.get('dominated_by_pwemoe', 0)} of its {pt['points']} points are dominated by a PWEMoE point; "
+            + comparison_sentence(summary, "pref_task_arithmetic")
+            + f"{pt.get('dominated_by_pwemoe', 0)} of its {pt['points']} points are dominated by a PWEMoE point; "
             f"{pt.get('dominating_pwemoe', 0)} of PWEMoE's {meth['pwemoe']['points']} points are dominated by one "
             "of its points."
         ]
@@ -71,10 +108,13 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         tag = r["preference"] if r["preference"] is not None else r["param"]
         if r["method"] == "task_arithmetic":
             tag = f"λ={r['param']}"
-        lines.append(f"| {r['method']} | {tag} | " + " | ".join(f"{r['accuracy'][n]:.4f}" for n in names) + " |")
+        ci = r.get("accuracy_ci") or {}
+        lines.append(
+            f"| {r['method']} | {tag} | " + " | ".join(with_ci(r["accuracy"][n], ci.get(n)) for n in names) + " |"
+        )
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-__all__ = ["write_report", "write_report_html"]
+__all__ = ["comparison_sentence", "with_ci", "write_report", "write_report_html"]

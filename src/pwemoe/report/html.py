@@ -11,15 +11,19 @@ from .interactive import figure_json, front_figures, plotly_js_path
 
 
 def _table(summary: dict) -> str:
-    cols = ["method", "points", "hypervolume", "normalised hypervolume", "best mean normalised acc."]
+    from . import with_ci
+
+    ci = f" [{round(100 * summary['bootstrap']['level'])}% CI]" if summary.get("bootstrap") else ""
+    cols = ["method", "points", f"hypervolume{ci}", f"normalised hypervolume{ci}", "best mean normalised acc."]
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     body = []
     for name, method in METHODS.items():
         e = summary["methods"].get(name)
         if e:
             body.append(
-                f"<tr><td>{html.escape(method.label)}</td><td>{e['points']}</td><td>{e['hypervolume']:.4f}</td>"
-                f"<td>{e.get('hypervolume_normalized', float('nan')):.4f}</td>"
+                f"<tr><td>{html.escape(method.label)}</td><td>{e['points']}</td>"
+                f"<td>{with_ci(e['hypervolume'], e.get('hypervolume_ci'))}</td>"
+                f"<td>{with_ci(e.get('hypervolume_normalized', float('nan')), e.get('hypervolume_normalized_ci'))}</td>"
                 f"<td>{e.get('mean_normalized_accuracy', float('nan')):.4f}</td></tr>"
             )
     if "ideal_point" in summary:
@@ -29,6 +33,18 @@ def _table(summary: dict) -> str:
             f"<td>{ip['hypervolume_normalized']:.4f}</td><td>1.0000</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _verdict(summary: dict) -> str:
+    from . import comparison_sentence
+
+    m = summary["methods"]
+    if "pwemoe" not in m or "pref_task_arithmetic" not in m:
+        return ""
+    a, b = m["pwemoe"]["hypervolume"], m["pref_task_arithmetic"]["hypervolume"]
+    return f"PWEMoE vs preference-weighted task arithmetic: hypervolume {a:.4f} vs {b:.4f}. " + comparison_sentence(
+        summary, "pref_task_arithmetic"
+    )
 
 
 def write_report_html(run: Path, rows: list[dict], names: list[str], summary: dict) -> Path:
@@ -55,6 +71,7 @@ td:first-child,th:first-child{{text-align:left}}.fig{{height:520px}}</style>
 Hypervolume reference point: {ref} (larger is better). Hover any point for its preference and every task's value;
 the static report is <a href="report.md">report.md</a>.</p>
 {_table(summary)}
+<p>{html.escape(_verdict(summary))}</p>
 {"".join(divs)}
 <script>{"".join(scripts)}</script>
 </body></html>

@@ -60,7 +60,12 @@ def hover_text(row: dict, names: list[str], label: str) -> str:
     vals = []
     for n in names:
         norm = (row.get("normalized") or {}).get(n)
-        vals.append(f"{n}: {row['accuracy'][n]:.4f}" + (f" (normalised {norm:.3f})" if norm is not None else ""))
+        ci = (row.get("accuracy_ci") or {}).get(n)
+        vals.append(
+            f"{n}: {row['accuracy'][n]:.4f}"
+            + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            + (f" (normalised {norm:.3f})" if norm is not None else "")
+        )
     return "<br>".join(
         [f"<b>{label}</b>" + (f" {row['method'].split(':', 1)[1]}" if ":" in row["method"] else "")]
         + ([where] if where else [])

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.preference import PreferenceLike, normalize_preference
 from ..io import RESULTS, RunLock
-from ..results import ResultStore, make_row, preference_key, row_inputs, summarize
+from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
 from ..runs import open_run, write_export
 from ..upscale import merge_and_unload, merge_into, routing_weights
 
@@ -257,20 +257,23 @@ class PreferenceModel:
                     return {**found, "reused": True}
             batches = {t.name: self.wb.eval_batches(t, bs) for t in self.wb.tasks}
             total, done = sum(len(b) for b in batches.values()), 0
-            acc = {}
+            correct = {}
             with self.cache.lease(tuple(key)) as (plain, _), torch.no_grad():
-                for i, t in enumerate(self.wb.tasks):
-                    correct = torch.zeros((), dtype=torch.long, device=self.wb.device)
-                    for b in self._test_batches(i, batches[t.name]):
+                for i, t in enumerate(self.wb.tasks):  # as Workbench.correct, with progress
+                    hits = torch.zeros(len(t.test_data), dtype=torch.bool, device=self.wb.device)
+                    for idx, b in zip(batches[t.name], self._test_batches(i, batches[t.name])):
                         logits = self.wb.forward(b, backbone=plain)[0]
-                        correct += (logits.argmax(-1) == b.labels[0].to(self.wb.device)).sum()
+                        hits[torch.as_tensor(idx, device=self.wb.device)] = logits.argmax(-1) == b.labels[0].to(
+                            self.wb.device
+                        )
                         done += 1
                         if progress is not None:
                             progress(done, total)
-                    acc[t.name] = int(correct) / len(t.test_data)
+                    correct[t.name] = hits.cpu()
+            acc = {n: int(c.sum()) / len(c) for n, c in correct.items()}
             row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
-            if store:
-                ResultStore(self.run).add(row)  # re-read under the run lock: rows others wrote are kept
+            if store:  # re-read under the run lock: rows others wrote are kept
+                ResultStore(self.run).add(row, {n: pack_correct(c) for n, c in correct.items()})
         return {**row, "reused": False}
 
     def _test_batches(self, i: int, index_batches: list[list[int]]) -> list[Any]:
@@ -301,11 +304,25 @@ class PreferenceModel:
         """The rows of results.json computed from this model's inputs, their summary (hypervolumes),
         and how many stored rows were left out because they came from other models, routers or data."""
         path = self.run / RESULTS
-        rows = ResultStore(self.run).rows if path.exists() else []
+        store = ResultStore(self.run) if path.exists() else None
+        rows = store.rows if store else []
         current = [
             r for r in rows if r.get("inputs") == self.inputs["pwemoe" if r["method"] == "pwemoe" else "baseline"]
         ]
-        summary = summarize(current, self.task_names, self.wb.cfg.eval.reference_point) if current else None
+        e = self.wb.cfg.eval
+        summary = None
+        if current:
+            correct = store.correctness(current, self.task_names) if store else None
+            # fewer resamples than `pwemoe evaluate`: this runs on every page load
+            summary = summarize(
+                current,
+                self.task_names,
+                e.reference_point,
+                correct,
+                min(200, e.bootstrap_resamples),
+                e.confidence,
+                e.bootstrap_seed,
+            )
         return {"tasks": self.task_names, "rows": current, "other_rows": len(rows) - len(current), "summary": summary}
 
 

@@ -108,6 +108,81 @@ def _load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = 
     return datasets.load_dataset(data.source, data_files={split: files[split]}, split=split)
 
 
+ROLES = ("train", "validation", "test")
+
+
+def load_task_data(data: DataConfig, role: str, path_map: dict[str, str] | None = None) -> Any:
+    """A task's examples for one role, the only way pwemoe reads task data.
+
+    train: what experts (`pwemoe finetune`) and routers train on; validation: what settings and
+    checkpoints are chosen on (`data.validation_split`, or a seeded stratified share of the training
+    split carved by `data.validation_fraction` and removed from train); test: what is reported.
+    `max_*_samples` take the first N of each after carving.
+    """
+    if role not in ROLES:
+        raise ValueError(f"data role must be one of {ROLES}, got {role!r}")
+    if role == "test":
+        return first_n(load_split(data, data.test_split, path_map), data.max_test_samples)
+    if role == "validation":
+        if data.validation_split:
+            ds = load_split(data, data.validation_split, path_map)
+        elif data.validation_fraction:
+            train = load_split(data, data.train_split, path_map)
+            ds = train.select(
+                carve_validation(train[data.label_column], data.validation_fraction, data.validation_seed)[1]
+            )
+        else:
+            raise ValueError(
+                "no validation data: set data.validation_split (a split of the dataset) or "
+                "data.validation_fraction (a share of the training split, e.g. 0.1)"
+            )
+        return first_n(ds, data.max_validation_samples)
+    train = load_split(data, data.train_split, path_map)
+    if data.validation_fraction and not data.validation_split:
+        train = train.select(
+            carve_validation(train[data.label_column], data.validation_fraction, data.validation_seed)[0]
+        )
+    return first_n(train, data.max_train_samples)
+
+
+def carve_validation(labels: list[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) of a split: per class, a seeded random share `fraction`
+    (rounded, at least one example of every class with two or more) goes to validation.
+
+    Deterministic for the same labels, fraction and seed; both index lists sorted and disjoint.
+    """
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
+    y = np.asarray([str(v) for v in labels])
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for c in sorted(set(y.tolist())):
+        idx = np.flatnonzero(y == c)
+        n = int(round(fraction * len(idx)))
+        n = min(max(n, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        val.extend(rng.permutation(idx)[:n].tolist())
+    chosen = set(val)
+    return [i for i in range(len(y)) if i not in chosen], sorted(val)
+
+
+def dataset_fingerprint(ds: Any, columns: list[str]) -> str:
+    """sha256 of a dataset as used: its size and the given columns' values (images: datasets' fingerprint)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{len(ds)}|".encode())
+    for c in columns:
+        feat = ds.features.get(c)
+        if type(feat).__name__ == "Image":  # image bytes are big: datasets' own fingerprint stands for them
+            h.update(f"{c}|{getattr(ds, '_fingerprint', '')}|".encode())
+        else:
+            h.update(f"{c}|".encode())
+            for v in ds[c]:
+                h.update(repr(v).encode())
+    return h.hexdigest()
+
+
 def first_n(ds: Any, n: int | None) -> Any:
     """The first n rows of a dataset (all of them when n is None or larger)."""
     return ds.select(range(min(n, len(ds)))) if n else ds

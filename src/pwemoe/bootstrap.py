@@ -1,0 +1,51 @@
+"""Paired bootstrap over test examples: intervals for accuracies, hypervolumes and their differences.
+
+Every model of an evaluation is measured on the same test examples, so one resample draws each
+task's n test examples with replacement once and re-scores every model on that draw (paired):
+differences between methods then carry only the noise that does not cancel. Intervals are
+percentile intervals of the resampled statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def accuracy_samples(correct: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Resampled accuracies {task: Array[B, R]} of R models from correct {task: bool Array[R, n_task]}.
+
+    Resample b draws n_task examples of each task with replacement (multinomial counts), the same
+    draw for all R models. Seeded: the same inputs give the same samples.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for task, c in correct.items():
+        c = np.asarray(c, dtype=bool)
+        if c.ndim != 2 or c.shape[1] == 0:
+            raise ValueError(
+                f"correctness of task {task!r} must be [models, examples] with examples > 0, got {c.shape}"
+            )
+        n = c.shape[1]
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)  # [B, n]
+        out[task] = counts.astype(np.float64) @ c.T.astype(np.float64) / n
+    return out
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval (lo, hi) of samples [B, ...] along the first axis."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    lo, hi = np.quantile(np.asarray(samples, dtype=float), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return lo, hi
+
+
+def statistic_samples(acc: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
+    """stat(acc[b]) for every resample: acc is Array[B, R, k] (models x tasks per resample)."""
+    return np.array([stat(a) for a in acc])
+
+
+__all__ = ["accuracy_samples", "interval", "statistic_samples"]
