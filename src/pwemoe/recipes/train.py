@@ -21,9 +21,10 @@ import torch
 from .. import __version__
 from ..checkpoint import check_hashes, load_state, save_routers, save_state
 from ..config import Config, ConfigError, dump_config
-from ..core.preference import DirichletSampler
+from ..core.preference import DirichletSampler, simplex_grid
 from ..devices import grad_scaler, rank_and_world
 from ..io import (
+    BEST_ROUTERS,
     CONFIG,
     METRICS,
     ROUTERS,
@@ -37,10 +38,13 @@ from ..io import (
     is_run_dir,
 )
 from ..objectives import Objective, build_objective
+from ..pareto import hypervolume
 from ..tasks.data import TaskStream
 from ..upscale import (
     gradient_checkpointing,
     load_router_state_dict,
+    merge_and_unload,
+    merge_into,
     router_state_dict,
     set_preference,
     shared_merge,
@@ -58,6 +62,8 @@ RESUMABLE = (
     "train.save_interval",
     "train.log_interval",
     "train.num_workers",
+    "train.val_interval",
+    "train.select",
     "train.micro_batch_size",
     "train.gradient_checkpointing",
     "device",
@@ -146,12 +152,15 @@ class TrainRecipe:
         self.main = self.rank == 0
         self.step_no = 0
         self.segment = {"start": 0, "lr": cfg.train.lr, "end": cfg.train.steps}
+        self.val_best: dict[str, Any] = {}  # {"step", "val_hv"} of the best validated routers so far
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
         tc = self.cfg.train
         torch.manual_seed(tc.seed)  # router init: identical on every rank
-        self.wb = wb = Workbench(self.cfg, load_train=True, load_test=False)
+        # with validation, the workbench's evaluation data is the validation split: the test split is never read
+        validate = tc.val_interval is not None
+        self.wb = wb = Workbench(self.cfg, load_train=True, load_test=validate, eval_split="validation")
         self.model, self.tasks, k = wb.model, wb.tasks, len(wb.tasks)
         self.params = wb.trainable_parameters()  # the routers: fp32, on the device
         self.opt = make_optimizer(self.params, tc.lr)
@@ -187,6 +196,7 @@ class TrainRecipe:
             self.scaler.load_state_dict(st["scaler"])
         self.step_no = int(st["step"])
         self.segment = dict(st["lr_segment"])
+        self.val_best = dict(st.get("val_best") or {})
         if any(k in changes for k in ("train.steps", "train.lr", "train.min_lr_ratio")):
             # a new cosine segment from here: the new lr if it changed, else the lr reached so far
             old_min = (
@@ -223,9 +233,32 @@ class TrainRecipe:
                 "metadata_hashes": self.wb.info.hashes,
                 "objective": self.objective.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "val_best": self.val_best,
             },
         )
         save_routers(self.run_dir / ROUTERS, routers, checkpoint_metadata(self.cfg, self.wb, self.step_no))
+
+    # --- validation and checkpoint selection ---------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """The front on the validation data: PWEMoE's accuracies on the train.val_grid preferences and
+        their hypervolume (raw accuracy, eval.reference_point). Keeps the best routers so far in
+        routers_best_val.safetensors. Rank 0 only; the test split is never read."""
+        wb, tc, bs = self.wb, self.cfg.train, self.cfg.eval.batch_size
+        plain, points = None, []
+        for r in simplex_grid(len(wb.tasks), tc.val_grid):
+            plain = merge_and_unload(wb.backbone, r).eval() if plain is None else merge_into(wb.backbone, plain, r)
+            points.append([wb.accuracy(t, bs, backbone=plain) for t in wb.tasks])
+        del plain
+        hv = hypervolume(torch.tensor(points).numpy(), self.cfg.eval.reference_point)
+        rec = {"step": self.step_no, "val_hv": hv, "val_points": len(points)}
+        if not self.val_best or hv > self.val_best["val_hv"]:
+            self.val_best = {"step": self.step_no, "val_hv": hv}
+            meta = checkpoint_metadata(self.cfg, self.wb, self.step_no)
+            meta.update(selected_by="best_val_hv", val_hv=hv, val_grid=tc.val_grid)
+            save_routers(self.run_dir / BEST_ROUTERS, router_state_dict(self.model), meta)
+        rec["val_best_step"] = self.val_best["step"]
+        return rec
 
     # --- the input pipeline ---------------------------------------------------------------------------
     def batches(self) -> Iterator[StepData]:
@@ -320,6 +353,12 @@ class TrainRecipe:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({"loss": f"{rec['loss']:.3f}", **{n: f"{v:.3f}" for n, v in rec["losses"].items()}})
+                if self.main and tc.val_interval and (step % tc.val_interval == 0 or step == tc.steps):
+                    vrec = self.validate()  # before the checkpoint, which records the best so far
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(vrec) + "\n")
+                    if bar is not None:
+                        bar.write(f"step {step}: validation hypervolume {vrec['val_hv']:.4f}")
                 if step % tc.save_interval == 0 or step == tc.steps:
                     self.save_checkpoint()
                 if self.on_step is not None:
@@ -334,6 +373,22 @@ class TrainRecipe:
             msg = f"trained {self.step_no} steps ({rate:.2f} steps/s); run directory: {self.run_dir}"
             if stats.get("epo_fallbacks"):
                 msg += f"; EPO LP fallbacks: {stats['epo_fallbacks']} of {stats['epo_calls']}"
+            if self.val_best:
+                b = self.val_best
+                chosen = tc.select == "best_val_hv"
+                msg += f"; best validation hypervolume {b['val_hv']:.4f} at step {b['step']}" + (
+                    " (selected: train.select=best_val_hv)" if chosen else " (train.select=last uses the last step)"
+                )
+                marker = self.run_dir / RUN_MARKER
+                info = json.loads(marker.read_text()) if marker.is_file() else {}
+                info["selection"] = {
+                    "select": tc.select,
+                    "selected_step": b["step"] if chosen else self.step_no,
+                    "best_val_step": b["step"],
+                    "best_val_hv": b["val_hv"],
+                    "val_grid": tc.val_grid,
+                }
+                atomic_write_json(marker, info)
             print(msg)
         return self.run_dir
 

@@ -43,6 +43,45 @@ def _plane(ax, groups, i: int, j: int, names: list[str]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _simplex_xy(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cartesian coordinates of preferences r [n, 3] in an equilateral triangle (task i at vertex i)."""
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    xy = r @ corners
+    return xy[:, 0], xy[:, 1]
+
+
+def _ternary(plt, groups: dict, names: list[str], key: str):
+    """k = 3: each task's value over the preference simplex, PWEMoE and preference-weighted TA side by
+    side (rows: methods; columns: tasks; one colour scale per task), interpolated between grid points."""
+    import matplotlib.tri as mtri
+
+    methods = [m for m in ("pwemoe", "pref_task_arithmetic") if m in groups and len(groups[m][1]) >= 3]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(len(methods), 3, figsize=(13, 4.1 * len(methods)), squeeze=False)
+    for j, task in enumerate(names):
+        vals = np.concatenate([groups[m][0][:, j] for m in methods])
+        lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
+        for i, m in enumerate(methods):
+            pts, rs = groups[m]
+            x, y = _simplex_xy(np.array([r["preference"] for r in rs], dtype=float))
+            ax = axes[i][j]
+            tri = mtri.Triangulation(x, y)
+            im = ax.tripcolor(tri, pts[:, j], shading="gouraud", cmap="viridis", vmin=lo, vmax=hi)
+            ax.scatter(x, y, c=pts[:, j], cmap="viridis", vmin=lo, vmax=hi, s=18, edgecolors="k", linewidths=0.4)
+            ax.plot([0, 1, 0.5, 0], [0, 0, np.sqrt(3) / 2, 0], color="k", linewidth=0.8)
+            for (vx, vy), n, ha in zip([(0, 0), (1, 0), (0.5, np.sqrt(3) / 2)], names, ["right", "left", "center"]):
+                ax.annotate(
+                    f"r={n}", (vx, vy), xytext=(0, -12 if vy == 0 else 6), textcoords="offset points", ha=ha, fontsize=8
+                )
+            ax.set_aspect("equal")
+            ax.axis("off")
+            ax.set_title(f"{_style(m)['label']}\n{task} {key}", fontsize=9, pad=14)
+            fig.colorbar(im, ax=ax, shrink=0.75, pad=0.12)
+    fig.suptitle(f"Each task's {key} over the preference simplex (vertex = all weight on that task)")
+    return fig
+
+
 def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "accuracy") -> list[Path]:
     """Write the plots for k tasks; returns the paths written (PNG and SVG of each figure)."""
     import matplotlib
@@ -83,6 +122,9 @@ def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "a
         ax.legend(fontsize=7)
         ax.set_title("3-D view; PWEMoE coloured by preference (RGB = r)")
         figs["front3d"] = fig
+        tern = _ternary(plt, groups, names, key)
+        if tern is not None:
+            figs["ternary"] = tern
     else:
         fig, ax = plt.subplots(figsize=(max(6, 1.3 * k), 4.8))
         x = np.arange(k)
