@@ -1,9 +1,9 @@
-"""Choose the demo's router-training settings WITHOUT the test split.
+"""Choose the demo's router-training settings on the VALIDATION split, never the test split.
 
-Each variant trains on the demo's training split and is scored on a slice of that same
-training split (test_split=train): hypervolume of PWEMoE vs preference-weighted task
-arithmetic on the M=4 grid. The test split is never read. Needs the demo experts
-(run `make demo` once).
+Each variant trains on the demo's training data (the training split minus its validation carve,
+`data.validation_fraction` in the demo config) and is scored with `pwemoe evaluate --split
+validation`: hypervolume of PWEMoE against preference-weighted task arithmetic on the grid, with
+paired-bootstrap intervals. The test split is never read. Needs the demo experts (`make demo` once).
 
     .venv/bin/python benchmarks/demo_tuning.py name key=value ... [-- name key=value ...]
 """
@@ -18,29 +18,31 @@ from pathlib import Path
 import yaml
 
 
-def run_variant(name: str, overrides: dict, root: Path) -> dict:
+def run_variant(name: str, overrides: dict, root: Path, grid: int = 6) -> dict:
     from pwemoe.demo.offline import demo_config
     from pwemoe.recipes.evaluate import evaluate_run
     from pwemoe.recipes.train import train
 
     cfg = demo_config(Path("demo_runs").resolve(), overrides)
-    for t in cfg["tasks"]:
-        t["data"]["test_split"] = "train"  # selection on training data only
-        t["data"]["max_test_samples"] = 150
     cfg["run_dir"] = str(root / name)
-    cfg["eval"]["ta_scales"] = []
+    cfg["eval"]["ta_scales"] = []  # only PWEMoE and the baselines on the same preferences
     p = root / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
     run = train(p, [], overwrite=True, verbose=-1)  # replaces only this variant's earlier run files
-    s = evaluate_run(run, grid=4, verbose=-1)
-    m = s["methods"]
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s = evaluate_run(run, grid=grid, verbose=-1, split="validation")
+    m, c = s["methods"], s["comparisons"]["pref_task_arithmetic"]["hypervolume"]
     return {
         "variant": name,
         **overrides,
-        "train_s": round(time.perf_counter() - t0, 1),
-        "hv_pwemoe": round(m["pwemoe"]["hypervolume"], 4),
-        "hv_pwta": round(m["pref_task_arithmetic"]["hypervolume"], 4),
+        "train_s": round(train_s, 1),
+        "eval_s": round(time.perf_counter() - t0, 1),
+        "val_hv_pwemoe": round(m["pwemoe"]["hypervolume"], 4),
+        "val_hv_pwta": round(m["pref_task_arithmetic"]["hypervolume"], 4),
+        "val_ratio": round(c["ratio"], 4),
+        "val_ratio_ci": [round(x, 4) for x in c["ratio_ci"]],
     }
 
 

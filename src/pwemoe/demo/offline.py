@@ -61,11 +61,22 @@ def run_demo(
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     print(f"[1/5] experts (cached in {workdir / 'experts'})")
+    from ..recipes.finetune import FINETUNE_INFO, finetune_provenance
+    from ..workbench import read_config
+
+    parsed = read_config(cfg_path)
     for t in cfg["tasks"]:
-        if (Path(t["expert"]) / "config.json").exists():
+        hp = {"epochs": finetune_epochs, "lr": 1e-4, "batch_size": 32, "seed": 0}
+        want = finetune_provenance(parsed, t["name"], **hp)
+        info = Path(t["expert"]) / FINETUNE_INFO
+        have = json.loads(info.read_text()) if info.is_file() else None
+        if have == want:
             print(f"      {t['name']}: reusing {t['expert']}")
-        else:
-            finetune_from_config(cfg_path, t["name"], t["expert"], epochs=finetune_epochs, lr=1e-4, batch_size=32)
+            continue
+        if have is not None or (Path(t["expert"]) / "config.json").exists():
+            # trained on other data or settings (e.g. before the validation carve): never reuse it
+            print(f"      {t['name']}: the cached expert was trained on other data or settings; fine-tuning anew")
+        finetune_from_config(cfg_path, t["name"], t["expert"], overwrite=True, **hp)
     run = Path(cfg["run_dir"])
     print(f"[2/5] train routers ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
     train(cfg_path, [], overwrite=fresh_run, verbose=verbose)  # replaces only the previous demo run's files
