@@ -303,3 +303,57 @@ def test_cuda_upscale_streams_experts_within_theta0_plus_T():
     biggest = max(p.numel() * 4 for p in base.parameters())
     assert peak <= held + 2 * biggest + (1 << 20), (peak, held, biggest)
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "clip"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+def test_epo_task_gradients_from_one_forward_across_tasks(arch, checkpointing):
+    """EPO's per-task gradients from forwards across tasks (each task's rows on its own leaf view of the
+    merge) equal those of one forward per task: attention and MLPs upcycled, padding masks split by rows."""
+    pytest.importorskip("scipy")
+    from tests.conftest import tiny_bert
+
+    builder = {"gpt2": tiny_gpt2, "bert": tiny_bert, "clip": tiny_clip_vision}[arch]
+    torch.manual_seed(0)
+    model = _upcycled(builder, include_attention=True)
+    if checkpointing:
+        pwemoe.gradient_checkpointing(model)
+    heads = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    xs, key = _data("clip" if arch == "clip" else arch, 3, 6, "cpu")
+    masks = [torch.ones(x.shape[0], x.shape[1], dtype=torch.long) for x in xs] if key == "input_ids" else None
+    if masks:
+        for m in masks:
+            m[::2, -2:] = 0  # padded rows: the mask must follow its rows through the split
+
+    @dataclass
+    class MPart(Part):
+        mask: torch.Tensor | None = None
+
+    def groups(micro, split):
+        parts = [(i, list(range(len(x)))) for i, x in enumerate(xs)]
+        return [
+            MPart(
+                torch.cat([xs[i][ix] for i, ix in g]),
+                [(i, len(ix)) for i, ix in g],
+                torch.cat([masks[i][ix] for i, ix in g]) if masks else None,
+            )
+            for g in forward_groups(parts, micro, split)
+        ]
+
+    def f(part):
+        kw = {key: part.x, **({"attention_mask": part.mask} if part.mask is not None else {})}
+        out = model(**kw).last_hidden_state.mean(1)
+        sums, lo = [], 0
+        for i, n in part.segments:
+            sums.append(((out[lo : lo + n] @ heads[i]) ** 2).sum())
+            lo += n
+        return torch.stack(sums)
+
+    rays = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.4, 0.6]])
+    ref, ref_losses = _router_grads(model, EPO(), [groups(None, True)] * 2, f, rays)
+    assert ref.abs().sum() > 0
+    for micro in (None, 5):
+        g, losses = _router_grads(model, EPO(), [groups(micro, False)] * 2, f, rays)
+        assert any(len(p.segments) > 1 for p in groups(micro, False))  # really across tasks
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-7)

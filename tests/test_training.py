@@ -285,3 +285,46 @@ def test_read_preferences_file(tmp_path):
     p.write_text("1,1\n0.5,0.2,0.3\n")
     with pytest.raises(ValueError, match="line 2: preference must have length k=2"):
         read_preferences(p, 2)
+
+
+def test_epo_normalisation_leaves_a_balanced_problem_unchanged():
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(3, 20, generator=g)
+    r = torch.tensor([0.5, 0.3, 0.2])
+    for losses in (torch.tensor([0.7, 0.7, 0.7]), torch.tensor([0.2, 0.9, 0.5])):
+        plain = EPO().weights(losses, r, G)
+        # scales equal across tasks (the first call's losses when they are balanced, or any common scale)
+        norm = EPO(normalize="initial", warmup=1)
+        norm.weights(torch.full((3,), 1.3), r, G)  # the start: every task's loss 1.3
+        assert torch.allclose(norm.weights(losses, r, G), plain, atol=1e-6)
+    # unequal scales change the problem: the 5-class task's larger loss no longer dominates
+    norm = EPO(normalize="initial", warmup=1)
+    norm.weights(torch.tensor([0.7, 1.6, 1.1]), r, G)
+    w = norm.weights(torch.tensor([0.7, 1.6, 1.1]), r, G)
+    assert torch.isfinite(w).all() and not torch.allclose(w, EPO().weights(torch.tensor([0.7, 1.6, 1.1]), r, G))
+
+
+def test_epo_floor_gives_finite_deterministic_weights_on_the_boundary():
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(3, 12, generator=g)
+    losses = torch.tensor([0.4, 1.2, 0.9])
+    for r in (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.5, 0.5])):
+        a, b = EPO(floor=0.05), EPO(floor=0.05)
+        wa, wb = a.weights(losses, r, G), b.weights(losses, r, G)
+        assert torch.isfinite(wa).all() and torch.equal(wa, wb) and a.fallbacks == 0
+        assert float(wa.sum()) == pytest.approx(3.0) and (wa >= 0).all()
+        assert a.effective_preference(r.double().numpy()).min() == pytest.approx(0.05)
+    assert "below 1/k" in EPO(floor=0.4).check(3)
+    with pytest.raises(ValueError, match="normalize"):
+        EPO(normalize="expert")
+
+
+def test_epo_normalisation_state_resumes():
+    a = EPO(normalize="initial", warmup=3)
+    G = torch.randn(2, 5, generator=torch.Generator().manual_seed(2))
+    for v in ([0.5, 1.5], [0.7, 1.1]):
+        a.weights(torch.tensor(v), torch.tensor([0.5, 0.5]), G)
+    b = EPO(normalize="initial", warmup=3)
+    b.load_state_dict(a.state_dict())
+    x = torch.tensor([0.6, 1.2])
+    assert torch.equal(a.weights(x, torch.tensor([0.3, 0.7]), G), b.weights(x, torch.tensor([0.3, 0.7]), G))

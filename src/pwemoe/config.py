@@ -185,7 +185,11 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seed of preferences, batches and router initialisation")
     save_interval: int = Field(100, ge=1, description="steps between checkpoints")
     log_interval: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
-    concat_forward: bool = Field(True, description="one forward over all tasks' examples (LS-type objectives)")
+    concat_forward: bool = Field(
+        True,
+        description="one forward over all tasks' examples (false: one forward per task); EPO takes its per-task "
+        "gradients from per-task views of the merge either way",
+    )
     micro_batch_size: int | None = Field(
         None,
         ge=1,

@@ -318,12 +318,52 @@ class SharedMerge:
             torch.autograd.backward(roots, grads, retain_graph=True)
         self.zero_grad()
 
+    def task_router_grads(self, params: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+        """G: Tensor[k, p], row i = dL_i/d(params) from the per-task leaves of `task_segments`; zeroes them."""
+        rows = []
+        for i in range(k):
+            roots, grads = [], []
+            for m in self.modules:
+                r, g = m.segment_roots(i)
+                roots += r
+                grads += g
+            out = torch.autograd.grad(roots, list(params), grads, retain_graph=True, allow_unused=True) if roots else ()
+            out = out or [None] * len(params)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, out)]))
+        self.zero_grad()
+        return torch.stack(rows)
+
     def router_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """d(sum of backwards since the last zero)/d(params), one tensor per param; zeroes the leaves."""
         roots, grads = self._roots()
         out = torch.autograd.grad(roots, list(params), grads, retain_graph=True, allow_unused=True) if roots else ()
         self.zero_grad()
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out or [None] * len(params))]
+
+
+@contextlib.contextmanager
+def task_segments(model: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
+    """Inside `shared_merge`: the next forwards (and their backwards, which may replay them under
+    gradient checkpointing) hold sizes[i] rows of task i, in task order. Each task's rows run on its
+    own leaf view of theta(r), so one forward and one backward of sum_i L_i give every dL_i/dW
+    (`SharedMerge.task_router_grads`), since a row's activations depend on no other row."""
+    mods = [m for _, m in _modules_or_raise(model)]
+    # a KV cache would collect every segment's keys in one object: training forwards need none
+    configs = {id(c): c for sub in model.modules() if (c := getattr(sub, "config", None)) is not None}
+    caching = {i: getattr(c, "use_cache", None) for i, c in configs.items()}
+    for m in mods:
+        m._segments = list(sizes)
+    for i, c in configs.items():
+        if caching[i]:
+            c.use_cache = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._segments = None
+        for i, c in configs.items():
+            if caching[i]:
+                c.use_cache = caching[i]
 
 
 @contextlib.contextmanager

@@ -58,6 +58,11 @@ class WeightEnsemblingModule(nn.Module):
         # Set by `pwemoe.shared_merge`: {param: (theta(r) with its graph to the router, a detached leaf copy)}.
         self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.share_under_grad = False
+        # Set by `pwemoe.upscale.task_segments` (inside shared_merge): rows per task of the next forwards,
+        # in task order. Task i's rows then run on their own leaf view of theta(r) (no copy), so one
+        # forward over all tasks yields each task's dL_i/dW (EPO) as the leaves' separate gradients.
+        self._segments: list[int] | None = None
+        self._segment_leaves: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -147,16 +152,76 @@ class WeightEnsemblingModule(nn.Module):
         pairs = [(w, leaf.grad) for w, leaf in self._shared.values() if leaf.grad is not None]
         return [w for w, _ in pairs], [g for _, g in pairs]
 
+    def segment_roots(self, task: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(merged weights, task's leaf gradients) for the per-task leaves (`task_segments`)."""
+        if self._shared is None or self._segment_leaves is None:
+            return [], []
+        leaves = self._segment_leaves[task]
+        pairs = [(w, leaves[n].grad) for n, (w, _) in self._shared.items() if leaves[n].grad is not None]
+        return [w for w, _ in pairs], [g for _, g in pairs]
+
     def zero_shared_grad(self) -> None:
         for _, leaf in (self._shared or {}).values():
             leaf.grad = None
+        for leaves in self._segment_leaves or []:
+            for leaf in leaves.values():
+                leaf.grad = None
 
     def clear_cache(self) -> None:
         self._cache = None
         self._shared = None
+        self._segment_leaves = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.base_layer, self.merged_weights(), args, kwargs, strict=False)
+        weights = self.merged_weights()
+        if self._segments is not None and self._shared is not None:
+            return self._segmented_forward(args, kwargs)
+        return functional_call(self.base_layer, weights, args, kwargs, strict=False)
+
+    def _segmented_forward(self, args: tuple, kwargs: dict) -> Any:
+        """Each task's rows through the module on that task's leaf view of the shared merge.
+
+        Tensors of rank >= 2 whose first dimension is the batch size are split by rows; everything
+        else (masks broadcast over the batch, position tables) is passed whole. Outputs are joined back.
+        """
+        sizes = self._segments or []
+        n = sum(sizes)
+        if self._segment_leaves is None:
+            self._segment_leaves = [
+                {name: w.detach().requires_grad_(True) for name, (w, _) in self._shared.items()} for _ in sizes
+            ]
+        outs, start = [], 0
+        for j, size in enumerate(sizes):
+            if size == 0:
+                continue
+            a = _rows(args, start, size, n)
+            kw = _rows(kwargs, start, size, n)
+            outs.append(functional_call(self.base_layer, self._segment_leaves[j], a, kw, strict=False))
+            start += size
+        return _join(outs)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tasks={self.task_names}, tv_dtype={self.task_vector(self._param_names[0]).dtype}"
+
+
+def _rows(x: Any, start: int, size: int, n: int) -> Any:
+    """x with every batch-leading tensor (rank >= 2, first dim n) cut to rows [start, start + size)."""
+    if isinstance(x, torch.Tensor):
+        return x[start : start + size] if x.dim() >= 2 and x.shape[0] == n else x
+    if isinstance(x, tuple):
+        return tuple(_rows(v, start, size, n) for v in x)
+    if isinstance(x, list):
+        return [_rows(v, start, size, n) for v in x]
+    if isinstance(x, dict):
+        return {k: _rows(v, start, size, n) for k, v in x.items()}
+    return x
+
+
+def _join(outs: list[Any]) -> Any:
+    """Concatenate per-segment outputs along the batch (tensors, or tuples / lists of them)."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs) if len(outs) > 1 else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([o[i] for o in outs]) for i in range(len(first)))
+    return first  # None, or anything that is not per-row

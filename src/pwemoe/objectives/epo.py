@@ -12,6 +12,7 @@ alpha.Ca >= min(max(Ca), 0) and C alpha >= 0. The update is sum_i k alpha_i grad
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,27 +81,68 @@ def epo_lp(losses: np.ndarray, r: np.ndarray, C: np.ndarray, eps: float = 1e-4) 
 
 
 class EPO(Objective):
-    """Weights the task gradients by k * alpha, alpha from the EPO LP on C = G G^T."""
+    """Weights the task gradients by k * alpha, alpha from the EPO LP on C = G G^T.
+
+    Options (both off by default, which is the published method):
+        normalize: "initial" divides each task's loss by its mean over the first `warmup` calls
+            (the loss at the start of training), so tasks whose losses live on different scales
+            (2-class vs 5-class cross-entropy) are balanced relative to where they started, as in
+            normalised-loss EPO variants. The LP sees l_i / s_i and G_i / s_i; the returned weights
+            apply to the raw losses (k alpha_i mean(s) / s_i).
+        floor: mixes r with the uniform preference, r' = (1 - k floor) r + floor, so rays on the
+            simplex boundary ask for finite loss ratios (at most (1 - (k-1) floor) / floor) and the
+            balance LP is never degenerate (a zero r_i makes the adjustment vector a zero there).
+    """
 
     name = "epo"
     needs_task_gradients = True
 
-    def __init__(self, eps: float = 1e-4) -> None:
+    def __init__(self, eps: float = 1e-4, normalize: str = "none", floor: float = 0.0, warmup: int = 8) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"epo eps must be a number >= 0, got {eps!r}")
-        self.eps = float(eps)
+        if normalize not in ("none", "initial"):
+            raise ValueError(f"epo normalize must be 'none' or 'initial', got {normalize!r}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 0.5:
+            raise ValueError(f"epo floor must be a number in [0, 1/k), got {floor!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"epo warmup must be an integer >= 1, got {warmup!r}")
+        self.eps, self.normalize, self.floor, self.warmup = float(eps), normalize, float(floor), warmup
         self.fallbacks = 0
         self.calls = 0
         self.moves = {"bal": 0, "dom": 0}
+        self._scale_sum: list[float] | None = None  # normalize="initial": summed losses of the first calls
+        self._scale_n = 0
+
+    def check(self, k: int) -> str | None:
+        if self.floor * k >= 1:
+            return f"epo floor must be below 1/k = {1 / k:.4f} for k = {k} tasks, got {self.floor}"
+        return None
+
+    def scales(self, losses: np.ndarray) -> np.ndarray:
+        """s (k,): ones, or the mean loss of each task over the first `warmup` calls."""
+        if self.normalize == "none":
+            return np.ones_like(losses)
+        if self._scale_n < self.warmup:
+            self._scale_sum = (
+                np.zeros_like(losses) if self._scale_sum is None else np.asarray(self._scale_sum)
+            ) + losses
+            self._scale_n += 1
+        s = np.asarray(self._scale_sum) / self._scale_n
+        return np.maximum(s, np.finfo(s.dtype).eps)
+
+    def effective_preference(self, r: np.ndarray) -> np.ndarray:
+        k = len(r)
+        return (1 - k * self.floor) * r + self.floor
 
     def weights(self, losses: torch.Tensor, r: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         k = len(losses)
         l_np = losses.detach().double().cpu().numpy()
-        r_np = r.detach().double().cpu().numpy()
-        Gd = G.detach().double()
+        r_np = self.effective_preference(r.detach().double().cpu().numpy())
+        s = self.scales(l_np)
+        Gd = G.detach().double() / torch.as_tensor(s, dtype=torch.float64, device=G.device)[:, None]
         C = (Gd @ Gd.T).cpu().numpy()
         self.calls += 1
-        alpha, move = epo_lp(l_np, r_np, C, self.eps)
+        alpha, move = epo_lp(l_np / s, r_np, C, self.eps)
         self.moves[move] += 1
         if alpha is None:
             self.fallbacks += 1
@@ -111,14 +153,27 @@ class EPO(Objective):
                 self.calls,
             )
             alpha = r_np / r_np.sum()
-        return torch.as_tensor(k * alpha, dtype=losses.dtype, device=losses.device)
+        w = k * alpha * s.mean() / s  # per raw loss; the mean scale keeps the step size (s equal: w = k alpha)
+        return torch.as_tensor(w, dtype=losses.dtype, device=losses.device)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"fallbacks": self.fallbacks, "calls": self.calls, **{f"moves_{m}": v for m, v in self.moves.items()}}
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "fallbacks": self.fallbacks,
+            "calls": self.calls,
+            **{f"moves_{m}": v for m, v in self.moves.items()},
+        }
+        if self.normalize != "none":
+            out["scale_n"] = self._scale_n
+            out["scale_sum"] = list(self._scale_sum) if self._scale_sum is not None else []
+        return out
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fallbacks, self.calls = int(state["fallbacks"]), int(state["calls"])
         self.moves = {m: int(state[f"moves_{m}"]) for m in self.moves}
+        if self.normalize != "none":
+            self._scale_n = int(state.get("scale_n", 0))
+            sums = state.get("scale_sum") or []
+            self._scale_sum = [float(x) for x in sums] if sums else None
 
     def stats(self) -> dict[str, float]:
         return {

@@ -48,6 +48,7 @@ from ..upscale import (
     router_state_dict,
     set_preference,
     shared_merge,
+    task_segments,
 )
 from ..workbench import ForwardBatch, Workbench, build_config, read_config
 
@@ -273,7 +274,8 @@ class TrainRecipe:
 
     def _pipeline(self) -> tuple[_StepEncoder, _StepSampler]:
         tc = self.cfg.train
-        split = self.objective.needs_task_gradients or not tc.concat_forward
+        # per-task gradients (EPO) come from forwards across tasks too (task_segments)
+        split = not tc.concat_forward
         encoder = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
         return encoder, _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
 
@@ -514,7 +516,31 @@ def accumulate_router_gradients(
             raise ValueError(f"every task needs examples for each preference; tasks {missing} have none")
         inv = torch.tensor([1.0 / n for n in counts]).to(device, non_blocking=True)
         with shared_merge(model) as merge:
-            if objective.needs_task_gradients:
+            if objective.needs_task_gradients and any(len(g.segments) > 1 for g in groups):
+                # per-task gradients from forwards across tasks: each task's rows run on their own leaf
+                # view of the merge (task_segments), so one backward of sum_i L_i gives every dL_i/dW
+                losses = torch.zeros(k, device=device)
+                for g in groups:
+                    order = [i for i, _ in g.segments]
+                    if order != sorted(set(order)):
+                        raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
+                    sizes = [0] * k
+                    for i, n in g.segments:
+                        sizes[i] = n
+                    idx = torch.tensor(order).to(device, non_blocking=True)
+                    with task_segments(model, sizes):
+                        part = torch.zeros(k, device=device).index_add(0, idx, loss_fn(g)) * inv
+                        scale(part.sum()).backward()
+                    losses = losses + part.detach()
+                G = merge.task_router_grads(params, k)
+                _check_finite(losses, names)
+                if not bool(torch.isfinite(G).all()):  # fp16 overflow: let the scaler skip this step
+                    w = torch.ones(k, device=device)
+                else:
+                    w = objective.weights(losses, r, G / _scale_of(scale, G)).to(device)
+                _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
+                value = (w.to(losses) * losses).sum()
+            elif objective.needs_task_gradients:
                 # per-task gradients: each forward holds one task's examples; G[i] = dL_i/d(routers)
                 per_task: list[list[Any]] = [[] for _ in range(k)]
                 for g in groups:
