@@ -148,3 +148,19 @@ def test_dirichlet_sampler_seeded_and_resumable(alpha):
     assert torch.equal(c.sample(2), y)
     mean = DirichletSampler(3, alpha, seed=1).sample(4000).mean(0)
     assert torch.allclose(mean, torch.full((3,), 1 / 3), atol=0.03)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lambda_grads_equal_the_merge_backward_per_loss(dtype):
+    from pwemoe.core.merge import lambda_grads, merge_weights
+
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(3, 4, 5, generator=g).to(dtype)
+    theta0 = torch.randn(4, 5, generator=g)
+    grads = torch.randn(2, 4, 5, generator=g)
+    want = []
+    for j in range(2):
+        lam = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+        merge_weights(lam, theta0, T).backward(grads[j])
+        want.append(lam.grad)
+    torch.testing.assert_close(lambda_grads(T, grads), torch.stack(want), rtol=1e-5, atol=1e-5)

@@ -319,16 +319,24 @@ class SharedMerge:
         self.zero_grad()
 
     def task_router_grads(self, params: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-        """G: Tensor[k, p], row i = dL_i/d(params) from the per-task leaves of `task_segments`; zeroes them."""
+        """G: Tensor[k, p], row i = dL_i/d(params) from the per-task leaves of `task_segments`; zeroes them.
+
+        The merge's backward for all k tasks takes one pass over each T (`lambda_grads`); only the
+        routers' tiny backward runs once per task.
+        """
+        lams, glams = [], []
+        for m in self.modules:
+            g = m.segment_lambda_grads(k)
+            if g is not None and m._shared_lam is not None:
+                lams.append(m._shared_lam)
+                glams.append(g.to(m._shared_lam.dtype))
         rows = []
         for i in range(k):
-            roots, grads = [], []
-            for m in self.modules:
-                r, g = m.segment_roots(i)
-                roots += r
-                grads += g
-            out = torch.autograd.grad(roots, list(params), grads, retain_graph=True, allow_unused=True) if roots else ()
-            out = out or [None] * len(params)
+            out = (
+                torch.autograd.grad(lams, list(params), [g[i] for g in glams], retain_graph=True, allow_unused=True)
+                if lams
+                else [None] * len(params)
+            )
             rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, out)]))
         self.zero_grad()
         return torch.stack(rows)

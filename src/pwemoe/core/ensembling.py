@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .merge import merge_weights
+from .merge import lambda_grads, merge_weights
 from .router import Router
 
 
@@ -63,6 +63,8 @@ class WeightEnsemblingModule(nn.Module):
         # forward over all tasks yields each task's dL_i/dW (EPO) as the leaves' separate gradients.
         self._segments: list[int] | None = None
         self._segment_leaves: list[dict[str, torch.Tensor]] | None = None
+        self._last_lambda: torch.Tensor | None = None
+        self._shared_lam: torch.Tensor | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -128,6 +130,7 @@ class WeightEnsemblingModule(nn.Module):
             if self._shared is None:
                 merged = self._merge()
                 self._shared = {n: (w, w.detach().requires_grad_(True)) for n, w in merged.items()}
+                self._shared_lam = self._last_lambda  # lambda(r) with its graph to the router
             return {n: leaf for n, (_, leaf) in self._shared.items()}
         if not grad:
             key = self._cache_key()
@@ -142,6 +145,8 @@ class WeightEnsemblingModule(nn.Module):
     def _merge(self) -> dict[str, torch.Tensor]:
         with torch.autocast(device_type=self.preference.device.type, enabled=False):
             lam = self.routing_weights()
+            if self.share_under_grad:  # kept for the per-task merge backward (segment_lambda_grads)
+                self._last_lambda = lam
             params = dict(self.base_layer.named_parameters())
             return {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
 
@@ -152,13 +157,20 @@ class WeightEnsemblingModule(nn.Module):
         pairs = [(w, leaf.grad) for w, leaf in self._shared.values() if leaf.grad is not None]
         return [w for w, _ in pairs], [g for _, g in pairs]
 
-    def segment_roots(self, task: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(merged weights, task's leaf gradients) for the per-task leaves (`task_segments`)."""
+    def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
+        """Tensor[tasks, k]: row i = dL_i/dlambda from task i's leaf gradients (`task_segments`), in one
+        pass over T; None when no per-task leaf received a gradient."""
         if self._shared is None or self._segment_leaves is None:
-            return [], []
-        leaves = self._segment_leaves[task]
-        pairs = [(w, leaves[n].grad) for n, (w, _) in self._shared.items() if leaves[n].grad is not None]
-        return [w for w, _ in pairs], [g for _, g in pairs]
+            return None
+        out = None
+        for n, (w, _) in self._shared.items():
+            gs = [leaves[n].grad for leaves in self._segment_leaves]
+            if all(g is None for g in gs):
+                continue
+            stacked = torch.stack([torch.zeros_like(w) if g is None else g for g in gs])
+            part = lambda_grads(self.task_vector(n), stacked)
+            out = part if out is None else out + part
+        return out
 
     def zero_shared_grad(self) -> None:
         for _, leaf in (self._shared or {}).values():
@@ -171,6 +183,7 @@ class WeightEnsemblingModule(nn.Module):
         self._cache = None
         self._shared = None
         self._segment_leaves = None
+        self._shared_lam = self._last_lambda = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weights = self.merged_weights()

@@ -53,6 +53,19 @@ class _Merge(torch.autograd.Function):
         return glam, None, None
 
 
+def lambda_grads(T: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """dL_j/dlam for several weight gradients at once: Tensor[J, k] = grads [J, *s] . T [k, *s].
+
+    The merge's backward for J losses in one pass over T (J matrix-vector products would read T J times).
+    """
+    k, J = T.shape[0], grads.shape[0]
+    g = grads.reshape(J, -1)
+    Tf = T.reshape(k, -1)
+    if Tf.dtype == g.dtype:
+        return g @ Tf.t()
+    return torch.stack([g @ Tf[i].to(g.dtype) for i in range(k)], dim=1)  # one upcast row of T at a time
+
+
 def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """theta0 + sum_i lam[i] * T[i].  lam: Tensor[k]; theta0: Tensor[*s]; T: Tensor[k, *s] -> Tensor[*s]."""
     return _Merge.apply(lam, theta0, T)
