@@ -51,7 +51,7 @@ def _fake_rows(k, rng):
     return names, rows
 
 
-@pytest.mark.parametrize("k,expected", [(2, ["front"]), (3, ["planes", "front3d"]), (5, ["parallel"])])
+@pytest.mark.parametrize("k,expected", [(2, ["front"]), (3, ["planes", "front3d", "ternary"]), (5, ["parallel"])])
 def test_plots_for_k_2_3_5(tmp_path, k, expected):
     names, rows = _fake_rows(k, np.random.default_rng(0))
     paths = plot_fronts(rows, names, tmp_path, "accuracy")

@@ -65,6 +65,7 @@ RESUMABLE = (
     "train.num_workers",
     "train.val_interval",
     "train.select",
+    "train.task_gradients",
     "train.micro_batch_size",
     "train.gradient_checkpointing",
     "device",
@@ -274,8 +275,8 @@ class TrainRecipe:
 
     def _pipeline(self) -> tuple[_StepEncoder, _StepSampler]:
         tc = self.cfg.train
-        # per-task gradients (EPO) come from forwards across tasks too (task_segments)
-        split = not tc.concat_forward
+        # per-task gradients (EPO): one forward per task, or forwards across tasks (task_segments)
+        split = not tc.concat_forward or (self.objective.needs_task_gradients and tc.task_gradients == "forwards")
         encoder = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
         return encoder, _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
 
