@@ -8,8 +8,6 @@ percentile intervals of the resampled statistic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 
@@ -43,9 +41,4 @@ def interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
-def statistic_samples(acc: np.ndarray, stat: Callable[[np.ndarray], float]) -> np.ndarray:
-    """stat(acc[b]) for every resample: acc is Array[B, R, k] (models x tasks per resample)."""
-    return np.array([stat(a) for a in acc])
-
-
-__all__ = ["accuracy_samples", "interval", "statistic_samples"]
+__all__ = ["accuracy_samples", "interval"]

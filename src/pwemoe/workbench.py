@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,13 +298,28 @@ class Workbench:
         )
 
     @torch.no_grad()
-    def correct(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> torch.Tensor:
+    def correct(
+        self,
+        task: Task,
+        batch_size: int,
+        backbone: nn.Module | None = None,
+        data: Iterable[ForwardBatch] | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
         """Per-example correctness BoolTensor[n] (CPU, test-split order) of `task` through `backbone`
-        (default: the upcycled one); what the bootstrap intervals resample."""
+        (default: the upcycled one); what the bootstrap intervals resample.
+
+        data: the encoded `eval_batches` (default: `eval_data`, encoded by loader workers);
+        on_batch() is called after each batch (progress).
+        """
         out = torch.zeros(len(task.test_data), dtype=torch.bool, device=self.device)
-        for idx, b in zip(self.eval_batches(task, batch_size), self.eval_data(task, batch_size)):
+        for idx, b in zip(
+            self.eval_batches(task, batch_size), data if data is not None else self.eval_data(task, batch_size)
+        ):
             hit = self.forward(b, backbone=backbone)[0].argmax(-1) == b.labels[0].to(self.device, non_blocking=True)
             out[torch.as_tensor(idx, device=self.device)] = hit
+            if on_batch is not None:
+                on_batch()
         return out.cpu()  # the one device sync of the sweep point
 
     def accuracy(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:

@@ -517,48 +517,10 @@ def accumulate_router_gradients(
             raise ValueError(f"every task needs examples for each preference; tasks {missing} have none")
         inv = torch.tensor([1.0 / n for n in counts]).to(device, non_blocking=True)
         with shared_merge(model) as merge:
-            if objective.needs_task_gradients and any(len(g.segments) > 1 for g in groups):
-                # per-task gradients from forwards across tasks: each task's rows run on their own leaf
-                # view of the merge (task_segments), so one backward of sum_i L_i gives every dL_i/dW
-                losses = torch.zeros(k, device=device)
-                for g in groups:
-                    order = [i for i, _ in g.segments]
-                    if order != sorted(set(order)):
-                        raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
-                    sizes = [0] * k
-                    for i, n in g.segments:
-                        sizes[i] = n
-                    idx = torch.tensor(order).to(device, non_blocking=True)
-                    with task_segments(model, sizes):
-                        part = torch.zeros(k, device=device).index_add(0, idx, loss_fn(g)) * inv
-                        scale(part.sum()).backward()
-                    losses = losses + part.detach()
-                G = merge.task_router_grads(params, k)
-                _check_finite(losses, names)
-                if not bool(torch.isfinite(G).all()):  # fp16 overflow: let the scaler skip this step
-                    w = torch.ones(k, device=device)
-                else:
-                    w = objective.weights(losses, r, G / _scale_of(scale, G)).to(device)
-                _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
-                value = (w.to(losses) * losses).sum()
-            elif objective.needs_task_gradients:
-                # per-task gradients: each forward holds one task's examples; G[i] = dL_i/d(routers)
-                per_task: list[list[Any]] = [[] for _ in range(k)]
-                for g in groups:
-                    tasks = {i for i, _ in g.segments}
-                    if len(tasks) != 1:
-                        raise ValueError("objectives with per-task gradients need one task per forward")
-                    per_task[tasks.pop()].append(g)
-                rows, vals = [], []
-                for i in range(k):
-                    li = torch.zeros((), device=device)
-                    for g in per_task[i]:
-                        x = loss_fn(g).sum() * inv[i]
-                        scale(x).backward()
-                        li = li + x.detach()
-                    vals.append(li)
-                    rows.append(torch.cat([gr.reshape(-1) for gr in merge.router_grads(params)]))
-                losses, G = torch.stack(vals), torch.stack(rows)
+            if objective.needs_task_gradients:
+                across = any(len(g.segments) > 1 for g in groups)
+                task_grads = _task_grads_across_tasks if across else _task_grads_per_forward
+                losses, G = task_grads(model, params, merge, groups, loss_fn, inv, scale, k)
                 _check_finite(losses, names)  # the LP needs the losses on the CPU anyway
                 if not bool(torch.isfinite(G).all()):  # fp16 overflow: let the scaler skip this step
                     w = torch.ones(k, device=device)
@@ -589,6 +551,63 @@ def accumulate_router_gradients(
     out = torch.cat([task_losses, total.reshape(1)]).double().cpu()
     _check_finite(out[:k], names)
     return out[:k].float(), float(out[k])
+
+
+def _task_grads_across_tasks(
+    model: torch.nn.Module,
+    params: list,
+    merge: Any,
+    groups: Sequence[Any],
+    loss_fn: Callable,
+    inv: torch.Tensor,
+    scale: Callable,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses Tensor[k], G Tensor[k, p]) from forwards across tasks: each task's rows run on their own
+    leaf view of the merge (task_segments), so one backward of sum_i L_i gives every dL_i/dW."""
+    losses = torch.zeros(k, device=inv.device)
+    for g in groups:
+        order = [i for i, _ in g.segments]
+        if order != sorted(set(order)):
+            raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
+        sizes = [0] * k
+        for i, n in g.segments:
+            sizes[i] = n
+        idx = torch.tensor(order).to(inv.device, non_blocking=True)
+        with task_segments(model, sizes):
+            part = torch.zeros(k, device=inv.device).index_add(0, idx, loss_fn(g)) * inv
+            scale(part.sum()).backward()
+        losses = losses + part.detach()
+    return losses, merge.task_router_grads(params, k)
+
+
+def _task_grads_per_forward(
+    model: torch.nn.Module,
+    params: list,
+    merge: Any,
+    groups: Sequence[Any],
+    loss_fn: Callable,
+    inv: torch.Tensor,
+    scale: Callable,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses Tensor[k], G Tensor[k, p]) from forwards that each hold one task's examples."""
+    per_task: list[list[Any]] = [[] for _ in range(k)]
+    for g in groups:
+        tasks = {i for i, _ in g.segments}
+        if len(tasks) != 1:
+            raise ValueError("objectives with per-task gradients need one task per forward")
+        per_task[tasks.pop()].append(g)
+    rows, vals = [], []
+    for i in range(k):
+        li = torch.zeros((), device=inv.device)
+        for g in per_task[i]:
+            x = loss_fn(g).sum() * inv[i]
+            scale(x).backward()
+            li = li + x.detach()
+        vals.append(li)
+        rows.append(torch.cat([gr.reshape(-1) for gr in merge.router_grads(params)]))
+    return torch.stack(vals), torch.stack(rows)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

@@ -145,13 +145,11 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
     async def _large(request: Request, exc: TooLarge) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=413)
 
-    @app.exception_handler(ValueError)
-    async def _bad(request: Request, exc: ValueError) -> JSONResponse:
+    async def _bad(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.exception_handler(TypeError)
-    async def _bad_type(request: Request, exc: TypeError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+    for invalid in (ValueError, TypeError):  # the public API's errors for bad values
+        app.add_exception_handler(invalid, _bad)
 
     @app.exception_handler(RuntimeError)
     async def _busy(request: Request, exc: RuntimeError) -> JSONResponse:

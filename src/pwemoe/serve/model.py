@@ -257,19 +257,18 @@ class PreferenceModel:
                     return {**found, "reused": True}
             batches = {t.name: self.wb.eval_batches(t, bs) for t in self.wb.tasks}
             total, done = sum(len(b) for b in batches.values()), 0
-            correct = {}
-            with self.cache.lease(tuple(key)) as (plain, _), torch.no_grad():
-                for i, t in enumerate(self.wb.tasks):  # as Workbench.correct, with progress
-                    hits = torch.zeros(len(t.test_data), dtype=torch.bool, device=self.wb.device)
-                    for idx, b in zip(batches[t.name], self._test_batches(i, batches[t.name])):
-                        logits = self.wb.forward(b, backbone=plain)[0]
-                        hits[torch.as_tensor(idx, device=self.wb.device)] = logits.argmax(-1) == b.labels[0].to(
-                            self.wb.device
-                        )
-                        done += 1
-                        if progress is not None:
-                            progress(done, total)
-                    correct[t.name] = hits.cpu()
+
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+            with self.cache.lease(tuple(key)) as (plain, _):
+                correct = {
+                    t.name: self.wb.correct(t, bs, plain, self._test_batches(i, batches[t.name]), tick)
+                    for i, t in enumerate(self.wb.tasks)
+                }
             acc = {n: int(c.sum()) / len(c) for n, c in correct.items()}
             row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
             if store:  # re-read under the run lock: rows others wrote are kept
