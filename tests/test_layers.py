@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pwemoe"
 # those inside functions; `if TYPE_CHECKING:` blocks are annotations only and are skipped).
 LAYERS = [
     ["core", "architectures", "io", "pareto", "devices", "bootstrap"],
-    ["models", "objectives"],
+    ["models", "objectives", "lora"],
     ["upscale", "config", "checkpoint"],
     ["tasks", "modalities", "methods"],
     ["workbench", "results"],

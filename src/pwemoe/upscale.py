@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from .architectures import get_architecture
-from .core.ensembling import WeightEnsemblingModule
+from .core.ensembling import EnsemblingModule, WeightEnsemblingModule
+from .core.factored import FactoredEnsemblingModule, LowRank, concat_factors, lowrank_columns, truncated_svd
 from .core.merge import add_task_vector_
 from .core.preference import PreferenceLike, normalize_preference
 from .core.router import Router
 from .core.task_vector import check_compatible
+from .lora import LoraAdapter, is_lora_adapter, read_lora_adapter
 from .models import ModelSource, describe, fingerprint_tensors, load_model
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class UpscaleInfo:
     base_id: str = ""
     expert_ids: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    expert_format: str = "dense"  # "dense" (full checkpoints) or "lora" (PEFT adapters, never densified)
+    task_vector_rank: int | float | None = None  # truncated-SVD rank (or energy) of dense task vectors
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,10 +124,46 @@ def _check_same_architecture(base: nn.Module, expert: nn.Module, name: str) -> N
 
 
 # --- upscale -------------------------------------------------------------------------------------
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D"  # GPT-2's linear layer, weight stored [in, out]
+
+
+def _linear_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) for nn.Linear and GPT-2 Conv1D layers inside `module` ("" for the module itself)."""
+    return [(p, m) for p, m in module.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def _io_features(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D layer."""
+    w = m.weight
+    return (w.shape[0], w.shape[1]) if _is_conv1d(m) else (w.shape[1], w.shape[0])
+
+
+def check_task_vector_rank(rank: Any) -> int | float | None:
+    """None, an int >= 1 (the rank), or a float in (0, 1] (the share of ||tau||_F^2 to keep)."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"task_vector_rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
+    if isinstance(rank, int) and rank < 1:
+        raise ValueError(f"task_vector_rank must be >= 1 (or an energy fraction in (0, 1]), got {rank}")
+    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+        raise ValueError(f"task_vector_rank as an energy fraction must be in (0, 1], got {rank}")
+    return rank
+
+
+def _load_expert(src: Any, model_class: Any, like: nn.Module, name: str) -> nn.Module | LoraAdapter:
+    if isinstance(src, LoraAdapter):
+        return src
+    if is_lora_adapter(src):
+        return read_lora_adapter(src, f"expert {name!r}")
+    return load_model(src, model_class or type(like))
+
+
 @torch.no_grad()
 def upscale(
     base: ModelSource,
-    experts: Mapping[str, ModelSource],
+    experts: Mapping[str, ModelSource | LoraAdapter],
     targets: Targets = None,
     init_lambda: float = 0.3,
     router_hidden_layers: int = 2,
@@ -132,14 +172,19 @@ def upscale(
     model_class: Any = None,
     router_init_std: float = 0.01,
     device: torch.device | str | None = None,
+    task_vector_rank: int | float | None = None,
+    base_names: Sequence[str] = (),
 ) -> nn.Module:
     """Upcycle `base` with k experts into a Pareto weight-ensembling MoE model.
 
     Args:
         base: pretrained model (hub id, local dir or nn.Module). An nn.Module is modified in place.
-        experts: task name -> fine-tuned model (same sources). Loaded and processed one at a time,
-            so peak memory is about theta_0 + target task vectors + one expert.
-        targets: which modules to upcycle (see `find_targets`); default from the architecture table.
+        experts: task name -> fine-tuned model (same sources), or a PEFT LoRA adapter (its folder, or a
+            `LoraAdapter`). Models are loaded and processed one at a time, so peak memory is about
+            theta_0 + target task vectors + one expert. LoRA experts are never densified: each adapted
+            linear layer computes W_0 x + sum_i lambda_i(r) s_i B_i (A_i x) (`FactoredEnsemblingModule`).
+        targets: which modules to upcycle (see `find_targets`); default from the architecture table
+            (for LoRA experts: the table's MLP and attention blocks that hold adapted layers).
         init_lambda: task-arithmetic scale for the non-target parameters, and the router's
             initial output, so the untrained model equals task arithmetic.
         router_hidden_layers: 0, 1 or 2 (default 2: k -> 2k -> ReLU -> k).
@@ -149,9 +194,14 @@ def upscale(
         device: where the upcycled model lives (default: where `base` is). The base moves there
             first and the task vectors are built there while experts stream from disk one at a
             time, so the device holds at most theta_0 + T + one parameter of the current expert.
+        task_vector_rank: dense experts only: compress the task vector of every linear weight inside
+            the targets by truncated SVD to this rank (int), or to the rank that keeps this share of its
+            squared Frobenius norm (float in (0, 1]); run like LoRA experts, with s_i = 1.
+        base_names: names the base goes by (hub id, local path); a LoRA adapter whose
+            `base_model_name_or_path` is none of them is refused.
 
     Returns:
-        The base model with each target replaced by a `WeightEnsemblingModule`; only routers
+        The base model with each target replaced by an ensembling module; only routers
         require grad. `model.pwemoe_info` records what was done.
     """
     if not isinstance(experts, Mapping):
@@ -162,40 +212,82 @@ def upscale(
     bad_names = [n for n in task_names if not isinstance(n, str) or not n]
     if bad_names:
         raise TypeError(f"task names must be non-empty strings, got {bad_names!r}")
+    rank = check_task_vector_rank(task_vector_rank)
     k = len(task_names)
     base_model = load_model(base, model_class)
-    if any(isinstance(m, WeightEnsemblingModule) for m in base_model.modules()):
+    if any(isinstance(m, EnsemblingModule) for m in base_model.modules()):
         raise ValueError("the base model is already upcycled; pass the original pretrained model")
-    target_names = find_targets(base_model, targets, include_attention)
     hashes = {"base": fingerprint_tensors(dict(base_model.named_parameters()))}  # hashed where it was loaded
+    first = _load_expert(experts[task_names[0]], model_class, base_model, task_names[0])
+    if isinstance(first, LoraAdapter):
+        if rank is not None:
+            raise ValueError("task_vector_rank compresses dense experts; LoRA experts are low-rank already: unset it")
+        return _upscale_lora(
+            base_model,
+            base,
+            experts,
+            first,
+            targets,
+            include_attention,
+            init_lambda,
+            router_hidden_layers,
+            task_vector_dtype,
+            router_init_std,
+            device,
+            base_names,
+            hashes,
+            model_class,
+        )
+    target_names = find_targets(base_model, targets, include_attention)
     if device is not None:  # the targets first; the rest is merged where it is and moved at the end
         for t in target_names:
             base_model.get_submodule(t).to(device)
     params = dict(base_model.named_parameters())
     target_keys = [f"{t}.{p}" for t in target_names for p, _ in base_model.get_submodule(t).named_parameters()]
     target_set = set(target_keys)
-    # Task vectors of the targets, allocated once: [k, *shape] each.
+    # Linear weights inside the targets whose task vectors are compressed (task_vector_rank): key -> transposed
+    factored: dict[str, bool] = {}
+    if rank is not None:
+        for t in target_names:
+            for path, m in _linear_children(base_model.get_submodule(t)):
+                factored[f"{t}.{path}.weight" if path else f"{t}.weight"] = _is_conv1d(m)
+        if not factored:
+            raise ValueError(f"task_vector_rank needs linear layers inside the targets; {target_names[:3]} have none")
+    # Task vectors of the targets, allocated once: [k, *shape] each (factored weights: per-expert SVD factors).
     T = {
         key: torch.empty((k, *p.shape), dtype=task_vector_dtype or p.dtype, device=p.device)
-        for key, p in ((key, params[key]) for key in target_keys)
+        for key, p in ((key, params[key]) for key in target_keys if key not in factored)
     }
+    F: dict[str, list] = {key: [] for key in factored}
     # Sum of task vectors for everything else, merged by task arithmetic at the end.
     rest = {n: torch.zeros_like(p) for n, p in params.items() if n not in target_set and p.is_floating_point()}
     expert_ids = {}
     for i, name in enumerate(task_names):
         src = experts[name]
-        expert = load_model(src, model_class or type(base_model))
+        expert = first if i == 0 else _load_expert(src, model_class, base_model, name)
+        if isinstance(expert, LoraAdapter):
+            raise ValueError(
+                f"expert {name!r} is a LoRA adapter but {task_names[0]!r} is a full model; give all experts "
+                "in one form (all PEFT adapters on the base, or all fine-tuned checkpoints)"
+            )
         _check_same_architecture(base_model, expert, name)
         ep = dict(expert.named_parameters())
         check_compatible(params, ep, f"expert {name!r}")
-        for key in target_keys:  # the difference in theta_0's dtype, then rounded to the storage dtype
+        for key in T:  # the difference in theta_0's dtype, then rounded to the storage dtype
             T[key][i].copy_(ep[key].to(params[key].device, non_blocking=True) - params[key])
+        for key, transposed in factored.items():  # SVD on the device, one matrix at a time
+            tau = ep[key].to(params[key].device) - params[key]
+            B, A = truncated_svd(tau.t() if transposed else tau, **_rank_kw(rank))
+            dt = task_vector_dtype or params[key].dtype
+            F[key].append((i, A.to(dt), B.to(dt), 1.0))
+            del tau
         for key, acc in rest.items():
             add_task_vector_(acc, ep[key], params[key])
         hashes[name] = fingerprint_tensors(ep)
         expert_ids[name] = describe(src)
         log.info("task vectors of expert %d/%d (%s) built", i + 1, k, name)
         del ep, expert  # streamed: drop this expert before the next is loaded
+        first = None
     for key, acc in rest.items():
         params[key].add_(acc, alpha=init_lambda)
     del rest
@@ -203,13 +295,19 @@ def upscale(
         base_model.to(device)
     for t in target_names:
         module = base_model.get_submodule(t)
-        tv = {p: T.pop(f"{t}.{p}") for p, _ in module.named_parameters()}
-        router = Router(k, router_hidden_layers, init_lambda, router_init_std)  # initialised on the CPU RNG
-        p0 = next(module.parameters())
-        router.to(device=p0.device, dtype=p0.dtype if p0.is_floating_point() else torch.float32)
-        base_model.set_submodule(t, WeightEnsemblingModule(module, tv, router, task_names))
-    for n, p in base_model.named_parameters():
-        p.requires_grad_(".router." in f".{n}")
+        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module)
+        lowrank = {
+            key[len(t) + 1 : -len(".weight")] if key != f"{t}.weight" else "": concat_factors(F.pop(key), transposed)
+            for key, transposed in factored.items()
+            if key == f"{t}.weight" or key.startswith(t + ".")
+        }
+        tv = {p: T.pop(f"{t}.{p}") for p, _ in module.named_parameters() if f"{t}.{p}" in T}
+        if lowrank:
+            new: EnsemblingModule = FactoredEnsemblingModule(module, lowrank, tv, router, task_names)
+        else:
+            new = WeightEnsemblingModule(module, tv, router, task_names)
+        base_model.set_submodule(t, new)
+    _only_routers_train(base_model)
     base_model.pwemoe_info = UpscaleInfo(
         task_names=task_names,
         targets=target_names,
@@ -220,19 +318,165 @@ def upscale(
         base_id=describe(base),
         expert_ids=expert_ids,
         hashes=hashes,
+        task_vector_rank=rank,
+    )
+    return base_model
+
+
+def _rank_kw(rank: int | float) -> dict[str, Any]:
+    return {"rank": rank} if isinstance(rank, int) else {"energy": float(rank)}
+
+
+def _new_router(k: int, hidden: int, init_lambda: float, std: float, module: nn.Module) -> Router:
+    router = Router(k, hidden, init_lambda, std)  # initialised on the CPU RNG
+    p0 = next(module.parameters())
+    return router.to(device=p0.device, dtype=p0.dtype if p0.is_floating_point() else torch.float32)
+
+
+def _only_routers_train(model: nn.Module) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(".router." in f".{n}")
+
+
+def _resolve_adapted(name: str, modules: dict[str, nn.Module], model: nn.Module) -> str | None:
+    """The model's name for an adapter's module name: as is, or across the task model / backbone prefix."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    cands = [name, name.split(".", 1)[1] if "." in name else name]
+    if prefix:
+        cands += [f"{prefix}.{name}", name[len(prefix) + 1 :] if name.startswith(prefix + ".") else name]
+    return next((c for c in cands if c in modules), None)
+
+
+def _upscale_lora(
+    base_model: nn.Module,
+    base: Any,
+    experts: Mapping[str, Any],
+    first: LoraAdapter,
+    targets: Targets,
+    include_attention: bool,
+    init_lambda: float,
+    router_hidden_layers: int,
+    task_vector_dtype: torch.dtype | None,
+    router_init_std: float,
+    device: Any,
+    base_names: Sequence[str],
+    hashes: dict[str, str],
+    model_class: Any,
+) -> nn.Module:
+    """LoRA experts: each adapted linear layer keeps its factors; the rest of the model stays theta_0."""
+    task_names = list(experts)
+    k = len(task_names)
+    modules = dict(base_model.named_modules())
+    adapted: dict[str, list[tuple[int, Any]]] = {}
+    errors: list[str] = []
+    expert_ids = {}
+    names_ok = {str(n) for n in base_names if n}
+    for i, name in enumerate(task_names):
+        ad = first if i == 0 else _load_expert(experts[name], model_class, base_model, name)
+        if not isinstance(ad, LoraAdapter):
+            raise ValueError(
+                f"expert {name!r} is a full model but {task_names[0]!r} is a LoRA adapter; give all experts in "
+                "one form (all PEFT adapters on the base, or all fine-tuned checkpoints)"
+            )
+        if names_ok and ad.base_model_name_or_path and ad.base_model_name_or_path not in names_ok:
+            errors.append(
+                f"expert {name!r}: adapter {ad.path} was made for base_model_name_or_path="
+                f"{ad.base_model_name_or_path!r}, but the base is {sorted(names_ok)}; use that adapter's base "
+                "model, or fix base_model_name_or_path in its adapter_config.json if it names the same weights"
+            )
+        for mod, layer in ad.layers.items():
+            target = _resolve_adapted(mod, modules, base_model)
+            if target is None:
+                errors.append(
+                    f"expert {name!r}: adapter {ad.path} has a LoRA layer on {mod!r}, which the base model "
+                    f"{type(base_model).__name__} does not have; was the adapter made for another model?"
+                )
+                continue
+            m = modules[target]
+            if not (isinstance(m, nn.Linear) or _is_conv1d(m)):
+                errors.append(f"expert {name!r}: {target!r} is a {type(m).__name__}, not a linear layer")
+                continue
+            fin, fout = _io_features(m)
+            if layer.A.shape[1] != fin or layer.B.shape[0] != fout:
+                errors.append(
+                    f"expert {name!r}: adapter {ad.path} on {target!r} has A {tuple(layer.A.shape)}, B "
+                    f"{tuple(layer.B.shape)}, but the base layer is {fin} -> {fout}; the adapter was made for "
+                    "a base model of another size"
+                )
+                continue
+            adapted.setdefault(target, []).append((i, layer))
+        src = experts[name]
+        expert_ids[name] = describe(src) if not isinstance(src, LoraAdapter) else src.path
+        hashes[name] = fingerprint_tensors(
+            {f"{m}.{p}": t for m, layer in ad.layers.items() for p, t in (("A", layer.A), ("B", layer.B))}
+            | {f"{m}.scaling": torch.tensor(layer.scaling, dtype=torch.float64) for m, layer in ad.layers.items()}
+        )
+    if errors:
+        raise ValueError("; ".join(errors))
+    if targets is None:
+        try:
+            blocks = find_targets(base_model, None, include_attention=True)
+        except ValueError:  # unknown architecture: one router per adapted layer
+            blocks = []
+        owner = {a: next((b for b in blocks if a == b or a.startswith(b + ".")), a) for a in adapted}
+    else:
+        blocks = find_targets(base_model, targets, include_attention)
+        owner = {}
+        for a in adapted:
+            b = next((b for b in blocks if a == b or a.startswith(b + ".")), None)
+            if b is None:
+                errors.append(
+                    f"the LoRA layer {a!r} is outside every target module ({blocks[:3]}...); "
+                    "add it (or its block) to model.targets, or leave targets unset"
+                )
+            owner[a] = b
+        unused = [b for b in blocks if b not in owner.values()]
+        if unused:
+            errors.append(f"targets {unused[:5]} hold no layer adapted by any expert; narrow model.targets")
+        if errors:
+            raise ValueError("; ".join(errors))
+    target_names = sorted(set(owner.values()), key=list(modules).index)
+    for t in target_names:
+        module = base_model.get_submodule(t)
+        if device is not None:
+            module.to(device)
+        lowrank = {}
+        for a in (a for a in adapted if owner[a] == t):
+            m = modules[a]
+            dev, dt = m.weight.device, task_vector_dtype or m.weight.dtype
+            rel = a[len(t) + 1 :] if a != t else ""
+            lowrank[rel] = concat_factors(
+                [(i, ly.A.to(dev, dt), ly.B.to(dev, dt), ly.scaling) for i, ly in adapted[a]], _is_conv1d(m)
+            )
+        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module)
+        base_model.set_submodule(t, FactoredEnsemblingModule(module, lowrank, {}, router, task_names))
+    if device is not None:
+        base_model.to(device)
+    _only_routers_train(base_model)
+    base_model.pwemoe_info = UpscaleInfo(
+        task_names=task_names,
+        targets=target_names,
+        init_lambda=float(init_lambda),
+        router_hidden_layers=router_hidden_layers,
+        task_vector_dtype=str(task_vector_dtype or next(base_model.parameters()).dtype).replace("torch.", ""),
+        model_type=_model_type(base_model),
+        base_id=describe(base),
+        expert_ids=expert_ids,
+        hashes=hashes,
+        expert_format="lora",
     )
     return base_model
 
 
 # --- the public API on an upcycled model ---------------------------------------------------------
-def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, WeightEnsemblingModule]]:
-    """(name, module) for every upcycled module, in model order."""
+def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, EnsemblingModule]]:
+    """(name, module) for every upcycled module (dense or factored), in model order."""
     for n, m in model.named_modules():
-        if isinstance(m, WeightEnsemblingModule):
+        if isinstance(m, EnsemblingModule):
             yield n, m
 
 
-def _modules_or_raise(model: nn.Module) -> list[tuple[str, WeightEnsemblingModule]]:
+def _modules_or_raise(model: nn.Module) -> list[tuple[str, EnsemblingModule]]:
     mods = list(ensembling_modules(model))
     if not mods:
         raise ValueError(f"{type(model).__name__} has no upcycled modules; build it with pwemoe.upscale first")
@@ -296,7 +540,7 @@ class SharedMerge:
     `router_grads()` does the same without touching `.grad`, for per-task gradients (EPO).
     """
 
-    def __init__(self, modules: list[WeightEnsemblingModule]) -> None:
+    def __init__(self, modules: list[EnsemblingModule]) -> None:
         self.modules = modules
 
     def _roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -386,7 +630,7 @@ def shared_merge(model: nn.Module) -> Iterator[SharedMerge]:
         m.clear_cache()
         m.share_under_grad = True
         if torch.is_grad_enabled():
-            m.merged_weights()  # merged here, not inside a (checkpointed) forward, which would replay it
+            m.begin_shared()  # merged here, not inside a (checkpointed) forward, which would replay it
     try:
         yield SharedMerge(mods)
     finally:
@@ -455,8 +699,8 @@ def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Mo
             merged = m.merged_weights()
             for pn, p in m.base_layer.named_parameters():
                 memo[id(p)] = nn.Parameter(merged[pn].detach().clone(), requires_grad=False)
-            for pn in m.param_names:
-                memo[id(m.task_vector(pn))] = torch.empty(0)
+            for t in m.stored_tensors():
+                memo[id(t)] = torch.empty(0)
             m.clear_cache()  # the copy must not carry (or duplicate) a cached merge
     new = copy.deepcopy(model, memo)
     for name, m in list(ensembling_modules(new)):
@@ -521,3 +765,49 @@ def load_router_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
         )
     for k, p in own.items():
         p.copy_(state[k].to(p))
+
+
+@torch.no_grad()
+def save_lora_adapter(
+    model: nn.Module,
+    out: str | Any,
+    r: PreferenceLike | None = None,
+    base_model_name_or_path: str | None = None,
+    prefix: str = "",
+    task_type: str | None = "CAUSAL_LM",
+) -> Any:
+    """Write theta(r) as one PEFT LoRA adapter of rank sum_i r_i per layer, loadable by `PeftModel.from_pretrained`.
+
+    Layer by layer: A = [A_1; ...; A_k] and B = [lambda_1 s_1 B_1, ..., lambda_k s_k B_k] with scaling 1, so
+    W_0 x + B (A x) equals the upcycled layer at r exactly. Only models upcycled from LoRA experts (or
+    compressed task vectors with nothing else changed) have such a form. `prefix` maps the model's
+    module names to the ones of the model the adapter will be loaded on (e.g. "model." for a
+    backbone whose *ForCausalLM wraps it).
+    """
+    from .lora import write_lora_adapter
+
+    mods = _modules_or_raise(model)
+    info = getattr(model, "pwemoe_info", None)
+    bad = [n for n, m in mods if not isinstance(m, FactoredEnsemblingModule) or m.dense_names]
+    if bad or (info is not None and info.expert_format != "lora" and info.init_lambda != 0.0):
+        raise ValueError(
+            "a LoRA adapter can hold only low-rank changes of linear layers, but this model also changes "
+            + (
+                f"dense parameters in {bad[:3]}"
+                if bad
+                else "the non-target parameters (task arithmetic of dense experts)"
+            )
+            + "; export it as a plain model instead (merge_and_unload / pwemoe export)"
+        )
+    ctx = preference(model, r) if r is not None else contextlib.nullcontext()
+    layers, transposed = {}, False
+    with ctx:
+        for name, m in mods:
+            lam = m.routing_weights().float()
+            for path in m.factored_paths:
+                lr: LowRank = m.factors(path)
+                cols = lowrank_columns(lam, lr.owner, lr.scale.float())
+                full = prefix + (f"{name}.{path}" if path else name)
+                layers[full] = (lr.A.float(), lr.B.float() * cols)
+                transposed |= lr.transposed
+    return write_lora_adapter(out, layers, base_model_name_or_path, task_type, fan_in_fan_out=transposed)

@@ -16,7 +16,94 @@ from .merge import lambda_grads, merge_weights
 from .router import Router
 
 
-class WeightEnsemblingModule(nn.Module):
+class EnsemblingModule(nn.Module):
+    """What every upcycled module shares: a router, the current preference r, and lambda(r).
+
+    Subclasses say how theta(r) is held and run: `WeightEnsemblingModule` (dense task vectors,
+    one merge per preference) and `core.factored.FactoredEnsemblingModule` (low-rank task vectors,
+    applied to the activations, never densified). Both are driven by the same functions in
+    `pwemoe.upscale` (set_preference, shared_merge, merge_and_unload, router state dicts).
+    """
+
+    def _init_router(self, router: Router, task_names: list[str] | None, device: torch.device) -> None:
+        self.router = router
+        self.k = router.k
+        self.task_names = list(task_names) if task_names else [f"task_{i}" for i in range(self.k)]
+        self.register_buffer("preference", torch.full((self.k,), 1.0 / self.k, device=device), persistent=False)
+        self._override: torch.Tensor | None = None
+        self._cache: tuple[tuple, Any] | None = None
+        self.share_under_grad = False
+        self._segments: list[int] | None = None
+        self._last_lambda: torch.Tensor | None = None
+        self._shared_lam: torch.Tensor | None = None
+
+    # --- preference and lambda -------------------------------------------------------------
+    @torch.no_grad()
+    def set_preference(self, r: torch.Tensor) -> None:
+        """r: Tensor[k], already validated and normalised (see core.preference)."""
+        self.preference.copy_(r.to(self.preference))
+
+    def set_lambda_override(self, lam: torch.Tensor | None) -> None:
+        """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
+
+        Used for baselines (task arithmetic, one-hot experts) on the same module.
+        """
+        self._override = None if lam is None else lam.detach().clone().to(self.preference)
+        self._cache = None
+
+    def routing_weights(self) -> torch.Tensor:
+        """lambda(r) for the current preference: Tensor[k]."""
+        if self._override is not None:
+            return self._override
+        return self.router(self.preference.to(self.router_dtype))
+
+    @property
+    def router_dtype(self) -> torch.dtype:
+        return next(self.router.parameters()).dtype
+
+    def _cache_key(self) -> tuple:
+        # Tensor._version changes on every in-place update (optimizer step, copy_, load_state_dict),
+        # so the key is stale exactly when the preference or any router weight changed.
+        over = None if self._override is None else id(self._override)  # no device sync; set anew on change
+        return (
+            self.preference._version,
+            self.preference.data_ptr(),
+            over,
+            tuple((p._version, p.data_ptr()) for p in self.router.parameters()),
+        )
+
+    def _router_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
+
+    # --- what subclasses provide --------------------------------------------------------------
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """theta(r), dense, for every parameter of base_layer (export, `merge_into`)."""
+        raise NotImplementedError
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The task-vector storage, which a plain copy (`merge_and_unload`) must not duplicate."""
+        raise NotImplementedError
+
+    def begin_shared(self) -> None:
+        """Entering `shared_merge` under autograd: compute what the block's forwards share."""
+        raise NotImplementedError
+
+    def shared_roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(tensors with a graph to the router, the gradients their leaves accumulated) in `shared_merge`."""
+        raise NotImplementedError
+
+    def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
+        """Tensor[tasks, k]: dL_i/dlambda per task segment (`task_segments`), or None."""
+        raise NotImplementedError
+
+    def zero_shared_grad(self) -> None:
+        raise NotImplementedError
+
+    def clear_cache(self) -> None:
+        raise NotImplementedError
+
+
+class WeightEnsemblingModule(EnsemblingModule):
     """A module whose weights are theta_0 + sum_i lambda_i(r) tau_i for the current preference r.
 
     Attributes:
@@ -45,26 +132,17 @@ class WeightEnsemblingModule(nn.Module):
             if tuple(t.shape) != (k, *params[n].shape):
                 raise ValueError(f"task vector {n!r} must have shape {(k, *params[n].shape)}, got {tuple(t.shape)}")
         self.base_layer = base_layer.requires_grad_(False)
-        self.router = router
-        self.k = k
-        self.task_names = list(task_names) if task_names else [f"task_{i}" for i in range(k)]
         self._param_names = list(params)  # read through `param_names`
         for n, t in task_vectors.items():
             self.register_buffer(self._tv_name(n), t)
-        dev = next(iter(params.values())).device  # on the base layer's device, as the task vectors are
-        self.register_buffer("preference", torch.full((k,), 1.0 / k, device=dev), persistent=False)
-        self._override: torch.Tensor | None = None
-        self._cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # on the base layer's device, as the task vectors are
+        self._init_router(router, task_names, next(iter(params.values())).device)
         # Set by `pwemoe.shared_merge`: {param: (theta(r) with its graph to the router, a detached leaf copy)}.
         self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.share_under_grad = False
         # Set by `pwemoe.upscale.task_segments` (inside shared_merge): rows per task of the next forwards,
         # in task order. Task i's rows then run on their own leaf view of theta(r) (no copy), so one
         # forward over all tasks yields each task's dL_i/dW (EPO) as the leaves' separate gradients.
-        self._segments: list[int] | None = None
         self._segment_leaves: list[dict[str, torch.Tensor]] | None = None
-        self._last_lambda: torch.Tensor | None = None
-        self._shared_lam: torch.Tensor | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -79,42 +157,13 @@ class WeightEnsemblingModule(nn.Module):
         """Tensor[k, *shape] of the stored task vectors for one parameter of base_layer."""
         return getattr(self, self._tv_name(param))
 
-    # --- preference and lambda -------------------------------------------------------------
-    @torch.no_grad()
-    def set_preference(self, r: torch.Tensor) -> None:
-        """r: Tensor[k], already validated and normalised (see core.preference)."""
-        self.preference.copy_(r.to(self.preference))
+    def stored_tensors(self) -> list[torch.Tensor]:
+        return [self.task_vector(n) for n in self._param_names]
 
-    def set_lambda_override(self, lam: torch.Tensor | None) -> None:
-        """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
-
-        Used for baselines (task arithmetic, one-hot experts) on the same module.
-        """
-        self._override = None if lam is None else lam.detach().clone().to(self.preference)
-        self._cache = None
-
-    def routing_weights(self) -> torch.Tensor:
-        """lambda(r) for the current preference: Tensor[k]."""
-        if self._override is not None:
-            return self._override
-        return self.router(self.preference.to(self.router_dtype))
-
-    @property
-    def router_dtype(self) -> torch.dtype:
-        return next(self.router.parameters()).dtype
+    def begin_shared(self) -> None:
+        self.merged_weights()
 
     # --- merging ------------------------------------------------------------------------------
-    def _cache_key(self) -> tuple:
-        # Tensor._version changes on every in-place update (optimizer step, copy_, load_state_dict),
-        # so the key is stale exactly when the preference or any router weight changed.
-        over = None if self._override is None else id(self._override)  # no device sync; set anew on change
-        return (
-            self.preference._version,
-            self.preference.data_ptr(),
-            over,
-            tuple((p._version, p.data_ptr()) for p in self.router.parameters()),
-        )
-
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """theta(r) for every parameter of base_layer, for the current preference.
 
@@ -125,7 +174,7 @@ class WeightEnsemblingModule(nn.Module):
         `SharedMerge.backward` carries the summed leaf gradients through the merge to the router once.
         The merge is summed in the weights' own dtype, never in autocast's lower precision.
         """
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
+        grad = self._router_grad()
         if grad and self.share_under_grad:
             if self._shared is None:
                 merged = self._merge()

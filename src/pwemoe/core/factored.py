@@ -1,0 +1,298 @@
+"""Low-rank weight ensembling: W(r) x = W_0 x + sum_i lambda_i(r) s_i B_i (A_i x), never densified.
+
+For LoRA experts (A_i, B_i and scaling s_i as the adapter holds them) and for dense task vectors
+compressed by truncated SVD (s_i = 1). Memory grows with the ranks, not with the layer's width, and
+dlambda needs no weight gradient: dL/dlambda_i = s_i <dL/dy, B_i A_i x>, from the activations.
+
+Pure torch; no transformers import. The k experts' factors of one linear layer are concatenated
+along the rank (R = sum_i r_i) so the forward is two thin matmuls, whatever k is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .ensembling import EnsemblingModule, _join, _rows
+from .merge import merge_weights
+from .router import Router
+
+
+@dataclass
+class LowRank:
+    """One linear layer's low-rank task vectors for k experts, concatenated along the rank.
+
+    A: Tensor[R, in]; B: Tensor[out, R]; owner: LongTensor[R], the expert of each rank column;
+    scale: Tensor[R], that expert's scaling s_i (LoRA alpha / r, or 1). transposed: the layer stores
+    its weight as [in, out] (GPT-2's Conv1D) instead of nn.Linear's [out, in].
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    owner: torch.Tensor
+    scale: torch.Tensor
+    transposed: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def ranks(self, k: int) -> list[int]:
+        """r_i per expert (0 where an expert does not touch this layer)."""
+        return torch.bincount(self.owner.cpu(), minlength=k).tolist()
+
+
+def concat_factors(factors: list[tuple[int, torch.Tensor, torch.Tensor, float]], transposed: bool = False) -> LowRank:
+    """LowRank from [(expert index, A_i Tensor[r_i, in], B_i Tensor[out, r_i], s_i)], in expert order."""
+    if not factors:
+        raise ValueError("a low-rank layer needs at least one expert's factors")
+    owner = torch.cat([torch.full((a.shape[0],), i, dtype=torch.long) for i, a, _, _ in factors])
+    scale = torch.cat([torch.full((a.shape[0],), float(s), dtype=torch.float32) for _, a, _, s in factors])
+    A = torch.cat([a for _, a, _, _ in factors])
+    B = torch.cat([b for _, _, b, _ in factors], dim=1)
+    return LowRank(A, B, owner.to(A.device), scale.to(A.device), transposed)
+
+
+def lowrank_columns(lam: torch.Tensor, owner: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Tensor[R]: lambda_{owner(j)} * s_{owner(j)} for every rank column j (differentiable in lam)."""
+    return lam[owner] * scale.to(lam.dtype)
+
+
+def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """sum_i lambda_i s_i B_i (A_i x): x Tensor[..., in] -> Tensor[..., out], in x's dtype."""
+    dt = x.dtype if x.is_floating_point() else A.dtype
+    h = x @ A.to(dt).t()  # [..., R]
+    return (h * cols.to(h.dtype)) @ B.to(h.dtype).t()
+
+
+def lowrank_dense(lr: LowRank, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense delta sum_i lambda_i s_i B_i A_i in the layer's weight layout ([out, in], or [in, out])."""
+    d = (lr.B.to(dtype) * cols.to(dtype)) @ lr.A.to(dtype)
+    return d.t() if lr.transposed else d
+
+
+def truncated_svd(
+    tau: torch.Tensor, rank: int | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B Tensor[out, n], A Tensor[n, in]) with B @ A the best rank-n approximation of tau Tensor[out, in].
+
+    n = `rank` (capped at min(out, in)), or the smallest n whose singular values keep `energy` of
+    ||tau||_F^2. Computed in fp32 on tau's device; sqrt(S) goes to both factors, keeping them balanced.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank (an int >= 1) or energy (a fraction in (0, 1])")
+    U, S, Vh = torch.linalg.svd(tau.float(), full_matrices=False)
+    if rank is not None:
+        n = max(1, min(int(rank), S.numel()))
+    else:
+        total = (S * S).sum()
+        if float(total) == 0.0:
+            n = 1
+        else:
+            kept = torch.cumsum(S * S, 0) / total
+            n = int(torch.searchsorted(kept, torch.tensor(float(energy), device=kept.device) - 1e-7)) + 1
+            n = max(1, min(n, S.numel()))
+    root = S[:n].sqrt()
+    return U[:, :n] * root, root[:, None] * Vh[:n]
+
+
+class FactoredEnsemblingModule(EnsemblingModule):
+    """base_layer with theta(r) = theta_0 + sum_i lambda_i(r) tau_i where the linear layers' tau_i are low-rank.
+
+    Attributes:
+        base_layer: the original module (theta_0, frozen).
+        lowrank: child linear path ("" for base_layer itself) -> LowRank, stored as buffers
+            `A_<path>`, `B_<path>`, `owner_<path>`, `scale_<path>`.
+        dense: parameter name -> Tensor[k, *shape] buffers `T_<param>` for the parameters that are not a
+            factored weight but do change (biases, norms of dense experts); every other parameter stays theta_0.
+        router: preference -> lambda, the only trainable part.
+
+    The low-rank terms are added to the child layers' outputs by forward hooks that live only for the
+    duration of a forward, so a plain copy of base_layer never carries them.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        lowrank: dict[str, LowRank],
+        dense: dict[str, torch.Tensor],
+        router: Router,
+        task_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        params = dict(base_layer.named_parameters())
+        k = router.k
+        errors = []
+        for path, lr in lowrank.items():
+            try:
+                child = base_layer.get_submodule(path)
+            except AttributeError:
+                errors.append(f"{path!r} is not a submodule of {type(base_layer).__name__}")
+                continue
+            w = getattr(child, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                errors.append(f"{path or type(base_layer).__name__!r} has no 2-d weight to factor")
+                continue
+            out_f, in_f = (w.shape[1], w.shape[0]) if lr.transposed else (w.shape[0], w.shape[1])
+            if lr.A.shape[1] != in_f or lr.B.shape[0] != out_f or lr.B.shape[1] != lr.A.shape[0]:
+                errors.append(
+                    f"{path!r}: factors A {tuple(lr.A.shape)}, B {tuple(lr.B.shape)} do not fit a layer with "
+                    f"in_features={in_f}, out_features={out_f}"
+                )
+            if int(lr.owner.max()) >= k or int(lr.owner.min()) < 0:
+                errors.append(f"{path!r}: expert index out of range for k={k}")
+        for n, t in dense.items():
+            if n not in params:
+                errors.append(f"dense task vector {n!r} names no parameter of {type(base_layer).__name__}")
+            elif tuple(t.shape) != (k, *params[n].shape):
+                errors.append(f"dense task vector {n!r} must have shape {(k, *params[n].shape)}, got {tuple(t.shape)}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.base_layer = base_layer.requires_grad_(False)
+        self._paths = list(lowrank)
+        self._transposed = {p: lr.transposed for p, lr in lowrank.items()}
+        for p, lr in lowrank.items():
+            for part in ("A", "B", "owner", "scale"):
+                self.register_buffer(self._buf(part, p), getattr(lr, part))
+        self._dense = list(dense)
+        for n, t in dense.items():
+            self.register_buffer("T_" + n.replace(".", "__"), t)
+        self._init_router(router, task_names, next(iter(params.values())).device)
+        self._lam_leaf: torch.Tensor | None = None  # shared_merge: lambda's detached leaf (backward stops here)
+        self._segment_lam_leaves: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _buf(part: str, path: str) -> str:
+        return f"{part}_" + (path.replace(".", "__") or "_self")
+
+    # --- stored factors ------------------------------------------------------------------------
+    @property
+    def factored_paths(self) -> list[str]:
+        """Paths (inside base_layer) of the factored linear layers; "" is base_layer itself."""
+        return list(self._paths)
+
+    def factors(self, path: str) -> LowRank:
+        return LowRank(
+            *(getattr(self, self._buf(p, path)) for p in ("A", "B", "owner", "scale")), self._transposed[path]
+        )
+
+    @property
+    def dense_names(self) -> list[str]:
+        return list(self._dense)
+
+    def dense_task_vector(self, param: str) -> torch.Tensor:
+        return getattr(self, "T_" + param.replace(".", "__"))
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        out = [self.dense_task_vector(n) for n in self._dense]
+        for p in self._paths:
+            out += [getattr(self, self._buf(part, p)) for part in ("A", "B", "owner", "scale")]
+        return out
+
+    @staticmethod
+    def _weight_name(path: str) -> str:
+        return f"{path}.weight" if path else "weight"
+
+    # --- merging (dense, for export and merge_into) ---------------------------------------------
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """Dense theta(r) of every base_layer parameter (the copy a plain export needs); cached by r."""
+        key = self._cache_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        self._cache = None
+        with torch.autocast(device_type=self.preference.device.type, enabled=False):
+            lam = self.routing_weights()
+            params = dict(self.base_layer.named_parameters())
+            out = {n: merge_weights(lam, params[n], self.dense_task_vector(n)) for n in self._dense}
+            for p in self._paths:
+                wn = self._weight_name(p)
+                w = out.get(wn, params[wn])
+                lr = self.factors(p)
+                out[wn] = w + lowrank_dense(lr, lowrank_columns(lam, lr.owner, lr.scale), w.dtype)
+            for n, v in params.items():
+                out.setdefault(n, v)
+        self._cache = (key, out)
+        return out
+
+    # --- shared_merge protocol: lambda's leaf plays the merged weights' part -------------------
+    def begin_shared(self) -> None:
+        lam = self.routing_weights()
+        self._shared_lam = lam
+        self._lam_leaf = lam.detach().requires_grad_(True)
+
+    def shared_roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._lam_leaf is None or self._lam_leaf.grad is None:
+            return [], []
+        return [self._shared_lam], [self._lam_leaf.grad]
+
+    def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
+        leaves = self._segment_lam_leaves
+        if leaves is None or all(v.grad is None for v in leaves):
+            return None
+        return torch.stack([torch.zeros_like(v) if v.grad is None else v.grad for v in leaves])
+
+    def zero_shared_grad(self) -> None:
+        for v in [self._lam_leaf, *(self._segment_lam_leaves or [])]:
+            if v is not None:
+                v.grad = None
+
+    def clear_cache(self) -> None:
+        self._cache = None
+        self._lam_leaf = self._shared_lam = None
+        self._segment_lam_leaves = None
+
+    # --- forward ---------------------------------------------------------------------------------
+    def _lambda(self) -> torch.Tensor:
+        if self.share_under_grad and self._lam_leaf is not None and self._router_grad():
+            return self._lam_leaf
+        return self.routing_weights()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        lam = self._lambda()
+        if self._segments is not None and self._lam_leaf is not None and self._router_grad():
+            sizes = self._segments
+            n = sum(sizes)
+            if self._segment_lam_leaves is None:
+                self._segment_lam_leaves = [self._shared_lam.detach().requires_grad_(True) for _ in sizes]
+            outs, start = [], 0
+            for j, size in enumerate(sizes):
+                if size == 0:
+                    continue
+                a, kw = _rows(args, start, size, n), _rows(kwargs, start, size, n)
+                outs.append(self._run(self._segment_lam_leaves[j], a, kw))
+                start += size
+            return _join(outs)
+        return self._run(lam, args, kwargs)
+
+    def _run(self, lam: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        with torch.autocast(device_type=self.preference.device.type, enabled=False):
+            params = dict(self.base_layer.named_parameters())
+            dense = {n: merge_weights(lam, params[n], self.dense_task_vector(n)) for n in self._dense}
+        handles = []
+        try:
+            for p in self._paths:
+                A, B = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+                cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
+                handles.append(self.base_layer.get_submodule(p).register_forward_hook(_adder(A, B, cols)))
+            if dense:
+                return functional_call(self.base_layer, dense, args, kwargs, strict=False)
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def extra_repr(self) -> str:
+        ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
+        return f"k={self.k}, tasks={self.task_names}, ranks={ranks}, dense={self._dense}"
+
+
+def _adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + lowrank_apply(inputs[0], A, B, cols).to(output.dtype)
+
+    return hook

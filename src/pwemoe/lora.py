@@ -1,0 +1,195 @@
+"""PEFT LoRA adapter folders, read and written with json + safetensors (peft itself is not needed).
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` (Tensor[r, in]) and `...lora_B.weight` (Tensor[out, r]).
+The layer computes W_0 x + s B (A x), with s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), where r
+and lora_alpha may be overridden per module by `rank_pattern` / `alpha_pattern` (regexes matched as
+peft matches them). What pwemoe does not implement (DoRA, trained biases, extra trainable modules, ...)
+is refused by name, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# Config fields that change what the adapted layer computes, and the value pwemoe implements.
+_UNSUPPORTED: dict[str, tuple[object, str]] = {
+    "use_dora": (False, "DoRA (weight-decomposed LoRA) rescales W_0 per column, which is not a sum of low-rank terms"),
+    "lora_bias": (False, "a trained LoRA bias"),
+    "bias": ("none", "trained biases (bias='all' / 'lora_only')"),
+    "modules_to_save": (None, "fully trained extra modules (modules_to_save)"),
+    "layer_replication": (None, "layer replication"),
+    "use_qalora": (False, "QA-LoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "trainable_token_indices": (None, "trainable tokens"),
+    "target_parameters": (None, "LoRA on parameters (target_parameters)"),
+}
+
+
+@dataclass
+class LoraLayer:
+    """One adapted linear layer: delta(x) = scaling * B (A x). A: Tensor[r, in]; B: Tensor[out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter: module name (as in the model the adapter was made for) -> LoraLayer."""
+
+    path: str
+    base_model_name_or_path: str | None
+    layers: dict[str, LoraLayer] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: layer.rank for n, layer in self.layers.items()}
+
+    def num_parameters(self) -> int:
+        return sum(layer.A.numel() + layer.B.numel() for layer in self.layers.values())
+
+
+def is_lora_adapter(path: object) -> bool:
+    """True for a local folder with a PEFT adapter_config.json."""
+    return isinstance(path, (str, Path)) and (Path(str(path)) / ADAPTER_CONFIG).is_file()
+
+
+def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
+    """peft's rule (`get_pattern_key`): the first pattern p with re.match(rf'(.*\\.)?({p})$', module)."""
+    for p, v in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return default
+
+
+def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
+    """Read and check a PEFT LoRA folder; errors name the adapter (`name`), the module and the fix."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg_path, w_path = p / ADAPTER_CONFIG, p / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise ValueError(f"{name}: {p} has no {ADAPTER_CONFIG}; is it a PEFT adapter folder (save_pretrained)?")
+    if not w_path.is_file():
+        bin_hint = (
+            " (only adapter_model.bin was found; re-save with safe_serialization=True)"
+            if (p / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise ValueError(f"{name}: {p} has no {ADAPTER_WEIGHTS}{bin_hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: {cfg_path} is not valid JSON ({e})") from None
+    errors = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        errors.append(f"peft_type is {cfg.get('peft_type')!r}; pwemoe reads LoRA adapters (peft_type 'LORA')")
+    for key, (ok, what) in _UNSUPPORTED.items():
+        v = cfg.get(key, ok)
+        if v not in (ok, None, False, [], {}) and v != ok:
+            errors.append(f"{key}={v!r}: {what} is not implemented by pwemoe; train the adapter without it")
+    state = load_file(str(w_path))
+    r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rslora = bool(cfg.get("use_rslora", False))
+    rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if m is None:
+            kind = (
+                "DoRA magnitude"
+                if "lora_magnitude_vector" in key
+                else ("LoRA embedding" if "lora_embedding" in key else "unrecognised")
+            )
+            errors.append(f"tensor {key!r} ({kind}) is not a LoRA A/B weight of a linear layer; pwemoe cannot use it")
+            continue
+        modules.setdefault(m.group(1), {})[m.group(2)] = t
+    layers = {}
+    for mod, ab in modules.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            errors.append(f"module {mod!r} has only {sorted(ab)}; a LoRA layer needs lora_A and lora_B")
+            continue
+        A, B = ab["lora_A"], ab["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            errors.append(
+                f"module {mod!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not the factors of a "
+                "linear layer (conv LoRA is not supported)"
+            )
+            continue
+        r = int(_pattern_value(rank_pat, mod, r0))
+        alpha = float(_pattern_value(alpha_pat, mod, alpha0))
+        if r != A.shape[0]:
+            errors.append(f"module {mod!r}: the config says rank {r} but lora_A has {A.shape[0]} rows")
+            continue
+        layers[mod] = LoraLayer(A, B, alpha / math.sqrt(r) if rslora else alpha / r)
+    if not layers and not errors:
+        errors.append("it holds no LoRA layer")
+    if errors:
+        raise ValueError(f"{name}: LoRA adapter {p} cannot be used: " + "; ".join(errors))
+    return LoraAdapter(str(p), cfg.get("base_model_name_or_path"), layers, bool(cfg.get("fan_in_fan_out", False)))
+
+
+def write_lora_adapter(
+    out: str | Path,
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    base_model_name_or_path: str | None,
+    task_type: str | None = "CAUSAL_LM",
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write {module: (A Tensor[r, in], B Tensor[out, r])} as a PEFT folder with scaling 1 (alpha = r per module).
+
+    Ranks may differ per module (rank_pattern / alpha_pattern, with regex-escaped module names).
+    Files are written atomically.
+    """
+    from safetensors.torch import save_file
+
+    from .io import atomic_write, atomic_write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = {m: int(a.shape[0]) for m, (a, _) in layers.items()}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != r0}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": r0,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(layers),
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for m, (a, b) in layers.items():
+        tensors[f"{_PREFIX}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
+    atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_json(out / ADAPTER_CONFIG, cfg)
+    return out
