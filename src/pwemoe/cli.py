@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier finetune wrote in --out")
+    p.add_argument("--lora-r", type=int, default=8, help="causal-LM tasks: LoRA rank of the adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="causal-LM tasks: LoRA alpha (scaling alpha / r)")
+    p.add_argument(
+        "--lora-targets", default="q_proj,v_proj", help="causal-LM tasks: comma-separated module names to adapt"
+    )
     _placement(p)
 
     p = sub.add_parser("config", help="list every config key with its type, default and meaning")
@@ -99,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="the offline end-to-end example")
     p.add_argument("--tiny", action="store_true", help="only the seconds-long built-in example on tiny random models")
-    p.add_argument("--workdir", default="demo_runs")
+    p.add_argument(
+        "--llm", action="store_true", help="the LLM demo: LoRA experts on SmolLM2-135M-Instruct (GGUF, offline)"
+    )
+    p.add_argument("--workdir", help="default: demo_runs (demo_runs_llm with --llm)")
 
     args = ap.parse_args(argv)
     _setup_logging(args.verbose)
@@ -137,9 +145,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             run()
             return 0
+        if args.llm:
+            from .demo.llm import run_llm_demo
+
+            run_llm_demo(args.workdir or "demo_runs_llm", verbose=args.verbose)
+            return 0
         from .demo.offline import run_demo
 
-        run_demo(args.workdir, verbose=args.verbose)
+        run_demo(args.workdir or "demo_runs", verbose=args.verbose)
         return 0
     if args.cmd == "config":
         from .config import explain
@@ -213,6 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             device=args.device,
             precision=args.precision,
+            lora={"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets.split(",")},
         )
         return 0
     raise AssertionError(args.cmd)  # argparse restricts cmd

@@ -64,6 +64,9 @@ class DataConfig(BaseModel):
     text_pair_column: str | None = Field(None, description="second text column for sentence-pair tasks")
     image_column: str = Field("image", description="image column (image tasks)")
     label_column: str = Field("label", description="integer class label column")
+    prompt_column: str | None = Field(
+        None, description="causal_lm: a prompt column; the loss is then on the text column's tokens after it"
+    )
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
     max_test_samples: int | None = Field(None, ge=1, description="use only the first N test examples")
     validation_split: str | None = Field(
@@ -119,6 +122,17 @@ class TaskConfig(BaseModel):
     class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
     templates: list[str] | None = Field(None, description="CLIP zero-shot prompt templates, e.g. 'a photo of a {}.'")
     max_length: int = Field(128, ge=1, description="tokens per text input (truncation)")
+    prompt_template: str | None = Field(
+        None,
+        description="causal_lm_choice: the prompt, with {text} (and {text_pair}), e.g. 'Review: {text}\\nSentiment:'",
+    )
+    label_words: list[str] | None = Field(
+        None,
+        description="causal_lm_choice: each class's answer, e.g. [' negative', ' positive'] (default: ' ' + name)",
+    )
+    chat_template: bool | None = Field(
+        None, description="causal LM tasks: wrap the prompt in the tokenizer's chat template (default: if it has one)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -154,6 +168,22 @@ class ModelConfig(BaseModel):
     router_hidden_layers: int = Field(2, ge=0, le=2, description="0, 1 or 2 (k -> 2k -> ReLU -> k)")
     task_vector_dtype: str = Field("float32", description="storage of task vectors: float32 | bfloat16 | float16")
     path_map: dict[str, str] = Field(default_factory=dict, description="hub id -> local path (offline mirrors)")
+    task_vector_rank: int | float | None = Field(
+        None,
+        description="dense experts: truncated-SVD rank of each linear layer's task vector (int), or the share of "
+        "its energy to keep (float in (0, 1]); LoRA experts are low-rank already",
+    )
+
+    @field_validator("task_vector_rank")
+    @classmethod
+    def _rank(cls, v: int | float | None) -> int | float | None:
+        if v is None:
+            return v
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be an int >= 1 (a rank) or a float in (0, 1] (an energy share), got {v}")
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            raise ValueError(f"as an energy share must be in (0, 1], got {v}")
+        return v
 
     @field_validator("base")
     @classmethod
@@ -266,6 +296,11 @@ class EvalConfig(BaseModel):
         default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], description="lambda grid of task arithmetic"
     )
     reference_point: float = Field(0.0, description="hypervolume reference point, on every axis")
+    loss_reference: float | None = Field(
+        None,
+        gt=0,
+        description="reference point of lower-is-better (loss) tasks; default: 1.1 x the worst loss evaluated",
+    )
     num_workers: int | None = Field(
         None, ge=0, description="input-pipeline worker processes (0: in the evaluating process; default per device)"
     )
@@ -338,6 +373,13 @@ class Config(BaseModel):
         t = self.train
         if t.select == "best_val_hv" and t.val_interval is None:
             raise _key_error("train.select", "best_val_hv needs train.val_interval (how often to validate)")
+        losses = [x.name for x in self.tasks if x.type == "causal_lm"]
+        if t.val_interval is not None and losses and self.eval.loss_reference is None:
+            raise _key_error(
+                "eval.loss_reference",
+                f"validation hypervolumes of lower-is-better (loss) tasks {losses} need a fixed reference point: "
+                "set eval.loss_reference (e.g. a little above the base model's loss)",
+            )
         missing = [x.name for x in self.tasks if not x.data.has_validation]
         if t.val_interval is not None and missing:
             raise _key_error(

@@ -173,3 +173,26 @@ class TaskVectorBank:
             if n in self.T:
                 p.copy_(merge_weights(w.to(p.device), self.theta0[n], self.T[n]))
         return self.template
+
+
+class UpcycledBank:
+    """The baselines' theta_0 + sum_i w_i tau_i when every change of every expert lives in the upcycled
+    modules (LoRA experts: the rest of the model is theta_0 for all of them): the upcycled model with
+    lambda fixed to w, merged into one reused plain copy. Exact, and no expert is loaded again."""
+
+    def __init__(self, upcycled: nn.Module) -> None:
+        self.upcycled = upcycled
+        self.plain: nn.Module | None = None
+
+    @torch.no_grad()
+    def model(self, weights: Sequence[float]) -> nn.Module:
+        from .upscale import fixed_lambda, merge_and_unload, merge_into, num_tasks
+
+        w = torch.as_tensor(list(weights), dtype=torch.float32)
+        uniform = torch.full((num_tasks(self.upcycled),), 1.0)  # the preference is unused under fixed lambda
+        with fixed_lambda(self.upcycled, w):
+            if self.plain is None:
+                self.plain = merge_and_unload(self.upcycled, uniform).eval()
+            else:
+                merge_into(self.upcycled, self.plain, uniform)
+        return self.plain

@@ -68,8 +68,11 @@ def check_local_sources(sources: dict[str, str]) -> list[str]:
             errors.append(f"{what}: {src} is a file; give the model directory (config.json and *.safetensors)")
         elif looks_local(src) and not p.is_dir():
             errors.append(f"{what}: local model directory {src} does not exist")
-        elif p.is_dir() and not (p / "config.json").is_file():
-            errors.append(f"{what}: {src} has no config.json; is it a Hugging Face model directory (save_pretrained)?")
+        elif p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            errors.append(
+                f"{what}: {src} has no config.json (a model) or adapter_config.json (a PEFT adapter); "
+                "is it a Hugging Face directory written by save_pretrained?"
+            )
     return errors
 
 

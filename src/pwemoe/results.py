@@ -128,9 +128,13 @@ class ResultStore:
 
 
 def pack_correct(correct: torch.Tensor) -> dict[str, Any]:
-    """BoolTensor[n] -> {"n": n, "bits": base64 of the packed bits} (JSON, 1 bit per example)."""
+    """Per-example metric -> JSON. BoolTensor[n] (accuracy): {"n", "bits": base64 of the packed bits};
+    a float tensor (e.g. per-example loss): {"n", "values": base64 of float32}."""
     import base64
 
+    if correct.dtype != torch.bool:
+        a = correct.detach().cpu().numpy().astype(np.float32)
+        return {"n": int(a.size), "values": base64.b64encode(a.tobytes()).decode()}
     a = correct.detach().cpu().numpy().astype(bool)
     return {"n": int(a.size), "bits": base64.b64encode(np.packbits(a).tobytes()).decode()}
 
@@ -138,15 +142,58 @@ def pack_correct(correct: torch.Tensor) -> dict[str, Any]:
 def unpack_correct(packed: dict[str, Any]) -> np.ndarray:
     import base64
 
+    if "values" in packed:
+        return np.frombuffer(base64.b64decode(packed["values"]), dtype=np.float32)[: int(packed["n"])].copy()
     bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
     return np.unpackbits(bits)[: int(packed["n"])].astype(bool)
 
 
-def normalise(rows: list[dict], names: list[str]) -> None:
-    """Add `normalized` (accuracy / the task's own expert's accuracy) to each row, in place."""
+def _signs(names: list[str], directions: dict[str, str] | None) -> np.ndarray:
+    """+1 for higher-is-better tasks, -1 for lower-is-better ones (`directions[task] == "min"`)."""
+    d = directions or {}
+    bad = {n: v for n, v in d.items() if v not in ("max", "min")}
+    if bad:
+        raise ValueError(f"metric directions must be 'max' or 'min', got {bad}")
+    return np.array([-1.0 if d.get(n) == "min" else 1.0 for n in names])
+
+
+def normalise(rows: list[dict], names: list[str], directions: dict[str, str] | None = None) -> None:
+    """Add `normalized` to each row, in place: the task's metric relative to its own expert's, so that
+    1 is "as good as the expert" and larger is better (accuracy / expert's; loss: expert's / loss)."""
+    lower = {n for n, s in zip(names, _signs(names, directions)) if s < 0}
     own = {n: r["accuracy"][n] for r in rows for n in names if r["method"] == f"expert:{n}"}
+
+    def rel(n: str, v: float) -> float | None:
+        if not own.get(n):
+            return None
+        if n in lower:
+            return own[n] / v if v > 0 else None
+        return v / own[n]
+
     for r in rows:
-        r["normalized"] = {n: (r["accuracy"][n] / own[n] if own.get(n) else None) for n in names}
+        r["normalized"] = {n: rel(n, r["accuracy"][n]) for n in names}
+
+
+def reference_values(
+    rows: list[dict],
+    names: list[str],
+    reference: float,
+    directions: dict[str, str] | None,
+    loss_reference: float | None,
+) -> list[float]:
+    """The hypervolume reference point in each task's own metric: `reference` for higher-is-better tasks;
+    for lower-is-better ones `loss_reference`, or else 1.1 x the worst value any row reached (the usual
+    nadir-based choice, stated in the summary)."""
+    out = []
+    for n, s in zip(names, _signs(names, directions)):
+        if s > 0:
+            out.append(float(reference))
+        elif loss_reference is not None:
+            out.append(float(loss_reference))
+        else:
+            worst = max((r["accuracy"][n] for r in rows), default=1.0)
+            out.append(1.1 * float(worst))
+    return out
 
 
 def summarize(
@@ -157,18 +204,28 @@ def summarize(
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    directions: dict[str, str] | None = None,
+    loss_reference: float | None = None,
 ) -> dict[str, Any]:
     """Hypervolume (raw and normalised) and non-dominated points per method (registry order).
 
-    With `correct` ({task: bool [len(rows), n_task]}, see `ResultStore.correctness`) and resamples > 0,
-    adds paired-bootstrap percentile intervals: `accuracy_ci` on every row, `hypervolume_ci` (and
-    normalised) per method, and `comparisons`: PWEMoE against each method, the hypervolume
-    difference and ratio with their intervals.
+    Rows hold each task's metric under "accuracy"; `directions` ({task: "max" | "min"}, default max)
+    says which are lower-is-better (a causal LM's loss). Dominance and hypervolume follow each task's
+    direction; the reference point is stated per task in the task's own metric (`reference_values`).
+    With `correct` ({task: [len(rows), n_task]} per-example metric, see `ResultStore.correctness`) and
+    resamples > 0, adds paired-bootstrap percentile intervals: `accuracy_ci` on every row,
+    `hypervolume_ci` (and normalised) per method, and `comparisons`: PWEMoE against each method, the
+    hypervolume difference and ratio with their intervals.
     """
-    normalise(rows, names)
+    sign = _signs(names, directions)
+    normalise(rows, names, directions)
     groups = group_rows(rows)
+    ref_raw = reference_values(rows, names, reference, directions, loss_reference)
+    ref_u = sign * np.array(ref_raw)  # in "larger is better" coordinates
+    norm_ref = [float(reference) if s > 0 else 0.0 for s in sign]
     out: dict[str, Any] = {
-        "reference_point": {"accuracy": [reference] * len(names), "normalized": [reference] * len(names)},
+        "reference_point": {"accuracy": ref_raw, "normalized": norm_ref},
+        "directions": {n: "max" if s > 0 else "min" for n, s in zip(names, sign)},
         "tasks": names,
         "methods": {},
     }
@@ -178,22 +235,22 @@ def summarize(
         ideal = own
         out["ideal_point"] = {
             "accuracy": own,
-            "hypervolume": hypervolume(np.array([own]), reference),
-            "hypervolume_normalized": hypervolume(np.ones((1, len(names))), reference),
+            "hypervolume": hypervolume(sign * np.array([own]), ref_u),
+            "hypervolume_normalized": hypervolume(np.ones((1, len(names))), norm_ref),
         }
     for g, rs in groups.items():
         acc = np.array([[r["accuracy"][n] for n in names] for r in rs])
-        nd = non_dominated(acc)
+        nd = non_dominated(sign * acc)
         entry = {
             "points": len(rs),
-            "hypervolume": hypervolume(acc, reference),
+            "hypervolume": hypervolume(sign * acc, ref_u),
             "non_dominated": [
                 rs[i]["preference"] if rs[i]["preference"] is not None else rs[i]["param"] for i in np.flatnonzero(nd)
             ],
         }
         if ideal is not None:
             norm = np.array([[r["normalized"][n] for n in names] for r in rs])
-            entry["hypervolume_normalized"] = hypervolume(norm, reference)
+            entry["hypervolume_normalized"] = hypervolume(norm, norm_ref)
             entry["mean_normalized_accuracy"] = float(norm.mean(axis=1).max())
         out["methods"][g] = entry
     if "pwemoe" in groups:  # pointwise comparison of each method's points with PWEMoE's front
@@ -202,10 +259,10 @@ def summarize(
             if g == "pwemoe":
                 continue
             pts = np.array([[r["accuracy"][n] for n in names] for r in rs])
-            out["methods"][g]["dominated_by_pwemoe"] = int(sum(_dominated(p, pw) for p in pts))
-            out["methods"][g]["dominating_pwemoe"] = int(sum(_dominated(p, pts) for p in pw))
+            out["methods"][g]["dominated_by_pwemoe"] = int(sum(_dominated(p, sign * pw) for p in sign * pts))
+            out["methods"][g]["dominating_pwemoe"] = int(sum(_dominated(p, sign * pts) for p in sign * pw))
     if correct is not None and resamples > 0 and rows:
-        _intervals(out, rows, names, groups, reference, correct, resamples, level, seed)
+        _intervals(out, rows, names, groups, (sign, ref_u, np.array(norm_ref)), correct, resamples, level, seed)
     return out
 
 
@@ -214,15 +271,18 @@ def _intervals(
     rows: list[dict],
     names: list[str],
     groups: dict[str, list[dict]],
-    reference: float,
+    refs: tuple[np.ndarray, np.ndarray, np.ndarray],
     correct: dict[str, np.ndarray],
     resamples: int,
     level: float,
     seed: int,
 ) -> None:
-    """Paired bootstrap intervals (see `summarize`), added to `out` and the rows in place."""
+    """Paired bootstrap intervals (see `summarize`), added to `out` and the rows in place.
+
+    refs: (sign per task, raw reference in larger-is-better coordinates, normalised reference)."""
     from .bootstrap import accuracy_samples, interval
 
+    sign, ref_u, norm_ref = refs
     samples = accuracy_samples({n: correct[n] for n in names}, resamples, seed)
     acc = np.stack([samples[n] for n in names], axis=-1)  # [B, R, k]
     lo, hi = interval(acc, level)
@@ -236,9 +296,11 @@ def _intervals(
     for g, rs in groups.items():
         idx = [where[id(r)] for r in rs]
         pts = acc[:, idx, :]  # [B, n_g, k]
-        hv[g] = {"raw": np.array([hypervolume(p, reference) for p in pts])}
-        if own is not None and (own > 0).all():
-            hv[g]["norm"] = np.array([hypervolume(p / o, reference) for p, o in zip(pts, own)])
+        hv[g] = {"raw": np.array([hypervolume(sign * p, ref_u) for p in pts])}
+        if own is not None and (own > 0).all() and ((sign > 0) | (pts > 0).all(axis=(0, 1))).all():
+            # normalised so that larger is better: accuracy / expert's; loss: expert's / loss
+            rel = [np.where(sign > 0, p / o, o / np.where(p > 0, p, 1.0)) for p, o in zip(pts, own)]
+            hv[g]["norm"] = np.array([hypervolume(q, norm_ref) for q in rel])
         e = out["methods"][g]
         e["hypervolume_ci"] = [float(x) for x in interval(hv[g]["raw"], level)]
         if "norm" in hv[g]:

@@ -18,6 +18,7 @@ from torch import nn
 from .config import Config, ConfigError, Registries, config_from_dict, load_config
 from .devices import autocast, move, resolve_device
 from .modalities import MODALITIES, Modality
+from .modalities.causal_lm import HEAD_ONLY_PREFIX
 from .models import check_local_sources
 from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES, Task
@@ -54,10 +55,14 @@ class ForwardBatch:
     inputs: dict[str, torch.Tensor]
     segments: list[tuple[int, int]]
     labels: list[torch.Tensor] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # model rows per segment (examples x rows_per_example)
 
     def pin_memory(self) -> ForwardBatch:
         return ForwardBatch(
-            {k: v.pin_memory() for k, v in self.inputs.items()}, self.segments, [y.pin_memory() for y in self.labels]
+            {k: v.pin_memory() for k, v in self.inputs.items()},
+            self.segments,
+            [y.pin_memory() for y in self.labels],
+            self.rows,
         )
 
     @property
@@ -144,6 +149,8 @@ class Workbench:
             include_attention=m.include_attention,
             task_vector_dtype=_DTYPES[m.task_vector_dtype],
             device=self.device,
+            task_vector_rank=m.task_vector_rank,
+            base_names=[m.base, self.resolve(m.base)],
         )
         info = self.backbone.pwemoe_info
         info.base_id = m.base
@@ -167,7 +174,7 @@ class Workbench:
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
                 continue
-            if not t.class_names:  # e.g. CLIP zero-shot: take the names of a ClassLabel column
+            if not t.class_names and t.needs_class_names:  # e.g. CLIP zero-shot: the names of a ClassLabel column
                 ds = t.train_data if t.train_data is not None else t.test_data
                 if ds is None:  # nothing loaded (export): read the features of the test split
                     try:
@@ -196,15 +203,16 @@ class Workbench:
         with no model access, so the input pipeline runs it in worker processes. `with_labels=False`
         (inference on unlabelled inputs) leaves `labels` empty.
         """
-        feats, segments, labels = [], [], []
+        feats, segments, labels, counts = [], [], [], []
         for i, rows in parts:
             t = self.tasks[i]
             f = t.encode(rows)
             feats.extend(f)
-            segments.append((i, len(f)))
+            segments.append((i, len(f) // t.rows_per_example))
+            counts.append(len(f))
             if with_labels:
                 labels.append(t.labels(rows))
-        return ForwardBatch(dict(self.modality.collate(feats)), segments, labels)
+        return ForwardBatch(dict(self.modality.collate(feats)), segments, labels, counts)
 
     def forward(self, batch: ForwardBatch, backbone: nn.Module | None = None) -> list[torch.Tensor]:
         """Per-segment logits Tensor[n_s, C_s] from one forward of `batch` on the device, in `precision`.
@@ -212,10 +220,12 @@ class Workbench:
         `backbone` replaces the upcycled one (baselines, plain merged copies).
         """
         inputs = move(batch.inputs, self.device)
+        model_inputs = {k: v for k, v in inputs.items() if not k.startswith(HEAD_ONLY_PREFIX)}
         with autocast(self.device, self.precision):
-            out = (backbone or self.backbone)(**inputs)
+            out = (backbone or self.backbone)(**model_inputs)
             logits, start = [], 0
-            for i, n in batch.segments:
+            for j, (i, n) in enumerate(batch.segments):
+                n = batch.rows[j] if batch.rows else n * self.tasks[i].rows_per_example
                 sl = slice(start, start + n)
                 sub = type(out)(**{k: v[sl] for k, v in out.items() if isinstance(v, torch.Tensor)})
                 logits.append(self.tasks[i].head(sub, {k: v[sl] for k, v in inputs.items()}))
@@ -306,26 +316,33 @@ class Workbench:
         data: Iterable[ForwardBatch] | None = None,
         on_batch: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Per-example correctness BoolTensor[n] (CPU, test-split order) of `task` through `backbone`
-        (default: the upcycled one); what the bootstrap intervals resample.
+        """The task's metric per example (CPU, test-split order) through `backbone` (default: the upcycled
+        one); what the bootstrap intervals resample. Accuracy tasks: BoolTensor[n] (correct or not);
+        others (`task.metric`, e.g. a causal LM's loss): FloatTensor[n].
 
         data: the encoded `eval_batches` (default: `eval_data`, encoded by loader workers);
         on_batch() is called after each batch (progress).
         """
-        out = torch.zeros(len(task.test_data), dtype=torch.bool, device=self.device)
+        out = torch.zeros(len(task.test_data), dtype=torch.float32, device=self.device)
         for idx, b in zip(
             self.eval_batches(task, batch_size), data if data is not None else self.eval_data(task, batch_size)
         ):
-            hit = self.forward(b, backbone=backbone)[0].argmax(-1) == b.labels[0].to(self.device, non_blocking=True)
-            out[torch.as_tensor(idx, device=self.device)] = hit
+            val = task.example_scores(self.forward(b, backbone=backbone)[0], b.labels[0])
+            out[torch.as_tensor(idx, device=self.device)] = val.float()
             if on_batch is not None:
                 on_batch()
-        return out.cpu()  # the one device sync of the sweep point
+        out = out.cpu()  # the one device sync of the sweep point
+        return out.bool() if task.metric == "accuracy" else out
 
     def accuracy(self, task: Task, batch_size: int, backbone: nn.Module | None = None) -> float:
-        """Top-1 accuracy of `task` on its test split through `backbone` (default: the upcycled one)."""
+        """The task's metric on its test split through `backbone` (default: the upcycled one): top-1 accuracy,
+        or the mean per-example value of another metric (a causal LM's loss)."""
         c = self.correct(task, batch_size, backbone)
-        return int(c.sum()) / len(c)
+        return float(c.double().sum()) / len(c)
+
+    def directions(self) -> dict[str, str]:
+        """{task: "max" | "min"}: which metrics are higher- or lower-is-better (hypervolume, dominance, plots)."""
+        return {t.name: "max" if t.higher_is_better else "min" for t in self.tasks}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

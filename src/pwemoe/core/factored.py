@@ -119,11 +119,12 @@ class FactoredEnsemblingModule(EnsemblingModule):
         self,
         base_layer: nn.Module,
         lowrank: dict[str, LowRank],
-        dense: dict[str, torch.Tensor],
+        dense: dict[str, torch.Tensor] | None,
         router: Router,
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
+        dense = dense or {}
         params = dict(base_layer.named_parameters())
         k = router.k
         errors = []
@@ -278,7 +279,8 @@ class FactoredEnsemblingModule(EnsemblingModule):
             for p in self._paths:
                 A, B = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
                 cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
-                handles.append(self.base_layer.get_submodule(p).register_forward_hook(_adder(A, B, cols)))
+                child = self.base_layer.get_submodule(p)
+                handles.append(child.register_forward_hook(_adder(A, B, cols), with_kwargs=True))
             if dense:
                 return functional_call(self.base_layer, dense, args, kwargs, strict=False)
             return self.base_layer(*args, **kwargs)
@@ -292,7 +294,10 @@ class FactoredEnsemblingModule(EnsemblingModule):
 
 
 def _adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + lowrank_apply(inputs[0], A, B, cols).to(output.dtype)
+    # The hooks live on the shared child layers for one forward: two threads running forwards through
+    # the same upcycled model at once would see each other's. Serving runs plain merged copies instead.
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        return output + lowrank_apply(x, A, B, cols).to(output.dtype)
 
     return hook

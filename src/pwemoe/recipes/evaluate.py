@@ -12,7 +12,7 @@ import torch
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import rank_and_world
 from ..io import CONFIG, RunLock
-from ..methods import METHODS, EvalSettings, Point, TaskVectorBank
+from ..methods import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
 from ..upscale import merge_and_unload, merge_into
@@ -107,7 +107,15 @@ def evaluate_run(
         e = cfg.eval
         correct = store.correctness(current, names)
         summary = summarize(
-            current, names, e.reference_point, correct, e.bootstrap_resamples, e.confidence, e.bootstrap_seed
+            current,
+            names,
+            e.reference_point,
+            correct,
+            e.bootstrap_resamples,
+            e.confidence,
+            e.bootstrap_seed,
+            directions=wb.directions(),
+            loss_reference=e.loss_reference,
         )
         summary.update(
             {
@@ -200,7 +208,12 @@ def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[st
         model = state["plain"]
     else:
         if state["bank"] is None:
-            state["bank"] = TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+            lora = wb.info is not None and wb.info.expert_format == "lora"
+            state["bank"] = (
+                UpcycledBank(wb.backbone)
+                if lora
+                else TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+            )
         model = state["bank"].model(p.weights)
     return {t.name: wb.correct(t, bs, backbone=model) for t in wb.tasks}
 
@@ -208,5 +221,5 @@ def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[st
 def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> tuple[dict, dict]:
     """The results row of one point and its packed per-example correctness {task: bits}."""
     correct = _correct(wb, p, state, bs)
-    acc = {n: int(c.sum()) / len(c) for n, c in correct.items()}
+    acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
     return make_row(p.method, p.preference, p.param, acc, inputs), {n: pack_correct(c) for n, c in correct.items()}

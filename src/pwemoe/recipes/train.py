@@ -252,7 +252,13 @@ class TrainRecipe:
             plain = merge_and_unload(wb.backbone, r).eval() if plain is None else merge_into(wb.backbone, plain, r)
             points.append([wb.accuracy(t, bs, backbone=plain) for t in wb.tasks])
         del plain
-        hv = hypervolume(torch.tensor(points).numpy(), self.cfg.eval.reference_point)
+        # lower-is-better metrics (losses) enter with their sign flipped, against the fixed eval.loss_reference
+        sign = torch.tensor([1.0 if t.higher_is_better else -1.0 for t in wb.tasks], dtype=torch.float64)
+        ref = torch.tensor(
+            [self.cfg.eval.reference_point if t.higher_is_better else self.cfg.eval.loss_reference for t in wb.tasks],
+            dtype=torch.float64,
+        )
+        hv = hypervolume((sign * torch.tensor(points, dtype=torch.float64)).numpy(), (sign * ref).numpy())
         rec = {"step": self.step_no, "val_hv": hv, "val_points": len(points)}
         if not self.val_best or hv > self.val_best["val_hv"]:
             self.val_best = {"step": self.step_no, "val_hv": hv}
@@ -571,8 +577,8 @@ def _task_grads_across_tasks(
         if order != sorted(set(order)):
             raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
         sizes = [0] * k
-        for i, n in g.segments:
-            sizes[i] = n
+        for j, (i, n) in enumerate(g.segments):
+            sizes[i] = g.rows[j] if getattr(g, "rows", None) else n  # model rows, not examples
         idx = torch.tensor(order).to(inv.device, non_blocking=True)
         with task_segments(model, sizes):
             part = torch.zeros(k, device=inv.device).index_add(0, idx, loss_fn(g)) * inv

@@ -40,7 +40,10 @@ def comparison_sentence(summary: dict, baseline: str) -> str:
 
 def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -> Path:
     """report.md beside results.csv: the hypervolume table, the verdict, the plots and the rows."""
-    plots = plot_fronts(rows, names, run / "plots", "accuracy") + plot_fronts(rows, names, run / "plots", "normalized")
+    dirs = summary.get("directions")
+    plots = plot_fronts(rows, names, run / "plots", "accuracy", dirs) + plot_fronts(
+        rows, names, run / "plots", "normalized", dirs
+    )
     ref = summary["reference_point"]["accuracy"]
     boot = summary.get("bootstrap")
     ci_head = f" [{round(100 * boot['level'])}% CI]" if boot else ""
@@ -50,8 +53,7 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         f"Run: `{summary.get('run', run)}`; {summary.get('preferences')} preferences"
         + (f" (simplex grid, M = {summary['grid']})" if summary.get("grid") else "")
         + ".",
-        f"Hypervolume reference point: {ref} (raw accuracy) and the same for accuracy normalised by each "
-        "task's own expert. Larger is better.",
+        _reference_sentence(ref, names, dirs),
         (
             f"Intervals: {boot['method']}; {boot['resamples']} resamples, {round(100 * boot['level'])}% "
             f"percentile intervals (seed {boot['seed']}), over the {summary.get('split', 'test')} split."
@@ -118,3 +120,19 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
 
 
 __all__ = ["comparison_sentence", "with_ci", "write_report", "write_report_html"]
+
+
+def _reference_sentence(ref: list[float], names: list[str], dirs: dict[str, str] | None) -> str:
+    lower = [n for n in names if (dirs or {}).get(n) == "min"]
+    if not lower:
+        return (
+            f"Hypervolume reference point: {ref} (raw accuracy) and the same for accuracy normalised by each "
+            "task's own expert. Larger is better."
+        )
+    parts = ", ".join(f"{n}: {'loss' if n in lower else 'accuracy'} {v:.4g}" for n, v in zip(names, ref))
+    return (
+        f"Hypervolume reference point, in each task's own metric: {parts}. Loss tasks ({', '.join(lower)}) are "
+        "lower-is-better: the hypervolume counts the region between each front and the reference point in that "
+        "direction. Normalised values are the expert's loss / the loss (and accuracy / the expert's accuracy), "
+        "so 1 means as good as the expert and larger is better everywhere, with reference 0."
+    )

@@ -49,9 +49,9 @@ def _verdict(summary: dict) -> str:
 
 def write_report_html(run: Path, rows: list[dict], names: list[str], summary: dict) -> Path:
     """report.html beside report.md: hypervolume table and interactive fronts (raw and normalised)."""
-    figs = front_figures(rows, names, "accuracy")
+    figs = front_figures(rows, names, "accuracy", summary.get("directions"))
     if "ideal_point" in summary:
-        figs += front_figures(rows, names, "normalized")
+        figs += front_figures(rows, names, "normalized", summary.get("directions"))
     divs, scripts = [], []
     for i, f in enumerate(figs):
         divs.append(f"<h2>{html.escape(f['title'])}</h2><div id='fig{i}' class='fig'></div>")

@@ -95,11 +95,26 @@ def _plane_traces(groups: dict[str, list[dict]], names: list[str], i: int, j: in
     return out
 
 
-def front_figures(rows: list[dict], names: list[str], key: str = "accuracy") -> list[dict[str, Any]]:
-    """[{"name", "title", "figure"}] for the rows of one evaluation (`normalized` must be set to use it)."""
+def _axis(name: str, key: str, directions: dict[str, str] | None) -> dict[str, Any]:
+    """A plotly axis titled after the task's metric; lower-is-better axes run from high to low."""
+    from .plots import axis_label
+
+    ax: dict[str, Any] = {"title": {"text": axis_label(name, key, directions)}}
+    if key != "normalized" and (directions or {}).get(name) == "min":
+        ax["autorange"] = "reversed"
+    return ax
+
+
+def front_figures(
+    rows: list[dict], names: list[str], key: str = "accuracy", directions: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """[{"name", "title", "figure"}] for the rows of one evaluation (`normalized` must be set to use it).
+
+    directions: {task: "max" | "min"} (see `results.summarize`); loss axes are labelled and reversed."""
     k = len(names)
     groups = group_rows(rows)
-    what = "accuracy" if key == "accuracy" else "normalised accuracy"
+    lower = any(v == "min" for v in (directions or {}).values())
+    what = ("metrics" if lower else "accuracy") if key == "accuracy" else "normalised"
     figs: list[dict[str, Any]] = []
     if k == 2:
         figs.append(
@@ -109,8 +124,8 @@ def front_figures(rows: list[dict], names: list[str], key: str = "accuracy") -> 
                 "figure": {
                     "data": _plane_traces(groups, names, 0, 1, key, True),
                     "layout": {
-                        "xaxis": {"title": {"text": f"{names[0]} {what}"}},
-                        "yaxis": {"title": {"text": f"{names[1]} {what}"}},
+                        "xaxis": _axis(names[0], key, directions),
+                        "yaxis": _axis(names[1], key, directions),
                         "hovermode": "closest",
                         "margin": {"t": 30},
                     },
@@ -170,8 +185,8 @@ def front_figures(rows: list[dict], names: list[str], key: str = "accuracy") -> 
                 t["xaxis"], t["yaxis"] = f"x{p}", f"y{p}"
                 data.append(t)
             lo, hi = (p - 1) / 3 + 0.04, p / 3 - 0.04
-            layout[f"xaxis{p}"] = {"domain": [lo, hi], "anchor": f"y{p}", "title": {"text": names[i]}}
-            layout[f"yaxis{p}"] = {"anchor": f"x{p}", "title": {"text": names[j]}}
+            layout[f"xaxis{p}"] = {"domain": [lo, hi], "anchor": f"y{p}", **_axis(names[i], key, directions)}
+            layout[f"yaxis{p}"] = {"anchor": f"x{p}", **_axis(names[j], key, directions)}
         figs.append(
             {"name": "planes", "title": f"Pairwise planes ({what})", "figure": {"data": data, "layout": layout}}
         )

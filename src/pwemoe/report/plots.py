@@ -26,7 +26,14 @@ def _groups(rows: list[dict], names: list[str], key: str) -> dict[str, tuple[np.
     return out
 
 
-def _plane(ax, groups, i: int, j: int, names: list[str]) -> None:
+def axis_label(name: str, key: str, directions: dict[str, str] | None) -> str:
+    """'<task> accuracy', '<task> loss (lower is better)' or '<task> (normalised)'."""
+    if key == "normalized":
+        return f"{name} (normalised, 1 = expert)"
+    return f"{name} loss (lower is better)" if (directions or {}).get(name) == "min" else f"{name} accuracy"
+
+
+def _plane(ax, groups, i: int, j: int, names: list[str], key: str = "accuracy", directions: dict | None = None) -> None:
     for m, (pts, _) in groups.items():
         st = _style(m)
         line = m in METHODS and METHODS[m].order is not None and len(names) == 2
@@ -38,8 +45,13 @@ def _plane(ax, groups, i: int, j: int, names: list[str]) -> None:
             alpha=0.85,
             **st,
         )
-    ax.set_xlabel(f"{names[i]} accuracy")
-    ax.set_ylabel(f"{names[j]} accuracy")
+    ax.set_xlabel(axis_label(names[i], key, directions))
+    ax.set_ylabel(axis_label(names[j], key, directions))
+    if key != "normalized":  # better is always up and to the right: loss axes run from high to low
+        if (directions or {}).get(names[i]) == "min":
+            ax.invert_xaxis()
+        if (directions or {}).get(names[j]) == "min":
+            ax.invert_yaxis()
     ax.grid(alpha=0.3)
 
 
@@ -82,8 +94,12 @@ def _ternary(plt, groups: dict, names: list[str], key: str):
     return fig
 
 
-def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "accuracy") -> list[Path]:
-    """Write the plots for k tasks; returns the paths written (PNG and SVG of each figure)."""
+def plot_fronts(
+    rows: list[dict], names: list[str], out_dir: Path, key: str = "accuracy", directions: dict[str, str] | None = None
+) -> list[Path]:
+    """Write the plots for k tasks; returns the paths written (PNG and SVG of each figure).
+
+    directions: {task: "max" | "min"}; lower-is-better axes are labelled so and reversed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,14 +111,14 @@ def plot_fronts(rows: list[dict], names: list[str], out_dir: Path, key: str = "a
     figs = {}
     if k == 2:
         fig, ax = plt.subplots(figsize=(5.5, 5))
-        _plane(ax, groups, 0, 1, names)
+        _plane(ax, groups, 0, 1, names, key, directions)
         ax.legend(fontsize=8)
         ax.set_title(f"Pareto fronts ({key})")
         figs["front"] = fig
     elif k == 3:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
         for ax, (i, j) in zip(axes, [(0, 1), (0, 2), (1, 2)]):
-            _plane(ax, groups, i, j, names)
+            _plane(ax, groups, i, j, names, key, directions)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"Pairwise planes ({key})")
         figs["planes"] = fig

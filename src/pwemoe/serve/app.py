@@ -177,9 +177,9 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
         res = model.results()
         figs: dict[str, list] = {"accuracy": [], "normalized": []}
         if res["rows"]:
-            figs["accuracy"] = front_figures(res["rows"], model.task_names, "accuracy")
+            figs["accuracy"] = front_figures(res["rows"], model.task_names, "accuracy", _dirs(res))
             if res["summary"] and "ideal_point" in res["summary"]:
-                figs["normalized"] = front_figures(res["rows"], model.task_names, "normalized")
+                figs["normalized"] = front_figures(res["rows"], model.task_names, "normalized", _dirs(res))
         return {**res, "figures": figs}
 
     @app.post("/api/routing_weights")
@@ -214,3 +214,7 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
 
 
 __all__ = ["create_app"]
+
+
+def _dirs(res: dict[str, Any]) -> dict[str, str] | None:
+    return (res.get("summary") or {}).get("directions")

@@ -269,7 +269,7 @@ class PreferenceModel:
                     t.name: self.wb.correct(t, bs, plain, self._test_batches(i, batches[t.name]), tick)
                     for i, t in enumerate(self.wb.tasks)
                 }
-            acc = {n: int(c.sum()) / len(c) for n, c in correct.items()}
+            acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
             row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
             if store:  # re-read under the run lock: rows others wrote are kept
                 ResultStore(self.run).add(row, {n: pack_correct(c) for n, c in correct.items()})
@@ -321,6 +321,8 @@ class PreferenceModel:
                 min(200, e.bootstrap_resamples),
                 e.confidence,
                 e.bootstrap_seed,
+                directions=self.wb.directions(),
+                loss_reference=e.loss_reference,
             )
         return {"tasks": self.task_names, "rows": current, "other_rows": len(rows) - len(current), "summary": summary}
 

@@ -24,6 +24,9 @@ class Task(ABC):
     """
 
     modality: str = "text"  # the key of the modality in `pwemoe.modalities.MODALITIES`
+    metric: str = "accuracy"  # what `example_scores` measures per example
+    higher_is_better: bool = True  # the metric's direction (hypervolume, dominance and plots follow it)
+    needs_class_names: bool = True
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -59,6 +62,15 @@ class Task(ABC):
     @abstractmethod
     def head_fingerprint(self) -> str:
         """sha256 of everything the head computes with (weights, class embeddings): run provenance."""
+
+    @property
+    def rows_per_example(self) -> int:
+        """Model rows each example takes in a forward (a causal-LM choice task may score each label on its own)."""
+        return 1
+
+    def example_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The metric per example, Tensor[n] (accuracy: 1.0 where the top class is the label)."""
+        return (logits.argmax(-1) == labels.to(logits.device)).float()
 
     def labels(self, rows: dict[str, list]) -> torch.Tensor:
         return torch.as_tensor(rows[self.cfg.data.label_column], dtype=torch.long)

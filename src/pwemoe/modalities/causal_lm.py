@@ -1,0 +1,70 @@
+"""Causal language models: an AutoModelForCausalLM whose decoder is upcycled; its LM head is shared by all tasks.
+
+The backbone is the decoder (`model.base_model`, e.g. LlamaModel); tasks read its hidden states and
+apply the frozen LM head only where they need logits (the label tokens), never over the whole
+sequence. An export is one plain *ForCausalLM folder for all tasks, and, when the experts were LoRA
+adapters, also one PEFT adapter for the preference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Modality
+from .text import load_tokenizer
+
+# Keys a task may add to its features for its head only (masks); collated, but not given to the model.
+HEAD_ONLY_PREFIX = "pwemoe_"
+
+
+class CausalLMModality(Modality):
+    name = "causal_lm"
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = load_tokenizer(self.base)
+        self.tokenizer.padding_side = "right"  # heads find each row's last token from the attention mask
+        self.model = AutoModelForCausalLM.from_pretrained(self.base).eval()
+        self.backbone = self.model.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def fresh_backbone(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.base).eval().base_model
+
+    def collate(self, feats: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad every key (input_ids with the pad token, masks with 0) to the longest row."""
+        n = max(len(f["input_ids"]) for f in feats)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = {}
+        for key in feats[0]:
+            fill = pad if key == "input_ids" else 0
+            out[key] = torch.tensor([list(f[key]) + [fill] * (n - len(f[key])) for f in feats], dtype=torch.long)
+        return out
+
+    def lengths(self, task: Any, dataset: Any) -> list[int]:
+        return [len(f["input_ids"]) for f in task.encode(dataset[:])]
+
+    def plain_model(self, merge: Any) -> nn.Module:
+        return merge(self.model)
+
+    def save_export(self, plain: nn.Module, tasks: Sequence[Any], out: Path) -> dict[str, str]:
+        """out/model: the plain *ForCausalLM for every task; out/adapter: the PEFT LoRA adapter (LoRA experts)."""
+        plain.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
+        info = getattr(self.model, "pwemoe_info", None) or getattr(self.backbone, "pwemoe_info", None)
+        if info is not None and info.expert_format == "lora":
+            from ..upscale import save_lora_adapter
+
+            save_lora_adapter(self.model, out / "adapter", base_model_name_or_path=info.base_id or self.base)
+        return {t.name: str(out / "model") for t in tasks}

@@ -1,0 +1,248 @@
+"""Causal-LM tasks: label words scored by log-likelihood (`causal_lm_choice`) and next-token loss (`causal_lm`).
+
+Both run on the decoder's hidden states and apply the shared LM head only at the positions that
+predict the tokens they score. Experts are PEFT LoRA adapters on the base (never densified) or
+fine-tuned *ForCausalLM checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TaskConfig
+from .base import Task
+
+
+def load_causal_expert(path: str, task: str) -> Any:
+    """A LoRA adapter folder (read, never densified) or a *ForCausalLM checkpoint's decoder."""
+    from ..lora import is_lora_adapter, read_lora_adapter
+
+    if is_lora_adapter(path):
+        return read_lora_adapter(path, f"task {task!r} expert")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval().base_model
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token (right padding): LongTensor[n]."""
+    return (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)
+
+
+class _CausalTask(Task):
+    modality = "causal_lm"
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        super().__init__(cfg)
+        self.tokenizer: Any = None
+        self.lm_head: nn.Module | None = None
+        self.use_chat = False
+
+    def load_expert_backbone(self, path: str) -> Any:
+        return load_causal_expert(path, self.name)
+
+    def attach(self, modality: Any) -> None:
+        self.tokenizer = modality.tokenizer
+        self.lm_head = modality.lm_head
+        has_chat = getattr(self.tokenizer, "chat_template", None) is not None
+        want = self.cfg.chat_template
+        if want and not has_chat:
+            raise ValueError(
+                f"task {self.name!r}: chat_template is true but the tokenizer of {modality.base} has none; "
+                "set chat_template: false"
+            )
+        self.use_chat = has_chat if want is None else bool(want)
+
+    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of prompts, through the chat template (user turn + generation prompt) when in use."""
+        if self.use_chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompts)["input_ids"]
+
+    def _truncated(self, texts: list[str]) -> list[str]:
+        """Each text cut to max_length tokens (the template around it is kept whole)."""
+        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.cfg.max_length)
+        return [
+            t if len(ids) < self.cfg.max_length else self.tokenizer.decode(ids)
+            for t, ids in zip(texts, enc["input_ids"])
+        ]
+
+    def head_fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self._provenance(), sort_keys=True).encode())
+        return h.hexdigest()
+
+    def _provenance(self) -> dict[str, Any]:
+        return {"type": self.cfg.type, "chat": self.use_chat, "max_length": self.cfg.max_length}
+
+    def export_model(self, plain: nn.Module) -> nn.Module:
+        return plain  # one plain *ForCausalLM serves every task
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target | prefix) for hidden Tensor[m, h] and target ids LongTensor[m] -> Tensor[m] (fp32)."""
+        logits = self.lm_head(hidden).float()
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class CausalLMChoiceTask(_CausalTask):
+    """Classification by label words: the prediction is the label whose tokens are most likely after the prompt.
+
+    `head` returns Tensor[n, C]: log p(label_c | prompt), summed over the label's tokens. The training
+    loss is the cross-entropy of the true label's tokens over the whole vocabulary (-log p(label_y | prompt)).
+    Labels that are one token each take one forward per example; otherwise each example runs once per label.
+    """
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        super().__init__(cfg)
+        self.label_ids: list[list[int]] = []
+        if not self.class_names and cfg.label_words:
+            self.class_names = [w.strip() for w in cfg.label_words]
+
+    @property
+    def label_words(self) -> list[str]:
+        return list(self.cfg.label_words or [" " + c for c in self.class_names])
+
+    @property
+    def rows_per_example(self) -> int:
+        return 1 if all(len(ids) == 1 for ids in self.label_ids) else len(self.label_ids)
+
+    def attach(self, modality: Any) -> None:
+        super().attach(modality)
+        words = self.label_words
+        if self.cfg.label_words and self.class_names and len(words) != len(self.class_names):
+            raise ValueError(
+                f"task {self.name!r}: {len(words)} label_words for {len(self.class_names)} classes; give one per class"
+            )
+        if not self.class_names:
+            self.class_names = [w.strip() for w in words]
+        self.label_ids = [self.tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+        empty = [w for w, ids in zip(words, self.label_ids) if not ids]
+        if empty:
+            raise ValueError(
+                f"task {self.name!r}: label word(s) {empty} tokenise to nothing with the tokenizer of "
+                f"{modality.base}; give label_words with visible text, e.g. ' positive'"
+            )
+        if len({tuple(ids) for ids in self.label_ids}) != len(self.label_ids):
+            raise ValueError(f"task {self.name!r}: two label words tokenise to the same ids: {words}")
+
+    def _provenance(self) -> dict[str, Any]:
+        return super()._provenance() | {"template": self.cfg.prompt_template, "labels": self.label_ids}
+
+    def prompts(self, rows: dict[str, list]) -> list[str]:
+        d = self.cfg.data
+        texts = self._truncated([str(t) for t in rows[d.text_column]])
+        pairs = self._truncated([str(t) for t in rows[d.text_pair_column]]) if d.text_pair_column else None
+        tpl = self.cfg.prompt_template or "{text}"
+        return [tpl.format(text=t, text_pair=pairs[i] if pairs else "") for i, t in enumerate(texts)]
+
+    def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
+        out = []
+        per = self.rows_per_example
+        for ids in self._prompt_ids(self.prompts(rows)):
+            for c in range(per):
+                seq = ids + (self.label_ids[c] if per > 1 else [])
+                out.append({"input_ids": seq, "attention_mask": [1] * len(seq)})
+        return out
+
+    def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, mask = outputs.last_hidden_state, inputs["attention_mask"]
+        last = _last_index(mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.rows_per_example == 1:  # one token per label: one softmax at the last prompt position
+            logp = torch.log_softmax(self.lm_head(hidden[rows, last]).float(), -1)
+            return logp[:, [ids[0] for ids in self.label_ids]]
+        C = len(self.label_ids)
+        scores = []
+        for j in range(hidden.shape[0]):  # row j scores label j % C; its tokens end the sequence
+            ids = torch.tensor(self.label_ids[j % C], device=hidden.device)
+            pos = last[j] - len(ids) + torch.arange(len(ids), device=hidden.device)
+            scores.append(self._token_logprobs(hidden[j, pos], ids).sum())
+        return torch.stack(scores).view(-1, C)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        nll = -logits.gather(-1, labels.to(logits.device)[:, None]).squeeze(-1)
+        return nll.sum() if reduction == "sum" else nll.mean() if reduction == "mean" else nll
+
+
+class CausalLMTask(_CausalTask):
+    """Next-token loss on a text column (after a prompt column through the chat template, when given).
+
+    `head` returns Tensor[n, 1]: each example's mean next-token loss over its scored tokens (all of the
+    text, or only the response after a prompt). The metric is that loss: lower is better.
+    """
+
+    metric = "loss"
+    higher_is_better = False
+    needs_class_names = False
+
+    def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
+        d = self.cfg.data
+        texts = [str(t) for t in rows[d.text_column]]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        if d.prompt_column:
+            prompts = self._prompt_ids(self._truncated([str(p) for p in rows[d.prompt_column]]))
+            answers = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.cfg.max_length)
+            out = []
+            for p, a in zip(prompts, answers["input_ids"]):
+                seq = p + a + eos
+                out.append(
+                    {
+                        "input_ids": seq,
+                        "attention_mask": [1] * len(seq),
+                        "pwemoe_scored": [0] * len(p) + [1] * (len(a) + len(eos)),
+                    }
+                )
+            return out
+        enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+        return [
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "pwemoe_scored": [0] + [1] * (len(ids) - 1)}
+            for ids in enc["input_ids"]
+        ]
+
+    def input_columns(self) -> list[str]:
+        d = self.cfg.data
+        return [d.text_column] + ([d.prompt_column] if d.prompt_column else [])
+
+    def labels(self, rows: dict[str, list]) -> torch.Tensor:
+        return torch.zeros(len(rows[self.cfg.data.text_column]), dtype=torch.long)  # no labels: the text is the target
+
+    def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden, ids = outputs.last_hidden_state, inputs["input_ids"]
+        scored = inputs["pwemoe_scored"][:, 1:].bool()  # token t+1 is predicted from position t
+        n = ids.shape[0]
+        pos = scored.nonzero()
+        lp = self._token_logprobs(hidden[pos[:, 0], pos[:, 1]], ids[pos[:, 0], pos[:, 1] + 1])
+        total = torch.zeros(n, device=hidden.device).index_add(0, pos[:, 0], -lp)
+        count = scored.sum(1).clamp(min=1)
+        return (total / count)[:, None]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per = logits[:, 0]
+        return per.sum() if reduction == "sum" else per.mean() if reduction == "mean" else per
+
+    def example_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0].float()
+
+    def validate_data(self, errors: list[str], index: int) -> None:
+        for split, ds in (("train", self.train_data), ("test", self.test_data)):
+            if ds is None:
+                continue
+            if len(ds) == 0:
+                errors.append(f"tasks[{index}].data: the {split} split of task {self.name!r} is empty")
+                continue
+            for c in self.input_columns():
+                if c not in ds.column_names:
+                    errors.append(
+                        f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
+                        f"columns are {sorted(ds.column_names)}"
+                    )

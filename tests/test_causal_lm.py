@@ -1,0 +1,273 @@
+"""Causal-LM tasks on a tiny Llama with a word-level tokenizer: scoring against the plain model's own logits,
+the pipeline over LoRA experts (train, evaluate, both exports), and lower-is-better metrics in the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pwemoe.results import summarize
+from pwemoe.workbench import Workbench, build_config
+
+peft = pytest.importorskip("peft")
+
+WORDS = ["good", "bad", "red", "blue", "film", "team", "the", "was", "very", "not", "topic", "answer", "review"]
+SPECIAL = ["<pad>", "<unk>", "<eos>"]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + [":", "?", "\n"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    return tok
+
+
+def _rows(task: str, n: int, rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS[4:10]) for _ in range(rng.randint(2, 6))]
+        y = rng.randint(0, 1)
+        words.insert(rng.randint(0, len(words)), (["bad", "good"] if task == "polarity" else ["red", "blue"])[y])
+        out.append({"text": " ".join(words), "label": y})
+    return out
+
+
+@pytest.fixture(scope="module")
+def causal_setup(tmp_path_factory) -> dict:
+    """Base tiny Llama + tokenizer, CSV data, and one LoRA expert per task trained by `pwemoe finetune`."""
+    from pwemoe.recipes.finetune import finetune_from_config
+
+    root = tmp_path_factory.mktemp("causal")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    rng = random.Random(0)
+    tasks = []
+    for task, words in (("polarity", [" bad", " good"]), ("color", [" red", " blue"])):
+        for split, n in (("train", 160), ("test", 40)):
+            p = root / "data" / f"{task}_{split}.csv"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["text", "label"])
+                w.writeheader()
+                w.writerows(_rows(task, n, rng))
+        tasks.append(
+            {
+                "name": task,
+                "type": "causal_lm_choice",
+                "expert": str(root / "experts" / task),
+                "max_length": 12,
+                "prompt_template": "review: {text} answer:",
+                "label_words": words,
+                "data": {
+                    "source": "csv",
+                    "files": {
+                        "train": str(root / "data" / f"{task}_train.csv"),
+                        "test": str(root / "data" / f"{task}_test.csv"),
+                    },
+                },
+            }
+        )
+    config = {
+        "model": {"base": str(root / "base"), "init_lambda": 0.3},
+        "tasks": tasks,
+        "train": {"steps": 12, "lr": 0.05, "batch_size": 8, "save_interval": 6, "log_interval": 1, "seed": 0},
+        "eval": {"batch_size": 16, "grid": 3, "ta_scales": [0.5], "bootstrap_resamples": 50},
+        "run_dir": str(root / "run"),
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    for t in tasks:
+        finetune_from_config(
+            root / "config.yaml",
+            t["name"],
+            t["expert"],
+            epochs=10.0,
+            lr=3e-2,
+            batch_size=16,
+            lora={"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]},
+        )
+    return {"root": root, "config": config}
+
+
+def test_finetune_writes_a_peft_adapter_that_learned_the_task(causal_setup):
+    from pwemoe.lora import read_lora_adapter
+    from pwemoe.recipes.finetune import FINETUNE_INFO
+
+    cfg = causal_setup["config"]
+    expert = Path(cfg["tasks"][0]["expert"])
+    ad = read_lora_adapter(expert)
+    assert ad.base_model_name_or_path == cfg["model"]["base"]
+    assert json.loads((expert / FINETUNE_INFO).read_text())["task_format"]["lora"]["r"] == 4
+    wb = Workbench(build_config(cfg), load_train=False)
+    import pwemoe
+
+    for i, t in enumerate(wb.tasks):  # the adapter alone (one-hot lambda) beats the base (lambda = 0) on its task
+        with pwemoe.fixed_lambda(wb.backbone, torch.eye(2)[i]):
+            own = wb.accuracy(t, 16)
+        with pwemoe.fixed_lambda(wb.backbone, torch.zeros(2)):
+            base = wb.accuracy(t, 16)
+        assert own > max(base, 0.75), (t.name, own, base)
+
+
+def test_choice_scores_are_the_plain_models_label_log_likelihoods(causal_setup):
+    cfg = dict(causal_setup["config"])
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    plain = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"]).eval()
+    for t in wb.tasks:
+        rows = t.test_data[:5]
+        scores = wb.logits([(t, rows)])[0]
+        ids = [t.tokenizer(p)["input_ids"] for p in t.prompts(rows)]
+        for j, seq in enumerate(ids):
+            with torch.no_grad():
+                logp = torch.log_softmax(plain(input_ids=torch.tensor([seq])).logits[0, -1], -1)
+            want = logp[[t.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in t.label_words]]
+            torch.testing.assert_close(scores[j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_labels_score_each_label_sequence(causal_setup):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["tasks"][0]["label_words"] = [" very bad", " not very good"]  # 2 and 3 tokens
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    t = wb.tasks[0]
+    assert t.rows_per_example == 2
+    plain = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"]).eval()
+    rows = t.test_data[:3]
+    scores = wb.logits([(t, rows)])[0]
+    assert scores.shape == (3, 2)
+    for j, p in enumerate(t.prompts(rows)):
+        prompt = t.tokenizer(p)["input_ids"]
+        for c, w in enumerate(t.label_words):
+            lab = t.tokenizer(w, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(plain(input_ids=torch.tensor([prompt + lab])).logits[0], -1)
+            want = sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(lab))
+            torch.testing.assert_close(scores[j, c], want, rtol=1e-5, atol=1e-5)
+    # the loss is the true label's negative log-likelihood
+    y = torch.tensor(rows["label"])
+    torch.testing.assert_close(t.loss(scores, y, "none"), -scores[torch.arange(3), y])
+
+
+def test_label_word_that_tokenises_to_nothing_is_refused(causal_setup):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["tasks"][1]["label_words"] = [" red", " "]
+    with pytest.raises(ValueError, match=r"task 'color': label word\(s\) \[' '\] tokenise to nothing"):
+        Workbench(build_config(cfg), load_train=False, upcycle=False)
+
+
+def test_causal_lm_loss_task_matches_transformers_loss(causal_setup, tmp_path):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    for t in cfg["tasks"]:
+        t["type"] = "causal_lm"
+        for key in ("prompt_template", "label_words"):
+            t.pop(key)
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    plain = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"]).eval()
+    t = wb.tasks[0]
+    assert not t.higher_is_better and wb.directions() == {"polarity": "min", "color": "min"}
+    rows = t.test_data[:4]
+    per = wb.logits([(t, rows)])[0][:, 0]
+    for j, text in enumerate(rows["text"]):
+        ids = torch.tensor([t.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            want = plain(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(per[j], want, rtol=1e-5, atol=1e-6)
+    scores = wb.correct(t, 16)
+    assert scores.dtype == torch.float32 and len(scores) == len(t.test_data)
+    assert wb.accuracy(t, 16) == pytest.approx(float(scores.mean()), rel=1e-6)
+
+
+def test_lower_is_better_metrics_in_hypervolume_dominance_and_normalisation():
+    names = ["acc_task", "loss_task"]
+    rows = [
+        {
+            "method": "expert:acc_task",
+            "preference": [1.0, 0.0],
+            "param": None,
+            "accuracy": {"acc_task": 0.9, "loss_task": 3.0},
+        },
+        {
+            "method": "expert:loss_task",
+            "preference": [0.0, 1.0],
+            "param": None,
+            "accuracy": {"acc_task": 0.5, "loss_task": 1.0},
+        },
+        {"method": "pwemoe", "preference": [0.5, 0.5], "param": None, "accuracy": {"acc_task": 0.8, "loss_task": 1.5}},
+        {"method": "pwemoe", "preference": [0.6, 0.4], "param": None, "accuracy": {"acc_task": 0.7, "loss_task": 2.0}},
+    ]
+    s = summarize(rows, names, 0.0, directions={"acc_task": "max", "loss_task": "min"}, loss_reference=4.0)
+    assert s["directions"] == {"acc_task": "max", "loss_task": "min"}
+    assert s["reference_point"]["accuracy"] == [0.0, 4.0]
+    # (0.7, 2.0) is dominated by (0.8, 1.5) once loss counts as lower-is-better
+    assert s["methods"]["pwemoe"]["non_dominated"] == [[0.5, 0.5]]
+    assert s["methods"]["pwemoe"]["hypervolume"] == pytest.approx(0.8 * (4.0 - 1.5))
+    # normalised: accuracy / expert's, expert's loss / loss
+    assert rows[2]["normalized"] == {"acc_task": pytest.approx(0.8 / 0.9), "loss_task": pytest.approx(1.0 / 1.5)}
+    # without a loss reference: 1.1 x the worst loss, stated
+    s2 = summarize(rows, names, 0.0, directions={"acc_task": "max", "loss_task": "min"})
+    assert s2["reference_point"]["accuracy"] == [0.0, pytest.approx(3.3)]
+    # bootstrap over per-example losses (floats) as well as correctness (bools)
+    rng = np.random.default_rng(0)
+    correct = {
+        "acc_task": rng.random((4, 30)) < np.array([[0.9], [0.5], [0.8], [0.7]]),
+        "loss_task": rng.gamma(2.0, 1.0, (4, 30)) * np.array([[1.5], [0.5], [0.75], [1.0]]),
+    }
+    s3 = summarize(
+        rows, names, 0.0, correct, 100, directions={"acc_task": "max", "loss_task": "min"}, loss_reference=4.0
+    )
+    lo, hi = s3["methods"]["pwemoe"]["hypervolume_ci"]
+    assert 0 < lo < hi
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        summarize(rows, names, 0.0, directions={"acc_task": "up"})
+
+
+def test_lora_pipeline_trains_evaluates_and_exports_both_ways(causal_setup, tmp_path):
+    """`pwemoe train/evaluate/export` over LoRA experts; the dense export and the PEFT adapter reproduce the run."""
+    import pwemoe
+    from pwemoe.recipes.evaluate import evaluate_run
+    from pwemoe.recipes.train import train
+    from pwemoe.runs import export_run, open_run
+
+    root = causal_setup["root"]
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = train(path, [], verbose=-1)
+    summary = evaluate_run(run, verbose=-1)
+    assert {"pwemoe", "pref_task_arithmetic", "average", "experts"} <= set(summary["methods"])
+    assert summary["directions"] == {"polarity": "max", "color": "max"}
+    out = export_run(run, [0.5, 0.5], tmp_path / "export")
+    assert (out / "model" / "config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    wb, _ = open_run(run, load_test=False)
+    ids = torch.tensor([[5, 6, 7, 8, 3, 4], [9, 10, 11, 12, 13, 4]])
+    pwemoe.set_preference(wb.backbone, torch.tensor([0.5, 0.5]))
+    with torch.no_grad():
+        want = wb.model(input_ids=ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(out / "model").eval()(input_ids=ids).logits
+        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), out / "adapter")
+        adapter = pm.eval()(input_ids=ids).logits
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter, want, rtol=1e-4, atol=1e-5)
