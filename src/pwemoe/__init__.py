@@ -1,6 +1,8 @@
 """pwemoe: Pareto set learning on large models through weight-ensembling mixture of experts."""
 
 from .core import DirichletSampler, Router, WeightEnsemblingModule, simplex_grid
+from .core.factored import FactoredEnsemblingModule
+from .lora import LoraAdapter, read_lora_adapter
 from .upscale import (
     SharedMerge,
     UpscaleInfo,
@@ -16,6 +18,7 @@ from .upscale import (
     preference,
     router_state_dict,
     routing_weights,
+    save_lora_adapter,
     set_preference,
     shared_merge,
     upscale,
@@ -34,6 +37,8 @@ def __getattr__(name: str):  # the serving API loads the run layers only when as
 
 __all__ = [
     "DirichletSampler",
+    "FactoredEnsemblingModule",
+    "LoraAdapter",
     "PreferenceModel",
     "Router",
     "UpscaleInfo",
@@ -51,8 +56,10 @@ __all__ = [
     "merge_and_unload",
     "num_tasks",
     "preference",
+    "read_lora_adapter",
     "router_state_dict",
     "routing_weights",
+    "save_lora_adapter",
     "set_preference",
     "simplex_grid",
     "upscale",

@@ -1,6 +1,7 @@
 """Pure tensor math of PWEMoE. Nothing here imports transformers."""
 
-from .ensembling import WeightEnsemblingModule
+from .ensembling import EnsemblingModule, WeightEnsemblingModule
+from .factored import FactoredEnsemblingModule, LowRank, truncated_svd
 from .merge import (
     add_task_vector_,
     merge_weights,
@@ -15,6 +16,9 @@ from .task_vector import check_compatible, stack_task_vectors, task_vector
 
 __all__ = [
     "DirichletSampler",
+    "EnsemblingModule",
+    "FactoredEnsemblingModule",
+    "LowRank",
     "Router",
     "WeightEnsemblingModule",
     "add_task_vector_",
@@ -29,5 +33,6 @@ __all__ = [
     "stack_task_vectors",
     "task_arithmetic",
     "task_vector",
+    "truncated_svd",
     "weighted_task_arithmetic",
 ]

@@ -118,6 +118,7 @@ def run_llm_demo(
     overrides: dict | None = None,
     expert_hp: dict | None = None,
     fresh_run: bool = True,
+    grid: int | None = None,
 ) -> dict:
     """The whole LLM pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,7 +154,7 @@ def run_llm_demo(
     print(f"[3/6] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
     train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
     print("[4/6] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
-    summary = evaluate_run(run)
+    summary = evaluate_run(run, grid=grid)
     print(f"[5/6] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]

@@ -188,9 +188,19 @@ class PreferenceModel:
         return logits.float().cpu(), hit
 
     def predict(self, r: PreferenceLike, task: str, inputs: Sequence[Any]) -> dict[str, Any]:
-        """Labels and class probabilities of `task` for `inputs` under preference r."""
+        """Labels and class probabilities of `task` for `inputs` under preference r (for a task whose metric
+        is not accuracy, e.g. `causal_lm`, each input's value of that metric)."""
         logits, hit = self.logits(r, task, inputs)
-        names = self.wb.tasks[self._task_index(task)].class_names
+        t = self.wb.tasks[self._task_index(task)]
+        if t.metric != "accuracy":  # e.g. a causal LM's next-token loss: the per-example value is the answer
+            return {
+                "task": task,
+                "preference": self.preference(r),
+                "cache": "hit" if hit else "miss",
+                "predictions": [{t.metric: float(v)} for v in logits[:, 0]],
+            }
+        names = t.class_names
+        # causal_lm_choice: log-likelihoods of the label words, renormalised over the labels
         probs = logits.softmax(-1)
         return {
             "task": task,
