@@ -1,11 +1,13 @@
 """Choose the demo's router-training settings on the VALIDATION split, never the test split.
 
+`--llm`: the same for the LLM demo (`pwemoe demo --llm`; needs its LoRA experts: `make demo-llm` once).
+
 Each variant trains on the demo's training data (the training split minus its validation carve,
 `data.validation_fraction` in the demo config) and is scored with `pwemoe evaluate --split
 validation`: hypervolume of PWEMoE against preference-weighted task arithmetic on the grid, with
 paired-bootstrap intervals. The test split is never read. Needs the demo experts (`make demo` once).
 
-    .venv/bin/python benchmarks/demo_tuning.py name key=value ... [-- name key=value ...]
+    .venv/bin/python benchmarks/demo_tuning.py [--llm] name key=value ... [-- name key=value ...]
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from pathlib import Path
 import yaml
 
 
-def run_variant(name: str, overrides: dict, root: Path, grid: int = 6) -> dict:
-    from pwemoe.demo.offline import demo_config
+def run_variant(name: str, overrides: dict, root: Path, grid: int = 6, llm: bool = False) -> dict:
     from pwemoe.recipes.evaluate import evaluate_run
     from pwemoe.recipes.train import train
 
-    cfg = demo_config(Path("demo_runs").resolve(), overrides)
+    if llm:
+        from pwemoe.demo.llm import converted_base, llm_demo_config
+
+        cfg = llm_demo_config(Path("demo_runs_llm").resolve(), converted_base(), overrides)
+    else:
+        from pwemoe.demo.offline import demo_config
+
+        cfg = demo_config(Path("demo_runs").resolve(), overrides)
     cfg["run_dir"] = str(root / name)
     cfg["eval"]["ta_scales"] = []  # only PWEMoE and the baselines on the same preferences
     p = root / f"{name}.yaml"
@@ -47,9 +55,11 @@ def run_variant(name: str, overrides: dict, root: Path, grid: int = 6) -> dict:
 
 
 def main() -> None:
-    root = Path("demo_runs/tuning")
-    root.mkdir(parents=True, exist_ok=True)
     args = sys.argv[1:]
+    llm = "--llm" in args
+    args = [a for a in args if a != "--llm"]
+    root = Path("demo_runs_llm/tuning" if llm else "demo_runs/tuning")
+    root.mkdir(parents=True, exist_ok=True)
     groups, cur = [], []
     for a in args + ["--"]:
         if a == "--":
@@ -60,7 +70,7 @@ def main() -> None:
             cur.append(a)
     for g in groups:
         ov = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in g[1:])}
-        print(json.dumps(run_variant(g[0], ov, root)), flush=True)
+        print(json.dumps(run_variant(g[0], ov, root, grid=4 if llm else 6, llm=llm)), flush=True)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,13 @@ def test_lambda_grads_equal_the_merge_backward_per_loss(dtype):
         merge_weights(lam, theta0, T).backward(grads[j])
         want.append(lam.grad)
     torch.testing.assert_close(lambda_grads(T, grads), torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [0, 1, 2])
+def test_preference_init_router_starts_at_preference_weighted_task_arithmetic(hidden):
+    torch.manual_seed(0)
+    router = Router(3, hidden, init_lambda=0.4, init_std=0.0, init="preference")
+    for r in (torch.tensor([0.2, 0.3, 0.5]), torch.tensor([1.0, 0.0, 0.0])):
+        torch.testing.assert_close(router(r), 0.4 * 3 * r)
+    with pytest.raises(ValueError, match="router init"):
+        Router(3, hidden, init="uniform")

@@ -166,6 +166,11 @@ class ModelConfig(BaseModel):
     include_attention: bool = Field(False, description="upcycle attention blocks as well as MLPs")
     init_lambda: float = Field(0.3, description="task-arithmetic scale of the rest, and the routers' initial output")
     router_hidden_layers: int = Field(2, ge=0, le=2, description="0, 1 or 2 (k -> 2k -> ReLU -> k)")
+    router_init: str = Field(
+        "constant",
+        description="constant (the paper's: lambda = init_lambda, task arithmetic) | preference "
+        "(lambda(r) = init_lambda * k * r: starts at preference-weighted task arithmetic)",
+    )
     task_vector_dtype: str = Field("float32", description="storage of task vectors: float32 | bfloat16 | float16")
     path_map: dict[str, str] = Field(default_factory=dict, description="hub id -> local path (offline mirrors)")
     task_vector_rank: int | float | None = Field(
@@ -173,6 +178,13 @@ class ModelConfig(BaseModel):
         description="dense experts: truncated-SVD rank of each linear layer's task vector (int), or the share of "
         "its energy to keep (float in (0, 1]); LoRA experts are low-rank already",
     )
+
+    @field_validator("router_init")
+    @classmethod
+    def _router_init(cls, v: str) -> str:
+        if v not in ("constant", "preference"):
+            raise ValueError(f"must be constant or preference, got {v!r}")
+        return v
 
     @field_validator("task_vector_rank")
     @classmethod

@@ -45,6 +45,7 @@ class UpscaleInfo:
     expert_ids: dict[str, str] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     expert_format: str = "dense"  # "dense" (full checkpoints) or "lora" (PEFT adapters, never densified)
+    router_init: str = "constant"
     task_vector_rank: int | float | None = None  # truncated-SVD rank (or energy) of dense task vectors
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +175,7 @@ def upscale(
     device: torch.device | str | None = None,
     task_vector_rank: int | float | None = None,
     base_names: Sequence[str] = (),
+    router_init: str = "constant",
 ) -> nn.Module:
     """Upcycle `base` with k experts into a Pareto weight-ensembling MoE model.
 
@@ -199,6 +201,8 @@ def upscale(
             squared Frobenius norm (float in (0, 1]); run like LoRA experts, with s_i = 1.
         base_names: names the base goes by (hub id, local path); a LoRA adapter whose
             `base_model_name_or_path` is none of them is refused.
+        router_init: "constant" (the paper's: lambda = init_lambda for every task, task arithmetic) or
+            "preference" (lambda(r) = init_lambda * k * r: preference-weighted task arithmetic).
 
     Returns:
         The base model with each target replaced by an ensembling module; only routers
@@ -237,6 +241,7 @@ def upscale(
             base_names,
             hashes,
             model_class,
+            router_init,
         )
     target_names = find_targets(base_model, targets, include_attention)
     if device is not None:  # the targets first; the rest is merged where it is and moved at the end
@@ -295,7 +300,7 @@ def upscale(
         base_model.to(device)
     for t in target_names:
         module = base_model.get_submodule(t)
-        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module)
+        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module, router_init)
         lowrank = {
             key[len(t) + 1 : -len(".weight")] if key != f"{t}.weight" else "": concat_factors(F.pop(key), transposed)
             for key, transposed in factored.items()
@@ -319,6 +324,7 @@ def upscale(
         expert_ids=expert_ids,
         hashes=hashes,
         task_vector_rank=rank,
+        router_init=router_init,
     )
     return base_model
 
@@ -327,8 +333,8 @@ def _rank_kw(rank: int | float) -> dict[str, Any]:
     return {"rank": rank} if isinstance(rank, int) else {"energy": float(rank)}
 
 
-def _new_router(k: int, hidden: int, init_lambda: float, std: float, module: nn.Module) -> Router:
-    router = Router(k, hidden, init_lambda, std)  # initialised on the CPU RNG
+def _new_router(k: int, hidden: int, init_lambda: float, std: float, module: nn.Module, init: str) -> Router:
+    router = Router(k, hidden, init_lambda, std, init)  # initialised on the CPU RNG
     p0 = next(module.parameters())
     return router.to(device=p0.device, dtype=p0.dtype if p0.is_floating_point() else torch.float32)
 
@@ -362,6 +368,7 @@ def _upscale_lora(
     base_names: Sequence[str],
     hashes: dict[str, str],
     model_class: Any,
+    router_init: str = "constant",
 ) -> nn.Module:
     """LoRA experts: each adapted linear layer keeps its factors; the rest of the model stays theta_0."""
     task_names = list(experts)
@@ -448,7 +455,7 @@ def _upscale_lora(
             lowrank[rel] = concat_factors(
                 [(i, ly.A.to(dev, dt), ly.B.to(dev, dt), ly.scaling) for i, ly in adapted[a]], _is_conv1d(m)
             )
-        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module)
+        router = _new_router(k, router_hidden_layers, init_lambda, router_init_std, module, router_init)
         base_model.set_submodule(t, FactoredEnsemblingModule(module, lowrank, {}, router, task_names))
     if device is not None:
         base_model.to(device)
@@ -464,6 +471,7 @@ def _upscale_lora(
         expert_ids=expert_ids,
         hashes=hashes,
         expert_format="lora",
+        router_init=router_init,
     )
     return base_model
 

@@ -151,6 +151,7 @@ class Workbench:
             device=self.device,
             task_vector_rank=m.task_vector_rank,
             base_names=[m.base, self.resolve(m.base)],
+            router_init=m.router_init,
         )
         info = self.backbone.pwemoe_info
         info.base_id = m.base
