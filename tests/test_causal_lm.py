@@ -271,3 +271,73 @@ def test_lora_pipeline_trains_evaluates_and_exports_both_ways(causal_setup, tmp_
         adapter = pm.eval()(input_ids=ids).logits
     torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(adapter, want, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_token_labels_evaluate_per_example(causal_setup):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["tasks"][0]["label_words"] = [" very bad", " not very good"]
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    t = wb.tasks[0]
+    c = wb.correct(t, 16)  # length-sorted batches are built per example, not per label row
+    assert c.dtype == torch.bool and len(c) == len(t.test_data)
+    rows = t.test_data[:]
+    want = wb.logits([(t, rows)])[0].argmax(-1) == torch.tensor(rows["label"])
+    assert torch.equal(c, want)
+
+
+def test_loss_and_choice_tasks_share_one_forward(causal_setup):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    t0 = cfg["tasks"][0]
+    t0["type"] = "causal_lm"
+    for key in ("prompt_template", "label_words"):
+        t0.pop(key)
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    parts = [(wb.tasks[0], wb.tasks[0].test_data[:3]), (wb.tasks[1], wb.tasks[1].test_data[:4])]
+    together = wb.logits(parts)
+    alone = [wb.logits([p])[0] for p in parts]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_texts_of_a_loss_task_are_refused(causal_setup, tmp_path):
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    t0 = cfg["tasks"][0]
+    t0["type"] = "causal_lm"
+    for key in ("prompt_template", "label_words"):
+        t0.pop(key)
+    p = tmp_path / "with_empty.csv"
+    p.write_text("text,label\ngood film,1\n,0\nbad team,0\n")
+    t0["data"]["files"]["test"] = str(p)
+    from pwemoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"1 empty cell\(s\) in column 'text' \(rows \[1\]\)"):
+        Workbench(build_config(cfg), load_train=False, upcycle=False)
+
+
+def test_tables_normalise_loss_tasks_in_their_direction(tmp_path):
+    from pwemoe.results import write_tables
+
+    names = ["a", "b"]
+    rows = [
+        {"method": "expert:a", "preference": [1.0, 0.0], "param": None, "accuracy": {"a": 0.8, "b": 3.0}, "inputs": ""},
+        {"method": "expert:b", "preference": [0.0, 1.0], "param": None, "accuracy": {"a": 0.4, "b": 2.0}, "inputs": ""},
+        {"method": "pwemoe", "preference": [0.5, 0.5], "param": None, "accuracy": {"a": 0.6, "b": 2.5}, "inputs": ""},
+    ]
+    summary = summarize(rows, names, directions={"a": "max", "b": "min"})
+    write_tables(tmp_path, rows, names, summary)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored[2]["normalized"] == {"a": pytest.approx(0.75), "b": pytest.approx(0.8)}  # 2.0 / 2.5, not 1.25
+
+
+def test_adapter_export_never_overwrites_a_foreign_folder(causal_setup, tmp_path):
+    from pwemoe.lora import write_lora_adapter
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    layers = {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 32), torch.zeros(32, 2))}
+    with pytest.raises(ValueError, match="not empty"):
+        write_lora_adapter(out, layers, "base")
+    write_lora_adapter(out, layers, "base", overwrite=True)  # replaces only what pwemoe writes; keeps the rest
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "adapter_config.json").is_file() and not list(tmp_path.glob(".*pwemoe-tmp"))

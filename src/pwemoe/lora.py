@@ -153,18 +153,30 @@ def write_lora_adapter(
     base_model_name_or_path: str | None,
     task_type: str | None = "CAUSAL_LM",
     fan_in_fan_out: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write {module: (A Tensor[r, in], B Tensor[out, r])} as a PEFT folder with scaling 1 (alpha = r per module).
 
     Ranks may differ per module (rank_pattern / alpha_pattern, with regex-escaped module names).
-    Files are written atomically.
+    Written into a temporary sibling and published in one step (`io.publish_dir`): `out` must be new or
+    empty, unless `overwrite`, which replaces only what pwemoe wrote there before.
     """
+    import shutil
+
     from safetensors.torch import save_file
 
-    from .io import atomic_write, atomic_write_json
+    from .io import atomic_write, atomic_write_json, publish_dir
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    if final.is_dir() and any(final.iterdir()) and not overwrite:  # refused before any work
+        raise ValueError(
+            f"LoRA adapter: {final} is not empty; choose a new directory, or pass overwrite=True to replace "
+            "what pwemoe wrote there before (other files are kept)"
+        )
+    out = final.parent / f".{final.name}.pwemoe-tmp"
+    if out.exists():
+        shutil.rmtree(out)  # our own leftover from a killed write
+    out.mkdir(parents=True)
     ranks = {m: int(a.shape[0]) for m, (a, _) in layers.items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(m): r for m, r in ranks.items() if r != r0}
@@ -192,4 +204,5 @@ def write_lora_adapter(
         tensors[f"{_PREFIX}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
     atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_json(out / ADAPTER_CONFIG, cfg)
-    return out
+    publish_dir(out, final, overwrite, "LoRA adapter")
+    return final

@@ -344,7 +344,7 @@ def _dominated(p: np.ndarray, others: np.ndarray) -> bool:
 
 def write_tables(run: Path, rows: list[dict], names: list[str], summary: dict) -> None:
     """results.csv, results.json (every stored row, normalised) and summary.json, atomically."""
-    normalise(rows, names)
+    normalise(rows, names, summary.get("directions"))  # a loss task's normalisation is inverted
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(

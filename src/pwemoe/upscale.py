@@ -783,6 +783,7 @@ def save_lora_adapter(
     base_model_name_or_path: str | None = None,
     prefix: str = "",
     task_type: str | None = "CAUSAL_LM",
+    overwrite: bool = False,
 ) -> Any:
     """Write theta(r) as one PEFT LoRA adapter of rank sum_i r_i per layer, loadable by `PeftModel.from_pretrained`.
 
@@ -818,4 +819,4 @@ def save_lora_adapter(
                 full = prefix + (f"{name}.{path}" if path else name)
                 layers[full] = (lr.A.float(), lr.B.float() * cols)
                 transposed |= lr.transposed
-    return write_lora_adapter(out, layers, base_model_name_or_path, task_type, fan_in_fan_out=transposed)
+    return write_lora_adapter(out, layers, base_model_name_or_path, task_type, transposed, overwrite)

@@ -46,14 +46,18 @@ class CausalLMModality(Modality):
         """Right-pad every key (input_ids with the pad token, masks with 0) to the longest row."""
         n = max(len(f["input_ids"]) for f in feats)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        keys = list(dict.fromkeys(k for f in feats for k in f))  # tasks of one forward may add different masks
         out = {}
-        for key in feats[0]:
+        for key in keys:
             fill = pad if key == "input_ids" else 0
-            out[key] = torch.tensor([list(f[key]) + [fill] * (n - len(f[key])) for f in feats], dtype=torch.long)
+            rows = [list(f.get(key, [0] * len(f["input_ids"]))) for f in feats]
+            out[key] = torch.tensor([r + [fill] * (n - len(r)) for r in rows], dtype=torch.long)
         return out
 
     def lengths(self, task: Any, dataset: Any) -> list[int]:
-        return [len(f["input_ids"]) for f in task.encode(dataset[:])]
+        """One length per example (the longest of its rows: a multi-token choice task has one per label)."""
+        f, p = task.encode(dataset[:]), task.rows_per_example
+        return [max(len(x["input_ids"]) for x in f[i * p : (i + 1) * p]) for i in range(len(f) // p)]
 
     def plain_model(self, merge: Any) -> nn.Module:
         return merge(self.model)

@@ -211,7 +211,7 @@ class CausalLMTask(_CausalTask):
 
     def input_columns(self) -> list[str]:
         d = self.cfg.data
-        return [d.text_column] + ([d.prompt_column] if d.prompt_column else [])
+        return ([d.prompt_column] if d.prompt_column else []) + [d.text_column]  # (prompt, response) pairs
 
     def labels(self, rows: dict[str, list]) -> torch.Tensor:
         return torch.zeros(len(rows[self.cfg.data.text_column]), dtype=torch.long)  # no labels: the text is the target
@@ -245,4 +245,12 @@ class CausalLMTask(_CausalTask):
                     errors.append(
                         f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
                         f"columns are {sorted(ds.column_names)}"
+                    )
+                    continue
+                # an empty text has no token to score: its loss would count as 0 (perfect)
+                blank = [i for i, v in enumerate(ds[c]) if v is None or (isinstance(v, str) and not v.strip())]
+                if blank:
+                    errors.append(
+                        f"tasks[{index}].data: {split} split of task {self.name!r} has {len(blank)} empty cell(s) "
+                        f"in column {c!r} (rows {blank[:5]}); drop them (an empty text has no token to score)"
                     )
