@@ -75,6 +75,20 @@ def _finetune(base: BertModel, tok, rows: list[dict], num_labels: int, seed: int
     return m.eval()
 
 
+def write_csv_splits(root: Path, task: str, splits: dict[str, list[dict]]) -> dict:
+    """Write root/data/<task>_<split>.csv (columns text, label) and return the task's `data` config."""
+    files = {}
+    for split, rows in splits.items():
+        p = root / "data" / f"{task}_{split}.csv"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label"])
+            w.writeheader()
+            w.writerows(rows)
+        files[split] = str(p)
+    return {"source": "csv", "files": files}
+
+
 def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
     """Write base/, experts/<task>/, data/<task>_{train,test}.csv and return a config dict."""
     rng = random.Random(0)
@@ -94,13 +108,7 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
     tasks = []
     for i, (task, nl) in enumerate([("polarity", 2), ("color", 3)]):
         train, test = _rows(task, n_train, rng), _rows(task, n_test, rng)
-        for split, rows in (("train", train), ("test", test)):
-            p = root / "data" / f"{task}_{split}.csv"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["text", "label"])
-                w.writeheader()
-                w.writerows(rows)
+        data = write_csv_splits(root, task, {"train": train, "test": test})
         expert = _finetune(base, tok, train, nl, seed=i)
         expert.save_pretrained(root / "experts" / task)
         tok.save_pretrained(root / "experts" / task)
@@ -109,14 +117,7 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
                 "name": task,
                 "expert": str(root / "experts" / task),
                 "max_length": 16,
-                "data": {
-                    "source": "csv",
-                    "path": str(root / "data" / f"{task}_train.csv"),
-                    "files": {
-                        "train": str(root / "data" / f"{task}_train.csv"),
-                        "test": str(root / "data" / f"{task}_test.csv"),
-                    },
-                },
+                "data": {**data, "path": data["files"]["train"]},
             }
         )
     config = {

@@ -3,7 +3,6 @@ the pipeline over LoRA experts (train, evaluate, both exports), and lower-is-bet
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from pwemoe.results import summarize
 from pwemoe.workbench import Workbench, build_config
+from tests.fixtures import write_csv_splits
 
 peft = pytest.importorskip("peft")
 
@@ -67,13 +67,7 @@ def causal_setup(tmp_path_factory) -> dict:
     rng = random.Random(0)
     tasks = []
     for task, words in (("polarity", [" bad", " good"]), ("color", [" red", " blue"])):
-        for split, n in (("train", 160), ("test", 40)):
-            p = root / "data" / f"{task}_{split}.csv"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["text", "label"])
-                w.writeheader()
-                w.writerows(_rows(task, n, rng))
+        data = write_csv_splits(root, task, {"train": _rows(task, 160, rng), "test": _rows(task, 40, rng)})
         tasks.append(
             {
                 "name": task,
@@ -82,13 +76,7 @@ def causal_setup(tmp_path_factory) -> dict:
                 "max_length": 12,
                 "prompt_template": "review: {text} answer:",
                 "label_words": words,
-                "data": {
-                    "source": "csv",
-                    "files": {
-                        "train": str(root / "data" / f"{task}_train.csv"),
-                        "test": str(root / "data" / f"{task}_test.csv"),
-                    },
-                },
+                "data": data,
             }
         )
     config = {

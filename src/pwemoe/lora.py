@@ -104,7 +104,7 @@ def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
         errors.append(f"peft_type is {cfg.get('peft_type')!r}; pwemoe reads LoRA adapters (peft_type 'LORA')")
     for key, (ok, what) in _UNSUPPORTED.items():
         v = cfg.get(key, ok)
-        if v not in (ok, None, False, [], {}) and v != ok:
+        if v not in (ok, None, False, [], {}):
             errors.append(f"{key}={v!r}: {what} is not implemented by pwemoe; train the adapter without it")
     state = load_file(str(w_path))
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)

@@ -57,6 +57,10 @@ class ForwardBatch:
     labels: list[torch.Tensor] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)  # model rows per segment (examples x rows_per_example)
 
+    def segment_rows(self) -> list[int]:
+        """Model rows per segment (see `segment_rows`)."""
+        return segment_rows(self)
+
     def pin_memory(self) -> ForwardBatch:
         return ForwardBatch(
             {k: v.pin_memory() for k, v in self.inputs.items()},
@@ -175,7 +179,7 @@ class Workbench:
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
                 continue
-            if not t.class_names and t.needs_class_names:  # e.g. CLIP zero-shot: the names of a ClassLabel column
+            if not t.class_names and t.has_labels:  # e.g. CLIP zero-shot: the names of a ClassLabel column
                 ds = t.train_data if t.train_data is not None else t.test_data
                 if ds is None:  # nothing loaded (export): read the features of the test split
                     try:
@@ -225,8 +229,7 @@ class Workbench:
         with autocast(self.device, self.precision):
             out = (backbone or self.backbone)(**model_inputs)
             logits, start = [], 0
-            for j, (i, n) in enumerate(batch.segments):
-                n = batch.rows[j] if batch.rows else n * self.tasks[i].rows_per_example
+            for i, n in zip((i for i, _ in batch.segments), segment_rows(batch)):
                 sl = slice(start, start + n)
                 sub = type(out)(**{k: v[sl] for k, v in out.items() if isinstance(v, torch.Tensor)})
                 logits.append(self.tasks[i].head(sub, {k: v[sl] for k, v in inputs.items()}))
@@ -347,6 +350,12 @@ class Workbench:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def segment_rows(batch: Any) -> list[int]:
+    """Model rows of each segment of a batch: its `rows` (`Workbench.encode` always sets them: examples x
+    the task's rows_per_example), else one row per example (batches built by hand, one row each)."""
+    return list(getattr(batch, "rows", None) or [n for _, n in batch.segments])
 
 
 def default_workers(device: torch.device) -> int:

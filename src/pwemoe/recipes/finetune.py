@@ -213,7 +213,7 @@ def _finetune_lora(
     modality.load()
     data = load_task_data(tcfg.data, "train", cfg.model.path_map)  # never the validation carve
     task.train_data = data
-    if not task.class_names and task.needs_class_names:
+    if not task.class_names and task.has_labels:
         task.class_names = list(getattr(data.features[tcfg.data.label_column], "names", None) or [])
     errors: list[str] = []
     task.validate_data(errors, 0)

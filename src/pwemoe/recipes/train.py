@@ -50,7 +50,7 @@ from ..upscale import (
     shared_merge,
     task_segments,
 )
-from ..workbench import ForwardBatch, Workbench, build_config, read_config
+from ..workbench import ForwardBatch, Workbench, build_config, read_config, segment_rows
 
 log = logging.getLogger(__name__)
 
@@ -577,8 +577,8 @@ def _task_grads_across_tasks(
         if order != sorted(set(order)):
             raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
         sizes = [0] * k
-        for j, (i, n) in enumerate(g.segments):
-            sizes[i] = g.rows[j] if getattr(g, "rows", None) else n  # model rows, not examples
+        for i, n in zip(order, segment_rows(g)):  # model rows, not examples
+            sizes[i] = n
         idx = torch.tensor(order).to(inv.device, non_blocking=True)
         with task_segments(model, sizes):
             part = torch.zeros(k, device=inv.device).index_add(0, idx, loss_fn(g)) * inv

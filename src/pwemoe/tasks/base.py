@@ -26,7 +26,7 @@ class Task(ABC):
     modality: str = "text"  # the key of the modality in `pwemoe.modalities.MODALITIES`
     metric: str = "accuracy"  # what `example_scores` measures per example
     higher_is_better: bool = True  # the metric's direction (hypervolume, dominance and plots follow it)
-    needs_class_names: bool = True
+    has_labels: bool = True  # False: no label column, no class names (a causal LM's next-token loss)
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -100,7 +100,7 @@ class Task(ABC):
                 errors.append(f"tasks[{index}].data: the {split} split of task {self.name!r} is empty")
                 continue
             cols = set(ds.column_names)
-            for c in self.input_columns() + [d.label_column]:
+            for c in self.input_columns() + ([d.label_column] if self.has_labels else []):
                 if c not in cols:
                     errors.append(
                         f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
@@ -131,7 +131,7 @@ class Task(ABC):
 
 def _col_key(task: Task, column: str) -> str:
     d = task.cfg.data
-    for key in ("text_column", "text_pair_column", "image_column"):
+    for key in ("text_column", "text_pair_column", "image_column", "prompt_column"):
         if getattr(d, key) == column:
             return key
     return "text_column"

@@ -183,7 +183,7 @@ class CausalLMTask(_CausalTask):
 
     metric = "loss"
     higher_is_better = False
-    needs_class_names = False
+    has_labels = False
 
     def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
         d = self.cfg.data
@@ -232,25 +232,3 @@ class CausalLMTask(_CausalTask):
 
     def example_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits[:, 0].float()
-
-    def validate_data(self, errors: list[str], index: int) -> None:
-        for split, ds in (("train", self.train_data), ("test", self.test_data)):
-            if ds is None:
-                continue
-            if len(ds) == 0:
-                errors.append(f"tasks[{index}].data: the {split} split of task {self.name!r} is empty")
-                continue
-            for c in self.input_columns():
-                if c not in ds.column_names:
-                    errors.append(
-                        f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "
-                        f"columns are {sorted(ds.column_names)}"
-                    )
-                    continue
-                # an empty text has no token to score: its loss would count as 0 (perfect)
-                blank = [i for i, v in enumerate(ds[c]) if v is None or (isinstance(v, str) and not v.strip())]
-                if blank:
-                    errors.append(
-                        f"tasks[{index}].data: {split} split of task {self.name!r} has {len(blank)} empty cell(s) "
-                        f"in column {c!r} (rows {blank[:5]}); drop them (an empty text has no token to score)"
-                    )
