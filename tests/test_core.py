@@ -163,7 +163,11 @@ def test_lambda_grads_equal_the_merge_backward_per_loss(dtype):
         lam = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
         merge_weights(lam, theta0, T).backward(grads[j])
         want.append(lam.grad)
-    torch.testing.assert_close(lambda_grads(T, grads), torch.stack(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lambda_grads(T, list(grads)), torch.stack(want), rtol=1e-5, atol=1e-5)
+    # a task without a gradient (no rows in this forward) contributes a zero row
+    got = lambda_grads(T, [grads[0], None])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], torch.zeros(3, dtype=got.dtype))
 
 
 @pytest.mark.parametrize("hidden", [0, 1, 2])

@@ -207,17 +207,16 @@ class WeightEnsemblingModule(EnsemblingModule):
         return [w for w, _ in pairs], [g for _, g in pairs]
 
     def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
-        """Tensor[tasks, k]: row i = dL_i/dlambda from task i's leaf gradients (`task_segments`), in one
-        pass over T; None when no per-task leaf received a gradient."""
+        """Tensor[tasks, k]: row i = dL_i/dlambda from task i's leaf gradients (`task_segments`), T read
+        from memory once (`lambda_grads`); None when no per-task leaf received a gradient."""
         if self._shared is None or self._segment_leaves is None:
             return None
         out = None
-        for n, (w, _) in self._shared.items():
+        for n in self._shared:
             gs = [leaves[n].grad for leaves in self._segment_leaves]
             if all(g is None for g in gs):
                 continue
-            stacked = torch.stack([torch.zeros_like(w) if g is None else g for g in gs])
-            part = lambda_grads(self.task_vector(n), stacked)
+            part = lambda_grads(self.task_vector(n), gs)
             out = part if out is None else out + part
         return out
 
@@ -252,31 +251,33 @@ class WeightEnsemblingModule(EnsemblingModule):
             self._segment_leaves = [
                 {name: w.detach().requires_grad_(True) for name, (w, _) in self._shared.items()} for _ in sizes
             ]
-        outs, start = [], 0
-        for j, size in enumerate(sizes):
-            if size == 0:
-                continue
-            a = _rows(args, start, size, n)
-            kw = _rows(kwargs, start, size, n)
-            outs.append(functional_call(self.base_layer, self._segment_leaves[j], a, kw, strict=False))
-            start += size
+        used = [j for j, size in enumerate(sizes) if size]
+        parts = zip(_split_rows(args, [sizes[j] for j in used], n), _split_rows(kwargs, [sizes[j] for j in used], n))
+        outs = [
+            functional_call(self.base_layer, self._segment_leaves[j], a, kw, strict=False)
+            for j, (a, kw) in zip(used, parts)
+        ]
         return _join(outs)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tasks={self.task_names}, tv_dtype={self.task_vector(self._param_names[0]).dtype}"
 
 
-def _rows(x: Any, start: int, size: int, n: int) -> Any:
-    """x with every batch-leading tensor (rank >= 2, first dim n) cut to rows [start, start + size)."""
+def _split_rows(x: Any, sizes: list[int], n: int) -> list[Any]:
+    """x cut into len(sizes) consecutive row blocks: every batch-leading tensor (rank >= 2, first dim n)
+    is split by rows, anything else is repeated. `split` rather than slicing: its backward is one
+    concatenation, where each slice's backward would fill a zero tensor of the whole input."""
+    m = len(sizes)
     if isinstance(x, torch.Tensor):
-        return x[start : start + size] if x.dim() >= 2 and x.shape[0] == n else x
-    if isinstance(x, tuple):
-        return tuple(_rows(v, start, size, n) for v in x)
-    if isinstance(x, list):
-        return [_rows(v, start, size, n) for v in x]
+        return list(x.split(sizes)) if x.dim() >= 2 and x.shape[0] == n else [x] * m
+    if isinstance(x, (tuple, list)):
+        cols = [_split_rows(v, sizes, n) for v in x]
+        kind = tuple if isinstance(x, tuple) else list
+        return [kind(c[j] for c in cols) for j in range(m)]
     if isinstance(x, dict):
-        return {k: _rows(v, start, size, n) for k, v in x.items()}
-    return x
+        cols = {k: _split_rows(v, sizes, n) for k, v in x.items()}
+        return [{k: c[j] for k, c in cols.items()} for j in range(m)]
+    return [x] * m
 
 
 def _join(outs: list[Any]) -> Any:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .ensembling import EnsemblingModule, _join, _rows
+from .ensembling import EnsemblingModule, _join, _split_rows
 from .merge import merge_weights
 from .router import Router
 
@@ -260,14 +260,10 @@ class FactoredEnsemblingModule(EnsemblingModule):
             n = sum(sizes)
             if self._segment_lam_leaves is None:
                 self._segment_lam_leaves = [self._shared_lam.detach().requires_grad_(True) for _ in sizes]
-            outs, start = [], 0
-            for j, size in enumerate(sizes):
-                if size == 0:
-                    continue
-                a, kw = _rows(args, start, size, n), _rows(kwargs, start, size, n)
-                outs.append(self._run(self._segment_lam_leaves[j], a, kw))
-                start += size
-            return _join(outs)
+            used = [j for j, size in enumerate(sizes) if size]
+            cut = [sizes[j] for j in used]
+            parts = zip(_split_rows(args, cut, n), _split_rows(kwargs, cut, n))
+            return _join([self._run(self._segment_lam_leaves[j], a, kw) for j, (a, kw) in zip(used, parts)])
         return self._run(lam, args, kwargs)
 
     def _run(self, lam: torch.Tensor, args: tuple, kwargs: dict) -> Any:

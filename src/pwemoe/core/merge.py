@@ -53,17 +53,27 @@ class _Merge(torch.autograd.Function):
         return glam, None, None
 
 
-def lambda_grads(T: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """dL_j/dlam for several weight gradients at once: Tensor[J, k] = grads [J, *s] . T [k, *s].
+def lambda_grads(T: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """dL_j/dlam for several weight gradients: Tensor[J, k], row j = T [k, *s] . grads[j] [*s] (None: zeros).
 
-    The merge's backward for J losses in one pass over T (J matrix-vector products would read T J times).
+    The J products run back to back, so T (a few MB per weight) is read from memory once and then
+    from cache; the gradients are not stacked into a [J, *s] copy, whose allocation and writes cost
+    as much as the products (EPO's per-task router gradients, `task_segments`).
     """
-    k, J = T.shape[0], grads.shape[0]
-    g = grads.reshape(J, -1)
+    k = T.shape[0]
     Tf = T.reshape(k, -1)
-    if Tf.dtype == g.dtype:
-        return g @ Tf.t()
-    return torch.stack([g @ Tf[i].to(g.dtype) for i in range(k)], dim=1)  # one upcast row of T at a time
+    like = next((g for g in grads if g is not None), None)
+    dtype = like.dtype if like is not None else torch.float32
+    rows = []
+    for g in grads:
+        if g is None:
+            rows.append(torch.zeros(k, dtype=dtype, device=T.device))
+        elif Tf.dtype == g.dtype:
+            rows.append(torch.mv(Tf, g.reshape(-1)))
+        else:  # one upcast row of T at a time
+            gf = g.reshape(-1)
+            rows.append(torch.stack([torch.dot(Tf[i].to(gf.dtype), gf) for i in range(k)]))
+    return torch.stack(rows)
 
 
 def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
