@@ -5,9 +5,10 @@ batches), then its PWEMoE front is evaluated on the M = 6 grid of the test split
 evaluates the baselines). Reported: training time and its ratio to LS, hypervolume with its 95%
 paired-bootstrap interval, the hypervolume difference to LS with its interval (paired: the same
 resampled test examples score both fronts), and EPO's LP modes and fallbacks from metrics.jsonl.
+Each variant is paired with LS (`ls`), or with the LS run of the same router init (`REFERENCE`).
 Needs the demo experts (`make demo` once).
 
-    .venv/bin/python benchmarks/objectives_demo.py [--steps 100] [--only ls,epo_norm]
+    .venv/bin/python benchmarks/objectives_demo.py [--steps 100] [--only ls,epo_norm] [--reuse ls,ls_pref]
 """
 
 from __future__ import annotations
@@ -31,7 +32,19 @@ VARIANTS = {
         "train.objective": "epo",
         "train.objective_args": {"eps": 0.1, "floor": 0.1, "normalize": "initial"},
     },
+    # routers that start at preference-weighted task arithmetic, lambda(r) = init_lambda * k * r = r
+    "ls_pref": {"train.objective": "ls", "model.router_init": "preference", "model.init_lambda": 1 / 3},
+    "epo_pref": {"train.objective": "epo", "model.router_init": "preference", "model.init_lambda": 1 / 3},
+    # the same, given LS's wall-clock: 100 / 1.37 steps (EPO's step / LS's, benchmarks/objective_step.py)
+    "epo_pref_73": {
+        "train.objective": "epo",
+        "model.router_init": "preference",
+        "model.init_lambda": 1 / 3,
+        "train.steps": 73,
+    },
 }
+# the run each variant's hypervolume difference is paired with (default: ls)
+REFERENCE = {"epo_pref": "ls_pref", "epo_pref_73": "ls_pref"}
 
 
 def main() -> None:
@@ -41,6 +54,11 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--json", default="demo_runs/objectives/objectives.json")
     ap.add_argument("--ls-run", help="take LS from this evaluated run (e.g. demo_runs/run, the demo's own LS run)")
+    ap.add_argument(
+        "--reuse",
+        default="",
+        help="variants trained and evaluated earlier in demo_runs/objectives (times from --json), e.g. ls,ls_pref",
+    )
     args = ap.parse_args()
     from pwemoe.bootstrap import accuracy_samples, interval
     from pwemoe.demo.offline import demo_config
@@ -53,21 +71,25 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     names = [n for n in args.only.split(",") if n]
     out, fronts = {}, {}
-    if args.ls_run:  # the demo run is the LS variant with the demo's settings
-        run = Path(args.ls_run)
+    reused = {"ls": Path(args.ls_run)} if args.ls_run else {}  # the demo run is LS with the demo's settings
+    for n in filter(None, args.reuse.split(",")):  # variants trained and evaluated by an earlier invocation
+        reused[n] = root / n
+    earlier = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    for name, run in reused.items():
         s = json.loads((run / "summary.json").read_text())
         store = ResultStore(run)
         rows = [r for r in store.rows if r["method"] == "pwemoe" and r.get("accuracy_ci")]
-        fronts["ls"] = (rows, store.correctness(rows, s["tasks"]))
-        out["ls"] = {
-            "options": {"from": str(run)},
-            "train_s": None,
-            "steps": None,
+        fronts[name] = (rows, store.correctness(rows, s["tasks"]))
+        was = earlier.get(name, {}) if run == root / name else {}
+        out[name] = {
+            "options": {"from": str(run), **was.get("options", {})},
+            "train_s": was.get("train_s"),
+            "steps": was.get("steps"),
             "hv": s["methods"]["pwemoe"]["hypervolume"],
             "hv_ci": s["methods"]["pwemoe"].get("hypervolume_ci"),
-            "epo": {},
+            "epo": was.get("epo", {}),
         }
-        names = [n for n in names if n != "ls"]
+    names = [n for n in names if n not in reused]
     for name in names:
         ov = dict(VARIANTS[name])
         if args.steps:
@@ -97,7 +119,7 @@ def main() -> None:
             pt = s["methods"]["pref_task_arithmetic"]
             out["pref_task_arithmetic"] = {"hv": pt["hypervolume"], "hv_ci": pt.get("hypervolume_ci")}
         print(json.dumps({name: out[name]}), flush=True)
-    if "ls" in fronts:  # paired bootstrap of each front's HV difference to LS's: one draw scores all fronts
+    if "ls" in fronts:  # paired bootstrap of each front's HV difference to its reference's: one draw scores all
         tasks = list(next(iter(fronts.values()))[1])
         order = list(fronts)
         stacked = {t: np.concatenate([fronts[n][1][t] for n in order]) for t in tasks}
@@ -109,23 +131,26 @@ def main() -> None:
             start += len(fronts[n][0])
         hv = {n: np.array([hypervolume(a[spans[n]], 0.0) for a in acc]) for n in order}
         for n in order:
-            if n != "ls":
-                d = hv[n] - hv["ls"]
-                out[n]["hv_minus_ls"] = out[n]["hv"] - out["ls"]["hv"]
-                out[n]["hv_minus_ls_ci"] = [float(x) for x in interval(d, 0.95)]
-                if out["ls"]["train_s"]:
-                    out[n]["train_time_vs_ls"] = round(out[n]["train_s"] / out["ls"]["train_s"], 2)
+            ref = REFERENCE.get(n, "ls")
+            if n != "ls" and ref in hv:
+                d = hv[n] - hv[ref]
+                out[n]["reference"] = ref
+                out[n]["hv_minus_ref"] = out[n]["hv"] - out[ref]["hv"]
+                out[n]["hv_minus_ref_ci"] = [float(x) for x in interval(d, 0.95)]
+                if out[ref]["train_s"]:
+                    out[n]["train_time_vs_ref"] = round(out[n]["train_s"] / out[ref]["train_s"], 2)
     Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"\n{'objective':<14}{'train s':>9}{'vs LS':>7}{'HV':>9}{'95% CI':>20}{'HV - LS':>10}{'95% CI':>22}  LP")
+    head = f"{'HV':>9}{'95% CI':>20}{'HV - ref':>10}{'95% CI':>22}  ref  LP"
+    print(f"\n{'objective':<18}{'train s':>9}{'vs ref':>7}{head}")
     for n, e in out.items():
         if n == "pref_task_arithmetic":
             continue
         ci = f"[{e['hv_ci'][0]:.4f}, {e['hv_ci'][1]:.4f}]" if e.get("hv_ci") else ""
-        d = e.get("hv_minus_ls")
-        dci = f"[{e['hv_minus_ls_ci'][0]:+.4f}, {e['hv_minus_ls_ci'][1]:+.4f}]" if d is not None else ""
+        d = e.get("hv_minus_ref")
+        dci = f"[{e['hv_minus_ref_ci'][0]:+.4f}, {e['hv_minus_ref_ci'][1]:+.4f}]" if d is not None else ""
         print(
-            f"{n:<14}{e['train_s'] or '':>9}{e.get('train_time_vs_ls', ''):>7}{e['hv']:>9.4f}{ci:>20}"
-            f"{(f'{d:+.4f}' if d is not None else ''):>10}{dci:>22}  {e['epo'] or ''}"
+            f"{n:<18}{e['train_s'] or '':>9}{e.get('train_time_vs_ref', ''):>7}{e['hv']:>9.4f}{ci:>20}"
+            f"{(f'{d:+.4f}' if d is not None else ''):>10}{dci:>22}  {e.get('reference', '')}  {e['epo'] or ''}"
         )
     if "pref_task_arithmetic" in out:
         print(f"pref.-weighted TA: HV {out['pref_task_arithmetic']['hv']:.4f} {out['pref_task_arithmetic']['hv_ci']}")
