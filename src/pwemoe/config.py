@@ -230,9 +230,9 @@ class TrainConfig(BaseModel):
     concat_forward: bool = Field(True, description="one forward over all tasks' examples (LS-type objectives)")
     task_gradients: str = Field(
         "forwards",
-        description="how EPO gets per-task gradients: forwards (one forward per task) | segments (forwards across "
-        "tasks, each task's rows on its own view of the merge; the same gradients, measured 5% slower on the 2-core "
-        "CPU demo, not measured on GPUs)",
+        description="how EPO gets per-task gradients: forwards (one forward per task; one weight gradient held at a "
+        "time) | segments (forwards across tasks, each task's rows on its own view of the merge; the same gradients, "
+        "k weight gradients held; within 2% of forwards on the 2-core CPU demo, not measured on GPUs)",
     )
 
     @field_validator("task_gradients")
