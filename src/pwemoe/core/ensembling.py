@@ -252,7 +252,8 @@ class WeightEnsemblingModule(EnsemblingModule):
                 {name: w.detach().requires_grad_(True) for name, (w, _) in self._shared.items()} for _ in sizes
             ]
         used = [j for j, size in enumerate(sizes) if size]
-        parts = zip(_split_rows(args, [sizes[j] for j in used], n), _split_rows(kwargs, [sizes[j] for j in used], n))
+        cut = [sizes[j] for j in used]
+        parts = zip(_split_rows(args, cut, n), _split_rows(kwargs, cut, n))
         outs = [
             functional_call(self.base_layer, self._segment_leaves[j], a, kw, strict=False)
             for j, (a, kw) in zip(used, parts)
