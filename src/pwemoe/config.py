@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .core.router import ROUTER_INITS
 from .devices import PRECISIONS, check_device_spec
 
 
@@ -38,6 +39,13 @@ class Registries:
     task_types: tuple[str, ...] = ()
     objectives: tuple[str, ...] = ()
     check_objective: Callable[[str, dict[str, Any], int], str | None] | None = None
+
+
+def _one_of(v: str, allowed: tuple[str, ...]) -> str:
+    """v if it is one of `allowed`, else the field's error naming every allowed value."""
+    if v not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}, got {v!r}")
+    return v
 
 
 def _key_error(key: str, why: str) -> PydanticCustomError:
@@ -85,10 +93,7 @@ class DataConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        allowed = ("hub", "csv", "json", "parquet", "imagefolder", "adapter")
-        if v not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {v!r}")
-        return v
+        return _one_of(v, ("hub", "csv", "json", "parquet", "imagefolder", "adapter"))
 
     @model_validator(mode="after")
     def _where(self) -> DataConfig:
@@ -182,9 +187,7 @@ class ModelConfig(BaseModel):
     @field_validator("router_init")
     @classmethod
     def _router_init(cls, v: str) -> str:
-        if v not in ("constant", "preference"):
-            raise ValueError(f"must be constant or preference, got {v!r}")
-        return v
+        return _one_of(v, ROUTER_INITS)
 
     @field_validator("task_vector_rank")
     @classmethod
@@ -207,9 +210,7 @@ class ModelConfig(BaseModel):
     @field_validator("task_vector_dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"must be float32, bfloat16 or float16, got {v!r}")
-        return v
+        return _one_of(v, ("float32", "bfloat16", "float16"))
 
 
 class TrainConfig(BaseModel):
@@ -238,9 +239,7 @@ class TrainConfig(BaseModel):
     @field_validator("task_gradients")
     @classmethod
     def _task_gradients(cls, v: str) -> str:
-        if v not in ("forwards", "segments"):
-            raise ValueError(f"must be forwards or segments, got {v!r}")
-        return v
+        return _one_of(v, ("forwards", "segments"))
 
     micro_batch_size: int | None = Field(
         None,
@@ -270,9 +269,7 @@ class TrainConfig(BaseModel):
     @field_validator("select")
     @classmethod
     def _select(cls, v: str) -> str:
-        if v not in ("last", "best_val_hv"):
-            raise ValueError(f"must be last or best_val_hv, got {v!r}")
-        return v
+        return _one_of(v, ("last", "best_val_hv"))
 
     @model_validator(mode="after")
     def _rays(self) -> TrainConfig:
@@ -345,9 +342,7 @@ class Config(BaseModel):
     @field_validator("precision")
     @classmethod
     def _precision(cls, v: str) -> str:
-        if v not in PRECISIONS:
-            raise ValueError(f"must be one of {', '.join(PRECISIONS)}, got {v!r}")
-        return v
+        return _one_of(v, PRECISIONS)
 
     @field_validator("tasks")
     @classmethod
