@@ -178,3 +178,90 @@ def test_preference_init_router_starts_at_preference_weighted_task_arithmetic(hi
         torch.testing.assert_close(router(r), 0.4 * 3 * r)
     with pytest.raises(ValueError, match="router init"):
         Router(3, hidden, init="uniform")
+
+
+class _Tied(nn.Module):
+    """A layer with nested children and a tied weight (b.weight is a.weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+        if fail:
+            raise RuntimeError("boom")
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_parameter_swap_runs_the_merged_weights_and_restores_theta0():
+    """The forward's lean parameter swap equals functional_call (tied alias included), restores the
+    original Parameters even when the forward raises, and looks again when the layer is restructured."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    base, experts = _Tied(), [_Tied() for _ in range(2)]
+    tv = stack_task_vectors(
+        dict(base.named_parameters()), {f"e{i}": dict(e.named_parameters()) for i, e in enumerate(experts)}
+    )
+    m = WeightEnsemblingModule(base, tv, Router(2))
+    m.set_lambda_override(torch.tensor([0.7, 0.4]))
+    originals = {n: p for n, p in base.named_parameters(remove_duplicate=False)}
+    x = torch.randn(5, 4)
+    want = functional_call(base, m.merged_weights(), (x,), tie_weights=True)
+    assert not torch.allclose(want, base(x))  # the merge changes the output
+    assert torch.equal(m(x), want)
+    assert all(p is originals[n] for n, p in base.named_parameters(remove_duplicate=False))
+    with pytest.raises(RuntimeError, match="boom"):
+        m(x, fail=True)
+    assert all(p is originals[n] for n, p in base.named_parameters(remove_duplicate=False))
+    fresh = nn.Linear(4, 4)  # restructured: a new `a` with theta_0's values; b keeps the old tied weight
+    fresh.load_state_dict(base.a.state_dict())
+    base.a = fresh
+    m.clear_cache()
+    want = functional_call(base, m.merged_weights(), (x,), tie_weights=True)
+    assert not torch.allclose(want, base(x))
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+
+
+def test_router_forward_is_its_net():
+    """The 2-hidden-layer router's direct ops compute exactly what its nn.Sequential does."""
+    torch.manual_seed(0)
+    router = Router(4, 2, init_std=0.3)
+    for r in (torch.rand(4), torch.rand(7, 4)):
+        assert torch.equal(router(r), router.net(r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_without_autograd_is_the_same_merge(dtype):
+    g = torch.Generator().manual_seed(0)
+    theta0, T = torch.randn(4, 5, generator=g), torch.randn(3, 4, 5, generator=g).to(dtype)
+    lam = torch.tensor([0.2, -0.3, 0.9], requires_grad=True)
+    with_graph = merge_weights(lam, theta0, T)
+    assert with_graph.requires_grad
+    with torch.no_grad():
+        plain = merge_weights(lam, theta0, T)
+    assert not plain.requires_grad
+    assert torch.equal(plain, with_graph.detach())
+    assert torch.equal(merge_weights(lam.detach(), theta0, T), plain)
+
+
+def test_ensembling_modules_walk_in_model_order_once_each():
+    import pwemoe
+    from pwemoe.core.ensembling import EnsemblingModule
+
+    torch.manual_seed(0)
+
+    def layer() -> WeightEnsemblingModule:
+        base = nn.Linear(3, 3)
+        experts = {f"e{i}": dict(nn.Linear(3, 3).named_parameters()) for i in range(2)}
+        tv = stack_task_vectors(dict(base.named_parameters()), experts)
+        return WeightEnsemblingModule(base, tv, Router(2))
+
+    shared = layer()
+    model = nn.Sequential(
+        nn.Linear(3, 3), nn.Sequential(layer(), nn.ReLU(), shared), nn.ModuleDict({"x": layer(), "y": shared})
+    )
+    want = [n for n, mod in model.named_modules() if isinstance(mod, EnsemblingModule)]
+    assert [n for n, _ in pwemoe.ensembling_modules(model)] == want == ["1.0", "1.2", "2.x"]

@@ -6,13 +6,13 @@ parameters, as peft keeps the original layer as `base_layer`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from .merge import lambda_grads, merge_weights
+from .merge import lambda_grad, lambda_grads, merge_weights
 from .router import Router
 
 
@@ -25,6 +25,28 @@ class EnsemblingModule(nn.Module):
     `pwemoe.upscale` (set_preference, shared_merge, merge_and_unload, router state dicts).
     """
 
+    # Per-step state: plain values, never a parameter, buffer or module. They skip nn.Module.__setattr__'s
+    # checks, which a step's dozen writes per module made a measurable part of a small model's step.
+    _STEP_STATE = frozenset(
+        {
+            "_cache",
+            "share_under_grad",
+            "_segments",
+            "_shared",
+            "_shared_lam",
+            "_segment_leaves",
+            "_lam_leaf",
+            "_segment_lam_leaves",
+            "_slots",
+        }
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._STEP_STATE:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     def _init_router(self, router: Router, task_names: list[str] | None, device: torch.device) -> None:
         self.router = router
         self.k = router.k
@@ -34,8 +56,8 @@ class EnsemblingModule(nn.Module):
         self._cache: tuple[tuple, Any] | None = None
         self.share_under_grad = False
         self._segments: list[int] | None = None
-        self._last_lambda: torch.Tensor | None = None
         self._shared_lam: torch.Tensor | None = None
+        self._slots: tuple[tuple[int, ...], list[tuple[dict, str, str]]] | None = None  # see _param_slots
 
     # --- preference and lambda -------------------------------------------------------------
     @torch.no_grad()
@@ -74,6 +96,54 @@ class EnsemblingModule(nn.Module):
 
     def _router_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
+
+    def _full_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off for the router and the merge (they run in their own dtypes); a no-op context when
+        autocast is off anyway, since entering torch.autocast costs about 10 us, twice per module per step."""
+        dev = self.preference.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.autocast(device_type=dev, enabled=False)
+        return contextlib.nullcontext()
+
+    def _param_slots(self) -> list[tuple[dict, str, str]]:
+        """(owner's parameter dict, attribute, canonical name) of every parameter of base_layer, tied
+        aliases included. Found again whenever base_layer's submodules changed (a walk of a few
+        modules, cheap next to what functional_call does per call); parameters are read live."""
+        key = tuple(map(id, self.base_layer.modules()))
+        if self._slots is None or self._slots[0] != key:
+            canonical = {id(p): n for n, p in self.base_layer.named_parameters()}
+            slots = [
+                (
+                    self.base_layer.get_submodule(path.rpartition(".")[0])._parameters,
+                    path.rpartition(".")[2],
+                    canonical[id(p)],
+                )
+                for path, p in self.base_layer.named_parameters(remove_duplicate=False)
+            ]
+            self._slots = (key, slots)
+        return self._slots[1]
+
+    def _theta0(self) -> dict[str, torch.Tensor]:
+        """base_layer's parameters by name, without walking the module tree."""
+        return {name: params[attr] for params, attr, name in self._param_slots()}
+
+    def _call_base(self, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """base_layer's forward with its parameters replaced by `weights` for this call.
+
+        What `torch.func.functional_call` does, minus its per-call checks and module walk (about
+        0.1 ms per module, more than a small layer's math; a small model's step on a GPU is bound
+        by such host work). Parameters missing from `weights` keep theta_0.
+        """
+        todo = [(params, attr, weights[name]) for params, attr, name in self._param_slots() if name in weights]
+        saved = []
+        try:
+            for params, attr, w in todo:
+                saved.append((params, attr, params[attr]))
+                params[attr] = w
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for params, attr, old in reversed(saved):
+                params[attr] = old
 
     # --- what subclasses provide --------------------------------------------------------------
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -137,8 +207,8 @@ class WeightEnsemblingModule(EnsemblingModule):
             self.register_buffer(self._tv_name(n), t)
         # on the base layer's device, as the task vectors are
         self._init_router(router, task_names, next(iter(params.values())).device)
-        # Set by `pwemoe.shared_merge`: {param: (theta(r) with its graph to the router, a detached leaf copy)}.
-        self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Set by `pwemoe.shared_merge`: {param: theta(r) as a leaf}; lambda(r), with its graph, is `_shared_lam`.
+        self._shared: dict[str, torch.Tensor] | None = None
         # Set by `pwemoe.upscale.task_segments` (inside shared_merge): rows per task of the next forwards,
         # in task order. Task i's rows then run on their own leaf view of theta(r) (no copy), so one
         # forward over all tasks yields each task's dL_i/dW (EPO) as the leaves' separate gradients.
@@ -169,18 +239,23 @@ class WeightEnsemblingModule(EnsemblingModule):
 
         Without autograd the result is cached until the preference or router changes. Under
         autograd it is rebuilt at each call (the previous graph is freed by its backward), unless
-        `share_under_grad` is set (`pwemoe.shared_merge`): then the forwards of one step run on
-        detached leaf copies of one merge; their backwards stop at the leaves, and
-        `SharedMerge.backward` carries the summed leaf gradients through the merge to the router once.
+        `share_under_grad` is set (`pwemoe.shared_merge`): then lambda(r) keeps its graph to the
+        router, theta(r) is merged once without one, and the step's forwards run on it as leaves.
+        Their backwards stop at the leaves; `SharedMerge.backward` turns the summed leaf gradients
+        into dL/dlambda (`lambda_grads`, one pass over T) and backpropagates that through the router.
+        No autograd node per parameter: on a fast GPU their launches cost more than their math.
         The merge is summed in the weights' own dtype, never in autocast's lower precision.
         """
         grad = self._router_grad()
         if grad and self.share_under_grad:
             if self._shared is None:
-                merged = self._merge()
-                self._shared = {n: (w, w.detach().requires_grad_(True)) for n, w in merged.items()}
-                self._shared_lam = self._last_lambda  # lambda(r) with its graph to the router
-            return {n: leaf for n, (_, leaf) in self._shared.items()}
+                with self._full_precision():
+                    lam = self.routing_weights()  # with its graph to the router
+                with torch.no_grad():
+                    merged = self._merge(lam)
+                self._shared = {n: w.requires_grad_(True) for n, w in merged.items()}
+                self._shared_lam = lam
+            return self._shared
         if not grad:
             key = self._cache_key()
             if self._cache is not None and self._cache[0] == key:
@@ -191,20 +266,26 @@ class WeightEnsemblingModule(EnsemblingModule):
             self._cache = (key, merged)
         return merged
 
-    def _merge(self) -> dict[str, torch.Tensor]:
-        with torch.autocast(device_type=self.preference.device.type, enabled=False):
-            lam = self.routing_weights()
-            if self.share_under_grad:  # kept for the per-task merge backward (segment_lambda_grads)
-                self._last_lambda = lam
-            params = dict(self.base_layer.named_parameters())
+    def _merge(self, lam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        with self._full_precision():
+            lam = self.routing_weights() if lam is None else lam
+            params = self._theta0()
             return {n: merge_weights(lam, params[n], self.task_vector(n)) for n in self._param_names}
 
     def shared_roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(merged weights, their leaves' accumulated gradients) for the leaves that received one."""
-        if self._shared is None:
+        """([lambda(r)], [dL/dlambda from the leaves' summed gradients]), or ([], []) when no leaf has one."""
+        if self._shared is None or self._shared_lam is None:
             return [], []
-        pairs = [(w, leaf.grad) for w, leaf in self._shared.values() if leaf.grad is not None]
-        return [w for w, _ in pairs], [g for _, g in pairs]
+        glam = None
+        # Last parameter first: the order autograd summed them in when the merge had one node per
+        # parameter, so router gradients stay bit-identical to runs made before this form.
+        for n, leaf in reversed(list(self._shared.items())):
+            if leaf.grad is not None:
+                part = lambda_grad(self.task_vector(n), leaf.grad)
+                glam = part if glam is None else glam + part
+        if glam is None:
+            return [], []
+        return [self._shared_lam], [glam.to(self._shared_lam.dtype)]
 
     def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
         """Tensor[tasks, k]: row i = dL_i/dlambda from task i's leaf gradients (`task_segments`), T read
@@ -221,7 +302,7 @@ class WeightEnsemblingModule(EnsemblingModule):
         return out
 
     def zero_shared_grad(self) -> None:
-        for _, leaf in (self._shared or {}).values():
+        for leaf in (self._shared or {}).values():
             leaf.grad = None
         for leaves in self._segment_leaves or []:
             for leaf in leaves.values():
@@ -231,13 +312,13 @@ class WeightEnsemblingModule(EnsemblingModule):
         self._cache = None
         self._shared = None
         self._segment_leaves = None
-        self._shared_lam = self._last_lambda = None
+        self._shared_lam = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weights = self.merged_weights()
         if self._segments is not None and self._shared is not None:
             return self._segmented_forward(args, kwargs)
-        return functional_call(self.base_layer, weights, args, kwargs, strict=False)
+        return self._call_base(weights, args, kwargs)
 
     def _segmented_forward(self, args: tuple, kwargs: dict) -> Any:
         """Each task's rows through the module on that task's leaf view of the shared merge.
@@ -249,15 +330,12 @@ class WeightEnsemblingModule(EnsemblingModule):
         n = sum(sizes)
         if self._segment_leaves is None:
             self._segment_leaves = [
-                {name: w.detach().requires_grad_(True) for name, (w, _) in self._shared.items()} for _ in sizes
+                {name: w.detach().requires_grad_(True) for name, w in self._shared.items()} for _ in sizes
             ]
         used = [j for j, size in enumerate(sizes) if size]
         cut = [sizes[j] for j in used]
         parts = zip(_split_rows(args, cut, n), _split_rows(kwargs, cut, n))
-        outs = [
-            functional_call(self.base_layer, self._segment_leaves[j], a, kw, strict=False)
-            for j, (a, kw) in zip(used, parts)
-        ]
+        outs = [self._call_base(self._segment_leaves[j], a, kw) for j, (a, kw) in zip(used, parts)]
         return _join(outs)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .ensembling import EnsemblingModule, _join, _split_rows
 from .merge import merge_weights
@@ -206,9 +205,9 @@ class FactoredEnsemblingModule(EnsemblingModule):
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         self._cache = None
-        with torch.autocast(device_type=self.preference.device.type, enabled=False):
+        with self._full_precision():
             lam = self.routing_weights()
-            params = dict(self.base_layer.named_parameters())
+            params = self._theta0()
             out = {n: merge_weights(lam, params[n], self.dense_task_vector(n)) for n in self._dense}
             for p in self._paths:
                 wn = self._weight_name(p)
@@ -267,8 +266,8 @@ class FactoredEnsemblingModule(EnsemblingModule):
         return self._run(lam, args, kwargs)
 
     def _run(self, lam: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        with torch.autocast(device_type=self.preference.device.type, enabled=False):
-            params = dict(self.base_layer.named_parameters())
+        with self._full_precision():
+            params = self._theta0()
             dense = {n: merge_weights(lam, params[n], self.dense_task_vector(n)) for n in self._dense}
         handles = []
         try:
@@ -278,7 +277,7 @@ class FactoredEnsemblingModule(EnsemblingModule):
                 child = self.base_layer.get_submodule(p)
                 handles.append(child.register_forward_hook(_adder(A, B, cols), with_kwargs=True))
             if dense:
-                return functional_call(self.base_layer, dense, args, kwargs, strict=False)
+                return self._call_base(dense, args, kwargs)
             return self.base_layer(*args, **kwargs)
         finally:
             for h in handles:

@@ -25,32 +25,39 @@ class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(T)
-        ctx.out_dtype = theta0.dtype
-        k = T.shape[0]
-        flat0 = theta0.reshape(-1)
-        Tf = T.reshape(k, -1)
-        if T.dtype == theta0.dtype:
-            out = torch.addmv(flat0, Tf.t(), lam.to(theta0.dtype))
-        else:
-            # add_ with a mixed-dtype operand upcasts on the fly: no per-row temporary.
-            out = flat0.clone()
-            for i, li in enumerate(lam.detach().tolist()):
-                out.add_(Tf[i], alpha=li)
-        return out.view_as(theta0)
+        return _merged(lam, theta0, T)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (T,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        k = T.shape[0]
-        g = grad.reshape(-1)
-        Tf = T.reshape(k, -1)
-        if T.dtype == g.dtype:
-            glam = torch.mv(Tf, g)
-        else:
-            glam = torch.stack([torch.dot(Tf[i].to(g.dtype), g) for i in range(k)])
-        return glam, None, None
+        return lambda_grad(T, grad), None, None
+
+
+def _merged(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """theta0 + sum_i lam_i T_i, no autograd: one addmv when T has theta0's dtype, else one row at a time."""
+    k = T.shape[0]
+    flat0 = theta0.reshape(-1)
+    Tf = T.reshape(k, -1)
+    if T.dtype == theta0.dtype:
+        out = torch.addmv(flat0, Tf.t(), lam.detach().to(theta0.dtype))
+    else:
+        # add_ with a mixed-dtype operand upcasts on the fly: no per-row temporary.
+        out = flat0.clone()
+        for i, li in enumerate(lam.detach().tolist()):
+            out.add_(Tf[i], alpha=li)
+    return out.view_as(theta0)
+
+
+def lambda_grad(T: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dlam = T [k, *s] . grad [*s] -> Tensor[k] in grad's dtype (one row of T upcast at a time if they differ)."""
+    k = T.shape[0]
+    g = grad.reshape(-1)
+    Tf = T.reshape(k, -1)
+    if Tf.dtype == g.dtype:
+        return torch.mv(Tf, g)
+    return torch.stack([torch.dot(Tf[i].to(g.dtype), g) for i in range(k)])
 
 
 def lambda_grads(T: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -60,25 +67,17 @@ def lambda_grads(T: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> torch
     from cache; the gradients are not stacked into a [J, *s] copy, whose allocation and writes cost
     as much as the products (EPO's per-task router gradients, `task_segments`).
     """
-    k = T.shape[0]
-    Tf = T.reshape(k, -1)
     like = next((g for g in grads if g is not None), None)
     dtype = like.dtype if like is not None else torch.float32
-    rows = []
-    for g in grads:
-        if g is None:
-            rows.append(torch.zeros(k, dtype=dtype, device=T.device))
-        elif Tf.dtype == g.dtype:
-            rows.append(torch.mv(Tf, g.reshape(-1)))
-        else:  # one upcast row of T at a time
-            gf = g.reshape(-1)
-            rows.append(torch.stack([torch.dot(Tf[i].to(gf.dtype), gf) for i in range(k)]))
-    return torch.stack(rows)
+    zeros = torch.zeros(T.shape[0], dtype=dtype, device=T.device)
+    return torch.stack([zeros if g is None else lambda_grad(T, g) for g in grads])
 
 
 def merge_weights(lam: torch.Tensor, theta0: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """theta0 + sum_i lam[i] * T[i].  lam: Tensor[k]; theta0: Tensor[*s]; T: Tensor[k, *s] -> Tensor[*s]."""
-    return _Merge.apply(lam, theta0, T)
+    if lam.requires_grad and torch.is_grad_enabled():
+        return _Merge.apply(lam, theta0, T)
+    return _merged(lam, theta0, T)  # an autograd.Function's call costs more than a small layer's merge
 
 
 @torch.no_grad()
