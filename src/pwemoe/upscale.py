@@ -478,10 +478,22 @@ def _upscale_lora(
 
 # --- the public API on an upcycled model ---------------------------------------------------------
 def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, EnsemblingModule]]:
-    """(name, module) for every upcycled module (dense or factored), in model order."""
-    for n, m in model.named_modules():
+    """(name, module) for every upcycled module (dense or factored), in model order.
+
+    `named_modules` order, without descending into the upcycled modules themselves (they hold only
+    theta_0's layer and the router): a training step walks the model once, and the walk showed.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
         if isinstance(m, EnsemblingModule):
-            yield n, m
+            yield name, m
+            continue
+        stack.extend((f"{name}.{n}" if name else n, c) for n, c in reversed(m._modules.items()) if c is not None)
 
 
 def _modules_or_raise(model: nn.Module) -> list[tuple[str, EnsemblingModule]]:
@@ -499,9 +511,18 @@ def set_preference(model: nn.Module, r: PreferenceLike) -> torch.Tensor:
     """Validate r, normalise it to sum 1 and set it on every upcycled module. Returns the normalised r."""
     mods = _modules_or_raise(model)
     rn = normalize_preference(r, mods[0][1].k)
-    for _, m in mods:
-        m.set_preference(rn)
+    _set_on([m for _, m in mods], rn)
     return rn
+
+
+def _set_on(mods: list[EnsemblingModule], rn: torch.Tensor) -> None:
+    """rn on every module, copied to each device once (not once per module: a host-to-device copy each)."""
+    on: dict[torch.device, torch.Tensor] = {}
+    for m in mods:
+        dev = m.preference.device
+        if dev not in on:
+            on[dev] = rn.to(dev)
+        m.set_preference(on[dev])
 
 
 def get_preference(model: nn.Module) -> torch.Tensor:
@@ -627,13 +648,16 @@ def task_segments(model: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def shared_merge(model: nn.Module) -> Iterator[SharedMerge]:
+def shared_merge(model: nn.Module, r: PreferenceLike | None = None) -> Iterator[SharedMerge]:
     """Under autograd, compute theta(r) once and run every forward inside the block on it.
 
     Gradients stop at the merged weights; call `.backward()` on the yielded `SharedMerge` (once,
-    after all forwards' backwards) to reach the routers. Merges are dropped on exit.
+    after all forwards' backwards) to reach the routers. Merges are dropped on exit. With `r`, the
+    preference is set first, as `set_preference` would (one walk over the model per step, not two).
     """
     mods = [m for _, m in _modules_or_raise(model)]
+    if r is not None:
+        _set_on(mods, normalize_preference(r, mods[0].k))
     for m in mods:
         m.clear_cache()
         m.share_under_grad = True
