@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go (under 8 minutes on one GPU): the cuda-marked tests, then the training-step
-# benchmark (ViT-B/32 k=2,8 fp32 and bf16; ViT-L/14 k=8 with bf16 task vectors and gradient
-# checkpointing). Runs from the source tree on a machine with torch (CUDA), transformers, accelerate
+# benchmark (ViT-B/32 k=2,8 fp32 and bf16; the bf16 LS step's host work against the floor's; ViT-L/14
+# k=8 with bf16 task vectors and gradient checkpointing). Runs from the source tree on a machine with torch (CUDA), transformers, accelerate
 # and safetensors, without network, `datasets` or `pymoo`:
 #     bash benchmarks/gpu_check.sh            # writes gpu_check_out/ (or $OUT)
 # Without pydantic / pytest there, prepare .gpu_deps here first (benchmarks/gpu_deps.sh) and bring it.
@@ -33,6 +33,9 @@ timeout 200 $PY benchmarks/train_step.py --device cuda --shape vit-b32 --k 2 8 -
 echo "== ViT-B/32, bf16, k=8 ($(( $(date +%s) - t0 )) s)"
 timeout 120 $PY benchmarks/train_step.py --device cuda --precision bf16 --shape vit-b32 --k 8 --steps 10 \
   --variants limit limit_wgrad ls@0 epo pipeline --json "$OUT/vitb32_bf16.json" 2>&1 | tee "$OUT/vitb32_bf16.txt" | grep -v '^{'
+echo "== host work: LS step against the floor, interleaved, with its phases (bf16 ViT-B/32, k=8) ($(( $(date +%s) - t0 )) s)"
+timeout 120 $PY benchmarks/host_overhead.py --device cuda --precision bf16 --shape vit-b32 --k 8 --rounds 6 \
+  --json "$OUT/host_bf16.json" 2>&1 | tee "$OUT/host_bf16.txt" | grep -v '^{'
 echo "== ViT-L/14, bf16, bf16 task vectors, gradient checkpointing, k=8 ($(( $(date +%s) - t0 )) s)"
 timeout 200 $PY benchmarks/train_step.py --device cuda --precision bf16 --shape vit-l14 --k 8 --steps 3 \
   --tv-dtype bfloat16 --checkpointing --variants limit ls@0 --json "$OUT/vitl14.json" 2>&1 | tee "$OUT/vitl14.txt" | grep -v '^{'

@@ -45,6 +45,11 @@ SHAPES = {
     "vit-l14": dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14
     ),
+    # ViT-B/32's module count at negligible width: the step is all host work (Python, dispatch,
+    # kernel launches), which is what bounds a small model's step on a fast GPU.
+    "vit-b32-host": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=12, num_attention_heads=2, patch_size=32, image_size=32
+    ),
 }
 BATCH = 16
 
@@ -87,7 +92,7 @@ def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: bo
     import pwemoe
 
     torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**SHAPES[shape], image_size=224)).eval()
+    model = CLIPVisionModel(CLIPVisionConfig(**{"image_size": 224, **SHAPES[shape]})).eval()
     tv_bytes = 0
     if variant.startswith(("ls", "epo", "pipeline")):
         src = copy.deepcopy(model)  # upscale moves `model` itself to the device; experts come from a CPU copy
@@ -137,7 +142,8 @@ def run_variant(
     hidden = SHAPES[shape]["hidden_size"]
     heads = [(torch.randn(hidden, 10, generator=torch.Generator().manual_seed(i)) * 0.05).to(device) for i in range(k)]
     g = torch.Generator().manual_seed(1)
-    px = torch.randn(BATCH * k, 3, 224, 224, generator=g).to(device)
+    size = SHAPES[shape].get("image_size", 224)
+    px = torch.randn(BATCH * k, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, 10, (BATCH * k,), generator=g).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-2) if variant.startswith(("ls", "epo", "pipeline")) else None
