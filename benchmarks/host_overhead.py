@@ -8,14 +8,16 @@ tensors) at negligible width, so on any machine its step time is that host work 
   floor: the plain frozen model, one forward of the k*16 images, dL/dW of every MLP weight
          (benchmarks/train_step.py's `limit_wgrad`);
   ls:    the training loop's own step (`accumulate_router_gradients`, one forward, + Adam as
-         `make_optimizer` builds it), on the upcycled model.
+         `make_optimizer` builds it), on the upcycled model;
+  epo_segments, epo_forwards (--epo): EPO's step with `train.task_gradients` segments (one forward
+         across tasks) and forwards (one forward per task).
 
 They alternate in blocks of `--block` steps (the first of each block is not timed), so drift hits
 both alike. Reported: medians, their ratio, the LS step's phases (merge, forward, backward, the
 merge backward to the routers, optimizer) and the ops dispatched per step (torch profiler: aten
 ops on a CPU, kernels on a GPU).
 
-    .venv/bin/python benchmarks/host_overhead.py [--shape vit-b32-host] [--k 8] [--rounds 12]
+    .venv/bin/python benchmarks/host_overhead.py [--shape vit-b32-host] [--k 8] [--rounds 8] [--epo]
     PYTHONPATH=src python3 benchmarks/host_overhead.py --device cuda --precision bf16 --shape vit-b32
 """
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--block", type=int, default=10, help="consecutive steps of one variant (the first is not timed)")
+    ap.add_argument("--epo", action="store_true", help="also EPO's step, task_gradients segments and forwards")
     ap.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = ap.parse_args()
 
@@ -51,7 +54,7 @@ def main() -> None:
 
     import pwemoe
     from pwemoe.devices import autocast, resolve_device, synchronize
-    from pwemoe.objectives import LinearScalarization
+    from pwemoe.objectives import EPO, LinearScalarization
     from pwemoe.recipes.train import accumulate_router_gradients, make_optimizer
     from pwemoe.upscale import shared_merge
 
@@ -75,24 +78,36 @@ def main() -> None:
     sampler = pwemoe.DirichletSampler(k, seed=0)
     objective = LinearScalarization()
 
-    class Part:  # one forward of all k tasks' images, as ForwardBatch has them
-        x, segments = px, [(i, BATCH) for i in range(k)]
+    class Part:  # one forward of some tasks' images, as ForwardBatch has them
+        def __init__(self, tasks: list[int]) -> None:
+            self.x = torch.cat([px[BATCH * i : BATCH * (i + 1)] for i in tasks])
+            self.segments = [(i, BATCH) for i in tasks]
 
-    def losses(net: torch.nn.Module) -> torch.Tensor:
-        """Tensor[k]: each task's summed CE, from one forward."""
+    together, apart = [Part(list(range(k)))], [Part([i]) for i in range(k)]  # inputs cut once, before timing
+
+    def losses(net: torch.nn.Module, part: Part | None = None) -> torch.Tensor:
+        """Tensor[len(segments)]: each task's summed CE, from one forward (all tasks without `part`)."""
+        part = part or together[0]
         with autocast(device, args.precision):
-            out = net(pixel_values=px).pooler_output
+            out = net(pixel_values=part.x).pooler_output
         return torch.stack(
             [
                 F.cross_entropy(o.float() @ heads[i], labels[BATCH * i : BATCH * (i + 1)], reduction="sum")
-                for i, o in enumerate(out.split(BATCH))
+                for (i, _), o in zip(part.segments, out.split(BATCH))
             ]
         )
 
-    def ls_step() -> None:
-        accumulate_router_gradients(model, params, objective, sampler.sample(1), [[Part()]], lambda _: losses(model))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def router_step(objective, forwards: list[Part]):
+        def step() -> None:
+            accumulate_router_gradients(
+                model, params, objective, sampler.sample(1), [forwards], lambda part: losses(model, part)
+            )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    ls_step = router_step(objective, together)
 
     def floor_step() -> None:
         losses(floor).sum().backward()
@@ -100,6 +115,9 @@ def main() -> None:
             p.grad = None
 
     steps = {"ls": ls_step, "floor": floor_step}
+    if args.epo:  # EPO's per-task gradients: one forward across tasks (segments) or one per task (forwards)
+        steps["epo_segments"] = router_step(EPO(), together)
+        steps["epo_forwards"] = router_step(EPO(), apart)
     times: dict[str, list[float]] = defaultdict(list)
     for fn in steps.values():  # warm-up: allocator, kernels, optimizer state
         for _ in range(3):
@@ -169,6 +187,10 @@ def main() -> None:
     print(f"\n{shape}, k={k}, {device}, {args.precision}: medians of {len(times['ls'])} steps each, interleaved")
     print(f"  floor {med['floor']:8.2f} ms   {ops['floor']:6d} {out['ops_kind']}")
     print(f"  ls    {med['ls']:8.2f} ms   {ops['ls']:6d} {out['ops_kind']}   ls / floor = {out['ls_over_floor']:.2f}")
+    for name in steps:
+        if name.startswith("epo"):
+            ratio = med[name] / med["ls"]
+            print(f"  {name} {med[name]:8.2f} ms   {ops[name]:6d} {out['ops_kind']}   / ls = {ratio:.2f}")
     print("  ls phases: " + ", ".join(f"{n} {v:.2f} ms" for n, v in phase_ms.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
