@@ -223,6 +223,16 @@ def test_parameter_swap_runs_the_merged_weights_and_restores_theta0():
     want = functional_call(base, m.merged_weights(), (x,), tie_weights=True)
     assert not torch.allclose(want, base(x))
     torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    for _ in range(5):  # replaced again and again: a new module may reuse a freed one's address
+        base.a = nn.Linear(4, 4)
+        m.clear_cache()
+        assert torch.equal(m(x), functional_call(base, m.merged_weights(), (x,), tie_weights=True))
+    base.b.weight = base.a.weight  # tied again, then untied by assigning a state dict
+    m(x)
+    base.load_state_dict(base.state_dict(), assign=True)
+    assert base.a.weight is not base.b.weight
+    m.clear_cache()
+    assert torch.equal(m(x), functional_call(base, m.merged_weights(), (x,), tie_weights=True))
 
 
 def test_router_forward_is_its_net():
@@ -265,3 +275,31 @@ def test_ensembling_modules_walk_in_model_order_once_each():
     )
     want = [n for n, mod in model.named_modules() if isinstance(mod, EnsemblingModule)]
     assert [n for n, _ in pwemoe.ensembling_modules(model)] == want == ["1.0", "1.2", "2.x"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shared_merge_router_gradient_is_the_per_forward_one_exactly(dtype):
+    """The shared merge's dL/dlambda (summed per parameter, each part cast to the router's fp32) equals
+    backpropagating through the merge at the forward, bit for bit, also over bf16 / fp16 weights."""
+    import pwemoe
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for _ in range(2):
+        base = nn.Linear(16, 16)
+        experts = {
+            f"e{i}": {n: p + 0.1 * torch.randn(p.shape, generator=g) for n, p in base.named_parameters()}
+            for i in range(3)
+        }
+        tv = {n: t.to(dtype) for n, t in stack_task_vectors(dict(base.named_parameters()), experts).items()}
+        router = Router(3, 2, init_std=0.3)
+        mods.append(WeightEnsemblingModule(base.to(dtype), tv, router))  # router stays fp32
+    model = nn.Sequential(*mods)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(32, 16, generator=g).to(dtype)
+    pwemoe.set_preference(model, [0.2, 0.3, 0.5])
+    plain = torch.autograd.grad(model(x).float().pow(2).mean(), params)
+    with pwemoe.shared_merge(model) as merge:
+        model(x).float().pow(2).mean().backward()
+        merge.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(plain, params))

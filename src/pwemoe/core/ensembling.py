@@ -7,6 +7,7 @@ parameters, as peft keeps the original layer as `base_layer`.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ class EnsemblingModule(nn.Module):
         self.share_under_grad = False
         self._segments: list[int] | None = None
         self._shared_lam: torch.Tensor | None = None
-        self._slots: tuple[tuple[int, ...], list[tuple[dict, str, str]]] | None = None  # see _param_slots
+        self._slots: tuple[list, list] | None = None  # see _param_slots
 
     # --- preference and lambda -------------------------------------------------------------
     @torch.no_grad()
@@ -107,21 +108,31 @@ class EnsemblingModule(nn.Module):
 
     def _param_slots(self) -> list[tuple[dict, str, str]]:
         """(owner's parameter dict, attribute, canonical name) of every parameter of base_layer, tied
-        aliases included. Found again whenever base_layer's submodules changed (a walk of a few
-        modules, cheap next to what functional_call does per call); parameters are read live."""
-        key = tuple(map(id, self.base_layer.modules()))
-        if self._slots is None or self._slots[0] != key:
-            canonical = {id(p): n for n, p in self.base_layer.named_parameters()}
-            slots = [
-                (
-                    self.base_layer.get_submodule(path.rpartition(".")[0])._parameters,
-                    path.rpartition(".")[2],
-                    canonical[id(p)],
-                )
-                for path, p in self.base_layer.named_parameters(remove_duplicate=False)
-            ]
-            self._slots = (key, slots)
-        return self._slots[1]
+        aliases included, in named_parameters order.
+
+        Found once and reused while base_layer holds the same submodules and the same Parameter
+        objects (compared by identity through weak references, so a replaced module or a reassigned,
+        untied or converted Parameter is noticed, and nothing replaced is kept alive); a check of a
+        few modules, cheap next to functional_call's walk and checks on every call.
+        """
+        mods = list(self.base_layer.modules())
+        cached = self.__dict__.get("_slots")  # absent in modules pickled by older versions
+        if (
+            cached is not None
+            and len(cached[0]) == len(mods)
+            and all(ref() is m for ref, m in zip(cached[0], mods))
+            and all(owner()._parameters.get(attr) is param() for owner, attr, _, param in cached[1])
+        ):
+            return [(owner()._parameters, attr, name) for owner, attr, name, _ in cached[1]]
+        canonical = {id(p): n for n, p in self.base_layer.named_parameters()}
+        slots = []
+        for path, p in self.base_layer.named_parameters(remove_duplicate=False):
+            owner_path, _, attr = path.rpartition(".")
+            slots.append(
+                (weakref.ref(self.base_layer.get_submodule(owner_path)), attr, canonical[id(p)], weakref.ref(p))
+            )
+        self._slots = ([weakref.ref(m) for m in mods], slots)
+        return [(owner()._parameters, attr, name) for owner, attr, name, _ in slots]
 
     def _theta0(self) -> dict[str, torch.Tensor]:
         """base_layer's parameters by name, without walking the module tree."""
@@ -276,16 +287,18 @@ class WeightEnsemblingModule(EnsemblingModule):
         """([lambda(r)], [dL/dlambda from the leaves' summed gradients]), or ([], []) when no leaf has one."""
         if self._shared is None or self._shared_lam is None:
             return [], []
-        glam = None
-        # Last parameter first: the order autograd summed them in when the merge had one node per
-        # parameter, so router gradients stay bit-identical to runs made before this form.
-        for n, leaf in reversed(list(self._shared.items())):
-            if leaf.grad is not None:
-                part = lambda_grad(self.task_vector(n), leaf.grad)
-                glam = part if glam is None else glam + part
+        glam, dtype = None, self._shared_lam.dtype
+        # As autograd did when the merge had one node per parameter, so router gradients stay
+        # bit-identical to runs made before this form: each part cast to lambda's dtype (the router's,
+        # often fp32 over bf16 or fp16 weights) before it is added, last parameter first.
+        with torch.no_grad():
+            for n, leaf in reversed(list(self._shared.items())):
+                if leaf.grad is not None:
+                    part = lambda_grad(self.task_vector(n), leaf.grad).to(dtype)
+                    glam = part if glam is None else glam + part
         if glam is None:
             return [], []
-        return [self._shared_lam], [glam.to(self._shared_lam.dtype)]
+        return [self._shared_lam], [glam]
 
     def segment_lambda_grads(self, tasks: int) -> torch.Tensor | None:
         """Tensor[tasks, k]: row i = dL_i/dlambda from task i's leaf gradients (`task_segments`), T read

@@ -75,6 +75,7 @@ class Router(nn.Module):
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         """r: Tensor[k] or Tensor[..., k] -> lambda of the same shape."""
         if self.hidden_layers == 2:  # the same ops without three module calls, which cost more than the math
-            first, _, last = self.net
-            return F.linear(F.relu(F.linear(r, first.weight, first.bias)), last.weight, last.bias)
-        return self.net(r)
+            first, act, last = self.net
+            if not any(m._forward_hooks or m._forward_pre_hooks for m in (self.net, first, act, last)):
+                return F.linear(F.relu(F.linear(r, first.weight, first.bias)), last.weight, last.bias)
+        return self.net(r)  # through the modules, so hooks on them (weight_norm's, a user's) still run
