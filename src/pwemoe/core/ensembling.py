@@ -306,12 +306,14 @@ class WeightEnsemblingModule(EnsemblingModule):
         if self._shared is None or self._segment_leaves is None:
             return None
         out = None
-        for n in self._shared:
-            gs = [leaves[n].grad for leaves in self._segment_leaves]
-            if all(g is None for g in gs):
-                continue
-            part = lambda_grads(self.task_vector(n), gs)
-            out = part if out is None else out + part
+        dtype = self._shared_lam.dtype if self._shared_lam is not None else None
+        with torch.no_grad():  # as in shared_roots: each part in lambda's dtype before it is added
+            for n in self._shared:
+                gs = [leaves[n].grad for leaves in self._segment_leaves]
+                if all(g is None for g in gs):
+                    continue
+                part = lambda_grads(self.task_vector(n), gs).to(dtype)
+                out = part if out is None else out + part
         return out
 
     def zero_shared_grad(self) -> None:
