@@ -30,6 +30,9 @@ timeout 180 $PY -m pytest tests/test_devices.py -m cuda -p no:cacheprovider -q -
 echo "== ViT-B/32, fp32, k=2,8 ($(( $(date +%s) - t0 )) s)"
 timeout 200 $PY benchmarks/train_step.py --device cuda --shape vit-b32 --k 2 8 --steps 10 --micro 0 32 \
   --json "$OUT/vitb32_fp32.json" 2>&1 | tee "$OUT/vitb32_fp32.txt" | grep -v '^{'
+echo "== ViT-B/32, fp32, k=8, checkpointing of the upcycled modules only ($(( $(date +%s) - t0 )) s)"
+timeout 90 $PY benchmarks/train_step.py --device cuda --shape vit-b32 --k 8 --steps 10 --variants limit ls@0+upcycled \
+  --json "$OUT/vitb32_fp32_upcycled_ckpt.json" 2>&1 | tee "$OUT/vitb32_fp32_upcycled_ckpt.txt" | grep -v '^{'
 echo "== ViT-B/32, bf16, k=8 ($(( $(date +%s) - t0 )) s)"
 timeout 120 $PY benchmarks/train_step.py --device cuda --precision bf16 --shape vit-b32 --k 8 --steps 10 \
   --variants limit limit_wgrad ls@0 epo pipeline --json "$OUT/vitb32_bf16.json" 2>&1 | tee "$OUT/vitb32_bf16.txt" | grep -v '^{'

@@ -11,6 +11,8 @@ all run in one process, each from an empty device, peak = torch.cuda.max_memory_
   ls@M:        pwemoe LS step (`accumulate_router_gradients` + Adam): one shared merge, forwards of
                M images (M=0: all at once), each backpropagated at once, one merge backward.
   epo:         pwemoe EPO step: one shared merge, per-task forwards, k router gradients, LP, Adam.
+  V+SCOPE:     variant V with gradient checkpointing of SCOPE (layers or upcycled), e.g. ls@0+upcycled;
+               --checkpointing applies `layers` to every variant.
   pipeline:    LS steps fed end to end by the real input pipeline (worker processes running the
                CLIP image processor on random 224x224 RGB images); reports the share of the step
                spent waiting for data.
@@ -85,7 +87,7 @@ class _Meter:
         return _status("VmHWM") / MB  # absolute: the process's own high-water mark
 
 
-def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: bool):
+def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: str | None):
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -113,20 +115,18 @@ def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: bo
             for p in m.param_names
         )
         if checkpointing:
-            pwemoe.gradient_checkpointing(model)
+            pwemoe.gradient_checkpointing(model, scope=checkpointing)
     else:
         model.to(device).requires_grad_(False)
         if variant == "limit_wgrad":  # the floor for exact router gradients: dL/dW of every MLP, no merging
             for n, p in model.named_parameters():
                 p.requires_grad_(".mlp." in n)
-        if checkpointing:
+        if checkpointing == "layers":  # (the plain model has no upcycled modules)
             pwemoe.gradient_checkpointing(model)
     return model, tv_bytes
 
 
-def run_variant(
-    shape: str, k: int, variant: str, steps: int, device_s: str, precision: str, tv: str, ckpt: bool
-) -> dict:
+def run_variant(shape: str, k: int, name: str, steps: int, device_s: str, precision: str, tv: str, ckpt: bool) -> dict:
     import torch
 
     import pwemoe
@@ -134,11 +134,13 @@ def run_variant(
     from pwemoe.objectives import EPO, LinearScalarization
     from pwemoe.recipes.train import accumulate_router_gradients, forward_groups, make_optimizer
 
+    variant, _, scope = name.partition("+")  # e.g. ls@0+upcycled: checkpointing of that scope
+    scope = scope or ("layers" if ckpt else None)
     device = resolve_device(device_s)
     if device.type == "cpu":
         torch.set_num_threads(2)
     tv_dtype = {"float32": None, "bfloat16": torch.bfloat16}[tv]
-    model, tv_bytes = _build(shape, k, variant, device, tv_dtype, ckpt)
+    model, tv_bytes = _build(shape, k, variant, device, tv_dtype, scope)
     hidden = SHAPES[shape]["hidden_size"]
     heads = [(torch.randn(hidden, 10, generator=torch.Generator().manual_seed(i)) * 0.05).to(device) for i in range(k)]
     g = torch.Generator().manual_seed(1)
@@ -228,11 +230,11 @@ def run_variant(
     out = {
         "shape": shape,
         "k": k,
-        "variant": variant,
+        "variant": name,
         "device": str(device),
         "precision": precision,
         "tv_dtype": tv,
-        "checkpointing": ckpt,
+        "checkpointing": scope,
         "step_s": statistics.median(times),
         "times": [round(x, 4) for x in times],
         "peak_MB": meter.peak_mb(),

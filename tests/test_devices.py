@@ -122,10 +122,11 @@ def test_shared_merge_gradient_equals_plain_autograd():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("scope", ["layers", "upcycled"])
 @pytest.mark.parametrize("arch", ["clip", "gpt2"])
 @pytest.mark.parametrize("objective", [LinearScalarization(), EPO()], ids=["ls", "epo"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradient_checkpointing_keeps_router_gradients(arch, objective, device):
+def test_gradient_checkpointing_keeps_router_gradients(arch, objective, device, scope):
     """Recomputed activations, same router gradient: rtol 1e-5 (the recompute is the same fp32 arithmetic)."""
     if objective.needs_task_gradients:
         pytest.importorskip("scipy")
@@ -137,17 +138,21 @@ def test_gradient_checkpointing_keeps_router_gradients(arch, objective, device):
     f = _loss_fn(model, heads, key)
     parts = [_groups(xs, 5, objective.needs_task_gradients)]
     ref, _ = _router_grads(model, objective, parts, f, rays)
-    n = pwemoe.gradient_checkpointing(model)
-    assert n == 2  # both transformer layers wrapped
-    calls = []  # the recompute must really happen: an upcycled MLP runs twice per forward
-    mlp = next(m for _, m in pwemoe.ensembling_modules(model))
+    n = pwemoe.gradient_checkpointing(model, scope=scope)
+    assert n == 2  # both transformer layers, or both upcycled MLPs, wrapped
+    calls = []  # the recompute must really happen: an upcycled MLP's layer runs twice per forward
+    mlp = next(m for _, m in pwemoe.ensembling_modules(model)).base_layer
     h = mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # (the replay may stop early, before a post-hook)
     g, _ = _router_grads(model, objective, parts, f, rays)
     h.remove()
     assert len(calls) == 2 * len(parts[0]), (len(calls), len(parts[0]))
     torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-8)
-    pwemoe.gradient_checkpointing(model, enable=False)
+    assert pwemoe.gradient_checkpointing(model, enable=False) == 2
+    calls.clear()
+    h = mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     g2, _ = _router_grads(model, objective, parts, f, rays)
+    h.remove()
+    assert len(calls) == len(parts[0])  # unwrapped: no recompute
     torch.testing.assert_close(g2, ref, rtol=1e-6, atol=1e-9)
 
 
@@ -177,6 +182,11 @@ def test_cuda_requested_without_cuda_is_a_config_error(text_setup, tmp_path):
     assert "device: must be auto | cpu | cuda | cuda:N, got 'gpu'" in str(e.value)
     assert "precision: must be one of fp32, bf16, fp16, got 'half'" in str(e.value)
     assert resolve_device("auto") == torch.device("cpu")
+    for value in (True, False, "layers", "upcycled"):  # true means layers, as before
+        cfg = build_config({**base_cfg, "train": {**base_cfg.get("train", {}), "gradient_checkpointing": value}})
+        assert cfg.train.gradient_checkpointing == value
+    with pytest.raises(ConfigError, match="gradient_checkpointing: must be one of layers, upcycled, got 'mlp'"):
+        build_config({**base_cfg, "train": {**base_cfg.get("train", {}), "gradient_checkpointing": "mlp"}})
 
 
 def test_bf16_run_on_the_configured_device_end_to_end(text_setup, tmp_path):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from .core.router import ROUTER_INITS
-from .devices import PRECISIONS, check_device_spec
+from .devices import CHECKPOINT_SCOPES, PRECISIONS, check_device_spec
 
 
 class ConfigError(ValueError):
@@ -247,9 +247,18 @@ class TrainConfig(BaseModel):
         description="examples per forward; the step's forwards share one merge and accumulate gradients "
         "(default per device type, chosen by benchmarks/train_step.py: cpu 16, cuda: all at once)",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward (less memory, about 1/3 more compute)"
+    gradient_checkpointing: bool | str = Field(
+        False,
+        description="recompute activations in the backward: true or layers (every transformer layer: least "
+        "memory, about 1/3 more compute), upcycled (only the upcycled modules: their hidden activations, "
+        "for one more GEMM each), false",
     )
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _gradient_checkpointing(cls, v: bool | str) -> bool | str:
+        return v if isinstance(v, bool) else _one_of(v, CHECKPOINT_SCOPES)
+
     num_workers: int | None = Field(
         None, ge=0, description="input-pipeline worker processes (0: in the training process; default per device)"
     )

@@ -71,6 +71,11 @@ def resolve_device(spec: str = "auto", key: str = "device") -> torch.device:
     return torch.device("cuda", index)
 
 
+# What train.gradient_checkpointing may recompute (pwemoe.upscale.gradient_checkpointing): every transformer
+# layer, or only the upcycled modules.
+CHECKPOINT_SCOPES = ("layers", "upcycled")
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast for the forward in `precision` (fp32: a no-op). Parameters keep their own dtype."""
     dtype = PRECISIONS[precision]

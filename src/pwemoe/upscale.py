@@ -23,6 +23,7 @@ from .core.merge import add_task_vector_
 from .core.preference import PreferenceLike, normalize_preference
 from .core.router import Router
 from .core.task_vector import check_compatible
+from .devices import CHECKPOINT_SCOPES
 from .lora import LoraAdapter, is_lora_adapter, read_lora_adapter
 from .models import ModelSource, describe, fingerprint_tensors, load_model
 
@@ -671,34 +672,50 @@ def shared_merge(model: nn.Module, r: PreferenceLike | None = None) -> Iterator[
             m.clear_cache()
 
 
-def gradient_checkpointing(model: nn.Module, enable: bool = True) -> int:
-    """Recompute each transformer layer's activations in the backward instead of keeping them.
+def gradient_checkpointing(model: nn.Module, enable: bool = True, scope: str = "layers") -> int:
+    """Recompute activations in the backward instead of keeping them.
 
-    Wraps the forward of every Hugging Face `GradientCheckpointingLayer` in a non-reentrant
-    `torch.utils.checkpoint` (works in eval mode, unlike `gradient_checkpointing_enable`, which
-    needs `model.train()` and so dropout). Inside `shared_merge` the recomputation reuses the
-    step's merge. Returns the number of layers wrapped; raises when the model has none.
+    scope="layers": every Hugging Face `GradientCheckpointingLayer` (each transformer layer keeps only
+    its input). scope="upcycled": only the upcycled modules (an MLP keeps its input and recomputes its
+    hidden activations, the largest a layer saves, from one GEMM), so less memory is freed for much
+    less recomputation. Each forward is wrapped in a non-reentrant `torch.utils.checkpoint` (works in
+    eval mode, unlike `gradient_checkpointing_enable`, which needs `model.train()` and so dropout).
+    Inside `shared_merge` the recomputation reuses the step's merge. Returns the number of modules
+    wrapped; raises when the model has none. enable=False unwraps both scopes.
     """
     from torch.utils.checkpoint import checkpoint
 
-    layers = [m for m in model.modules() if any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)]
-    if enable and not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no Hugging Face GradientCheckpointingLayer to checkpoint; "
-            "set train.gradient_checkpointing=false"
-        )
+    if scope not in CHECKPOINT_SCOPES:
+        raise ValueError(f"gradient checkpointing scope must be one of {CHECKPOINT_SCOPES}, got {scope!r}")
+    if not enable:
+        wrapped = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "_pwemoe_checkpointed", False)]
+        for m in wrapped:
+            del m.__dict__["forward"]
+        return len(wrapped)
+    if scope == "upcycled":
+        targets: list[nn.Module] = [m for _, m in ensembling_modules(model)]
+        if not targets:
+            raise ValueError(
+                f"{type(model).__name__} has no upcycled modules to checkpoint; set train.gradient_checkpointing "
+                "to layers or false"
+            )
+    else:
+        targets = [
+            m for m in model.modules() if any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__)
+        ]
+        if not targets:
+            raise ValueError(
+                f"{type(model).__name__} has no Hugging Face GradientCheckpointingLayer to checkpoint; "
+                "set train.gradient_checkpointing=false"
+            )
     cfg = getattr(model, "config", None)
-    for layer in layers:
-        if not enable:
-            layer.__dict__.pop("forward", None)
-            continue
-        if "forward" in layer.__dict__:
+    for m in targets:
+        if "forward" in m.__dict__:
             continue  # already wrapped
-
-        layer.forward = _checkpointed(type(layer).forward.__get__(layer), checkpoint)
-    if enable and cfg is not None and getattr(cfg, "use_cache", None):
+        m.forward = _checkpointed(type(m).forward.__get__(m), checkpoint)
+    if cfg is not None and getattr(cfg, "use_cache", None):
         cfg.use_cache = False
-    return len(layers)
+    return len(targets)
 
 
 def _checkpointed(orig: Any, checkpoint: Any) -> Any:
@@ -712,6 +729,7 @@ def _checkpointed(orig: Any, checkpoint: Any) -> Any:
             kwargs["use_cache"] = False
         return checkpoint(orig, *args, use_reentrant=False, **kwargs)
 
+    forward._pwemoe_checkpointed = True  # type: ignore[attr-defined]  # what enable=False unwraps
     return forward
 
 

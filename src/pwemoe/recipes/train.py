@@ -167,7 +167,8 @@ class TrainRecipe:
         self.opt = make_optimizer(self.params, tc.lr)
         self.scaler = grad_scaler(wb.device, self.cfg.precision)  # fp16 only
         if tc.gradient_checkpointing:
-            gradient_checkpointing(wb.backbone)
+            scope = "layers" if tc.gradient_checkpointing is True else tc.gradient_checkpointing
+            gradient_checkpointing(wb.backbone, scope=scope)
         self.micro_batch_size = tc.micro_batch_size or default_micro_batch_size(wb.device)
         self.objective: Objective = build_objective(tc.objective, **tc.objective_args)
         # Each rank draws its own preferences and batches (documented in the README).
