@@ -156,6 +156,39 @@ def test_gradient_checkpointing_keeps_router_gradients(arch, objective, device, 
     torch.testing.assert_close(g2, ref, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("scope", ["layers", "upcycled"])
+def test_checkpointed_models_copy_export_and_pickle_as_themselves(scope, tmp_path):
+    """The checkpoint wrapper holds its module, not a closure over it: a deepcopy runs its own layers
+    and routers, a merge_and_unload copy is plain (no wrapper) and equals the upcycled model at r, and
+    the model pickles after a forward. (A closure once made every plain copy of a `layers`-checkpointed
+    model run the original's layers, so training validation scored one preference at every point.)"""
+    model = _upcycled(tiny_clip_vision, k=2)
+    pwemoe.gradient_checkpointing(model, scope=scope)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def out(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(pixel_values=x).last_hidden_state
+
+    plain = pwemoe.merge_and_unload(model, [1.0, 0.0])
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    for r in ([1.0, 0.0], [0.0, 1.0]):
+        pwemoe.merge_into(model, plain, r)
+        with pwemoe.preference(model, r):
+            assert torch.equal(out(plain), out(model))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # the copy's routers only
+    pwemoe.set_preference(model, [0.5, 0.5])
+    pwemoe.set_preference(twin, [0.5, 0.5])
+    assert not torch.allclose(out(twin), out(model))
+    torch.save(model, tmp_path / "model.pt")  # after a forward: the slot cache must not be pickled
+    again = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, written just above
+    assert torch.equal(out(again), out(model))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_upscale_builds_everything_on_the_device(device):
     model = _upcycled(tiny_clip_vision, device=device, task_vector_dtype=torch.bfloat16)

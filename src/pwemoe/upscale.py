@@ -683,12 +683,10 @@ def gradient_checkpointing(model: nn.Module, enable: bool = True, scope: str = "
     Inside `shared_merge` the recomputation reuses the step's merge. Returns the number of modules
     wrapped; raises when the model has none. enable=False unwraps both scopes.
     """
-    from torch.utils.checkpoint import checkpoint
-
     if scope not in CHECKPOINT_SCOPES:
         raise ValueError(f"gradient checkpointing scope must be one of {CHECKPOINT_SCOPES}, got {scope!r}")
     if not enable:
-        wrapped = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "_pwemoe_checkpointed", False)]
+        wrapped = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CheckpointedForward)]
         for m in wrapped:
             del m.__dict__["forward"]
         return len(wrapped)
@@ -712,14 +710,26 @@ def gradient_checkpointing(model: nn.Module, enable: bool = True, scope: str = "
     for m in targets:
         if "forward" in m.__dict__:
             continue  # already wrapped
-        m.forward = _checkpointed(type(m).forward.__get__(m), checkpoint)
-    if cfg is not None and getattr(cfg, "use_cache", None):
-        cfg.use_cache = False
+        m.forward = _CheckpointedForward(m)
+    if scope == "layers" and cfg is not None and getattr(cfg, "use_cache", None):
+        cfg.use_cache = False  # a recomputed layer must not write a cache (upcycled MLPs write none)
     return len(targets)
 
 
-def _checkpointed(orig: Any, checkpoint: Any) -> Any:
-    def forward(*args: Any, **kwargs: Any) -> Any:
+class _CheckpointedForward:
+    """A module's own forward through a non-reentrant `torch.utils.checkpoint`, set as `module.forward`.
+
+    It holds the module, not a bound method or a closure, so `copy.deepcopy` (through its memo) and
+    pickle rebind it to the copy: a copied model runs its own layers, not the original's.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        orig = type(self.module).forward.__get__(self.module)
         if not torch.is_grad_enabled():
             return orig(*args, **kwargs)
         for key in ("past_key_values", "layer_past", "cache"):  # a recomputed layer must not write a cache twice
@@ -728,9 +738,6 @@ def _checkpointed(orig: Any, checkpoint: Any) -> Any:
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         return checkpoint(orig, *args, use_reentrant=False, **kwargs)
-
-    forward._pwemoe_checkpointed = True  # type: ignore[attr-defined]  # what enable=False unwraps
-    return forward
 
 
 @torch.no_grad()
@@ -753,6 +760,7 @@ def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Mo
                 memo[id(t)] = torch.empty(0)
             m.clear_cache()  # the copy must not carry (or duplicate) a cached merge
     new = copy.deepcopy(model, memo)
+    gradient_checkpointing(new, enable=False)  # a plain model: no training-time wrappers
     for name, m in list(ensembling_modules(new)):
         new.set_submodule(name, m.base_layer)
     if hasattr(new, "pwemoe_info"):

@@ -48,6 +48,11 @@ class EnsemblingModule(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_slots"] = None  # weak references do not pickle; the slots are found again on first use
+        return state
+
     def _init_router(self, router: Router, task_names: list[str] | None, device: torch.device) -> None:
         self.router = router
         self.k = router.k
