@@ -136,6 +136,8 @@ def run_variant(shape: str, k: int, name: str, steps: int, device_s: str, precis
 
     variant, _, scope = name.partition("+")  # e.g. ls@0+upcycled: checkpointing of that scope
     scope = scope or ("layers" if ckpt else None)
+    if scope == "upcycled" and variant.startswith("limit"):
+        raise SystemExit(f"{name}: the plain model has no upcycled modules to checkpoint")
     device = resolve_device(device_s)
     if device.type == "cpu":
         torch.set_num_threads(2)
@@ -342,7 +344,7 @@ def main() -> None:
     variants = a.variants or ["limit", "limit_wgrad", *[f"ls@{m}" for m in micro], "epo"] + (
         ["pipeline"] if cuda else []
     )
-    variants = [f"ls@{micro[-1]}" if v == "ls" else v for v in variants]
+    variants = [f"ls@{micro[-1]}" + v[2:] if v == "ls" or v.startswith("ls+") else v for v in variants]
     rows = []
     for k in a.k:
         for v in variants + (["fusion_bench"] if a.fusion_bench else []):
