@@ -319,12 +319,15 @@ def test_epo_floor_gives_finite_deterministic_weights_on_the_boundary():
         EPO(normalize="expert")
 
 
-def test_epo_normalisation_state_resumes():
+def test_epo_normalisation_state_resumes(tmp_path):
+    from pwemoe.checkpoint import load_state, save_state
+
     a = EPO(normalize="initial", warmup=3)
     G = torch.randn(2, 5, generator=torch.Generator().manual_seed(2))
     for v in ([0.5, 1.5], [0.7, 1.1]):
         a.weights(torch.tensor(v), torch.tensor([0.5, 0.5]), G)
+    save_state(tmp_path / "state.pt", {"objective": a.state_dict()})  # through the trainer state's own file
     b = EPO(normalize="initial", warmup=3)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(load_state(tmp_path / "state.pt")["objective"])
     x = torch.tensor([0.6, 1.2])
     assert torch.equal(a.weights(x, torch.tensor([0.3, 0.7]), G), b.weights(x, torch.tensor([0.3, 0.7]), G))

@@ -164,7 +164,8 @@ class EPO(Objective):
         }
         if self.normalize != "none":
             out["scale_n"] = self._scale_n
-            out["scale_sum"] = list(self._scale_sum) if self._scale_sum is not None else []
+            # plain floats: numpy scalars would not pass the trainer state's weights_only load
+            out["scale_sum"] = [float(x) for x in self._scale_sum] if self._scale_sum is not None else []
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
