@@ -12,7 +12,8 @@ from pwemoe.checkpoint import load_routers
 
 def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
     root, base_cfg = text_setup
-    cfg = {**base_cfg, "run_dir": str(tmp_path / "ddp"), "train": {**base_cfg["train"], "steps": 6, "save_interval": 3}}
+    train_cfg = {"steps": 6, "save_interval": 3, "objective": "epo", "objective_args": {"normalize": "initial"}}
+    cfg = {**base_cfg, "run_dir": str(tmp_path / "ddp"), "train": {**base_cfg["train"], **train_cfg}}
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     dump = tmp_path / "ranks"
@@ -48,4 +49,7 @@ def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
     st = torch.load(tmp_path / "ddp" / "trainer_state.pt", weights_only=True)
     assert st["world_size"] == 2 and len(st["ranks"]) == 2
     assert st["ranks"][0]["sampler"]["rng"].tolist() != st["ranks"][1]["sampler"]["rng"].tolist()
+    # each rank's own EPO warm-up loss scales (from its own batches), not rank 0's for both
+    scales = [st["ranks"][r]["objective"]["scale_sum"] for r in range(2)]
+    assert all(len(x) == 2 for x in scales) and scales[0] != scales[1]
     shutil.rmtree(dump)

@@ -64,7 +64,8 @@ def _routers(run):
     "objective,pipeline",
     [
         ("ls", {"num_workers": 2, "micro_batch_size": 5}),  # worker processes prefetch ahead of the checkpoint
-        ("epo", {"num_workers": 0}),  # batches encoded in the training process
+        # batches encoded in the training process; EPO's warm-up loss scales are state to resume
+        ("epo", {"num_workers": 0, "objective_args": {"normalize": "initial", "warmup": 3}}),
     ],
 )
 def test_killed_and_resumed_run_equals_uninterrupted(text_setup, tmp_path, objective, pipeline):

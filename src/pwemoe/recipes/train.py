@@ -193,7 +193,7 @@ class TrainRecipe:
         self.sampler.load_state_dict(mine["sampler"])
         for s, ss in zip(self.streams, mine["streams"]):
             s.load_state_dict(ss)
-        self.objective.load_state_dict(st["objective"])
+        self.objective.load_state_dict(mine.get("objective", st["objective"]))  # (rank 0's in older states)
         if st.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(st["scaler"])
         self.step_no = int(st["step"])
@@ -215,7 +215,14 @@ class TrainRecipe:
         return cosine_lr(step, self.segment, tc.lr * tc.min_lr_ratio)
 
     def save_checkpoint(self) -> None:
-        ranks = [{"sampler": self.sampler.state_dict(), "streams": [s.state_dict() for s in self.streams]}]
+        ranks = [
+            {
+                "sampler": self.sampler.state_dict(),
+                "streams": [s.state_dict() for s in self.streams],
+                # each rank's own: a stateful objective (EPO's warm-up loss scales) learns from its own batches
+                "objective": self.objective.state_dict(),
+            }
+        ]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(gathered, ranks[0])
