@@ -58,6 +58,11 @@ def test_results_are_never_stale_or_mixed(text_setup, tmp_path, capsys):
     assert "2 computed, 2 reused" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rows_reused"] == 2 and summary["rows_computed"] == 2
+    assert summary["precision"] == "fp32" and summary["device"] == "cpu"
+    # another precision scores differently: nothing is reused, and the summary says how it was computed
+    assert main(["evaluate", str(run), "--grid", "2", "--no-baselines", "--precision", "bf16"]) == 0
+    assert "4 computed, 0 reused" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
 
 
 def test_never_deletes_or_overwrites_what_pwemoe_did_not_write(text_setup, tmp_path, capsys, monkeypatch):

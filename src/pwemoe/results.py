@@ -44,13 +44,18 @@ def split_fingerprint(task: Task) -> str:
     return dataset_fingerprint(task.test_data, task.input_columns() + [task.cfg.data.label_column])
 
 
-def row_inputs(meta: dict, tasks: list[Task]) -> dict[str, str]:
+def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> dict[str, str]:
     """The `inputs` digests of a run's rows: what every row depends on, the models (base, experts,
-    heads) and the test data as evaluated; PWEMoE rows also on the router checkpoint.
+    heads), the test data as evaluated and how it was computed (precision, device type: a bf16 or a
+    GPU forward, with TF32 convolutions, scores differently); PWEMoE rows also on the router checkpoint.
 
     meta: `open_run`'s checkpoint metadata (hashes, routers_sha256). Returns {"pwemoe", "baseline"}.
     """
-    common = {"models": meta.get("hashes", {}), "data": {t.name: split_fingerprint(t) for t in tasks}}
+    common = {
+        "models": meta.get("hashes", {}),
+        "data": {t.name: split_fingerprint(t) for t in tasks},
+        "computed": {"precision": precision, "device": device},
+    }
     return {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
 
 

@@ -98,7 +98,7 @@ def evaluate_run(
             ta_scales=[float(x) for x in cfg.eval.ta_scales],
             pwta_scale=cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k,
         )
-        inputs = row_inputs(meta, wb.tasks)
+        inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
         state.wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
         current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose, rank, world)
         if rank != 0:  # rank 0 writes the tables and the report
@@ -120,6 +120,8 @@ def evaluate_run(
         summary.update(
             {
                 "split": split,
+                "precision": wb.precision,
+                "device": wb.device.type,
                 "routers_step": meta.get("step"),
                 "routers_selected_by": meta.get("selected_by", "last"),
                 "grid": m if not preferences_file else None,

@@ -129,7 +129,8 @@ class PreferenceModel:
         self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
-        self.inputs = row_inputs(self.meta, self.wb.tasks)  # the provenance of rows this model computes
+        # the provenance of rows this model computes
+        self.inputs = row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type)
         self._encoded: dict[str, list[Any]] = {}
 
     # --- what the run is -------------------------------------------------------------------------
