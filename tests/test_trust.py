@@ -187,3 +187,41 @@ def test_validation_settings_are_checked_up_front(text_setup, tmp_path):
         read_config(p, ["tasks.0.data.validation_fraction=1.5", "train.select=best"])
     msg = str(e.value)
     assert "validation_fraction" in msg and "train.select" in msg  # all errors at once
+
+
+def test_resume_under_another_reference_point_validates_the_best_again(text_setup, tmp_path):
+    """eval.* may change on --resume, but a best val_hv under the old reference point compares with
+    nothing: the best routers so far are validated again, so the selection equals an uninterrupted
+    run's under the new reference (before, the old, larger value kept step 2 as the best forever)."""
+    from pwemoe.checkpoint import load_routers
+    from pwemoe.recipes.train import train
+
+    class Stop(Exception):
+        pass
+
+    def config(name: str, reference: float) -> Path:
+        (tmp_path / name).mkdir()
+        p = _cfg(text_setup, tmp_path / name, steps=8, save_interval=2, val_interval=2, select="best_val_hv")
+        cfg = yaml.safe_load(p.read_text())
+        cfg["eval"] = {**cfg.get("eval", {}), "reference_point": reference}
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    whole = train(config("whole", 0.2), [])
+
+    def stop(recipe, step):
+        if step == 2:  # after step 2's validation and checkpoint
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config("resumed", 0.0), [], on_step=stop)
+    resumed = train(None, ["eval.reference_point=0.2"], resume=tmp_path / "resumed" / "run")
+    sel = [json.loads((run / "pwemoe_run.json").read_text())["selection"] for run in (whole, resumed)]
+    assert sel[0]["best_val_step"] == sel[1]["best_val_step"] and sel[0]["best_val_hv"] == sel[1]["best_val_hv"]
+    a, b = (load_routers(run / "routers_best_val.safetensors") for run in (whole, resumed))
+    assert a[1]["val_hv"] == b[1]["val_hv"] and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    hv = [
+        [x["val_hv"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_hv" in x]
+        for run in (whole, resumed)
+    ]
+    assert hv[0][1:] == hv[1][1:] and hv[0][0] != hv[1][0]  # step 2 was validated under the old reference

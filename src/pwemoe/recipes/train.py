@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoint import check_hashes, load_state, save_routers, save_state
+from ..checkpoint import check_hashes, load_routers, load_state, save_routers, save_state
 from ..config import Config, ConfigError, dump_config
 from ..core.preference import DirichletSampler, simplex_grid
 from ..devices import grad_scaler, rank_and_world
@@ -153,7 +153,8 @@ class TrainRecipe:
         self.main = self.rank == 0
         self.step_no = 0
         self.segment = {"start": 0, "lr": cfg.train.lr, "end": cfg.train.steps}
-        self.val_best: dict[str, Any] = {}  # {"step", "val_hv"} of the best validated routers so far
+        # {"step", "val_hv", "settings"} of the best validated routers so far (settings: _val_settings)
+        self.val_best: dict[str, Any] = {}
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -199,6 +200,13 @@ class TrainRecipe:
         self.step_no = int(st["step"])
         self.segment = dict(st["lr_segment"])
         self.val_best = dict(st.get("val_best") or {})
+        if (
+            self.main
+            and self.cfg.train.val_interval
+            and self.val_best
+            and self.val_best.get("settings") != self._val_settings()
+        ):
+            self._revalidate_best()  # a best val_hv from another reference or precision compares with nothing
         if any(k in changes for k in ("train.steps", "train.lr", "train.min_lr_ratio")):
             # a new cosine segment from here: the new lr if it changed, else the lr reached so far
             old_min = (
@@ -253,6 +261,18 @@ class TrainRecipe:
         """The front on the validation data: PWEMoE's accuracies on the train.val_grid preferences and
         their hypervolume (raw accuracy, eval.reference_point). Keeps the best routers so far in
         routers_best_val.safetensors. Rank 0 only; the test split is never read."""
+        hv, n = self._val_hv()
+        rec = {"step": self.step_no, "val_hv": hv, "val_points": n}
+        if not self.val_best or hv > self.val_best["val_hv"]:
+            self.val_best = {"step": self.step_no, "val_hv": hv, "settings": self._val_settings()}
+            meta = checkpoint_metadata(self.cfg, self.wb, self.step_no)
+            meta.update(selected_by="best_val_hv", val_hv=hv, val_grid=self.cfg.train.val_grid)
+            save_routers(self.run_dir / BEST_ROUTERS, router_state_dict(self.model), meta)
+        rec["val_best_step"] = self.val_best["step"]
+        return rec
+
+    def _val_hv(self) -> tuple[float, int]:
+        """(hypervolume, points) of the current routers' front on the validation data."""
         wb, tc, bs = self.wb, self.cfg.train, self.cfg.eval.batch_size
         plain, points = None, []
         for r in simplex_grid(len(wb.tasks), tc.val_grid):
@@ -265,15 +285,50 @@ class TrainRecipe:
             [self.cfg.eval.reference_point if t.higher_is_better else self.cfg.eval.loss_reference for t in wb.tasks],
             dtype=torch.float64,
         )
-        hv = hypervolume((sign * torch.tensor(points, dtype=torch.float64)).numpy(), (sign * ref).numpy())
-        rec = {"step": self.step_no, "val_hv": hv, "val_points": len(points)}
-        if not self.val_best or hv > self.val_best["val_hv"]:
-            self.val_best = {"step": self.step_no, "val_hv": hv}
-            meta = checkpoint_metadata(self.cfg, self.wb, self.step_no)
-            meta.update(selected_by="best_val_hv", val_hv=hv, val_grid=tc.val_grid)
-            save_routers(self.run_dir / BEST_ROUTERS, router_state_dict(self.model), meta)
-        rec["val_best_step"] = self.val_best["step"]
-        return rec
+        return hypervolume((sign * torch.tensor(points, dtype=torch.float64)).numpy(), (sign * ref).numpy()), len(
+            points
+        )
+
+    def _val_settings(self) -> dict[str, Any]:
+        """What a validation hypervolume depends on besides the routers; best-so-far values compare
+        only under the same (eval.* and precision may change on --resume)."""
+        e = self.cfg.eval
+        return {
+            "reference_point": e.reference_point,
+            "loss_reference": e.loss_reference,
+            "val_grid": self.cfg.train.val_grid,
+            "precision": self.cfg.precision,
+            "device": self.wb.device.type,
+        }
+
+    def _revalidate_best(self) -> None:
+        """The best routers so far, validated again under the current settings (rank 0, on resume), so
+        that later validations are compared with a hypervolume of the same reference and precision."""
+        path = self.run_dir / BEST_ROUTERS
+        if not path.is_file():
+            log.warning("%s is missing: the best validated routers are chosen anew from here", path)
+            self.val_best = {}
+            return
+        best, meta = load_routers(path)
+        current = {k: v.detach().clone() for k, v in router_state_dict(self.model).items()}
+        load_router_state_dict(self.model, best)
+        try:
+            hv, _ = self._val_hv()
+        finally:
+            load_router_state_dict(self.model, current)
+        old = self.val_best
+        log.warning(
+            "validation settings changed on resume (%s -> %s): the best routers so far (step %s, val_hv %.4f) "
+            "validated again: val_hv %.4f",
+            old.get("settings", "not recorded"),
+            self._val_settings(),
+            old["step"],
+            old["val_hv"],
+            hv,
+        )
+        self.val_best = {"step": old["step"], "val_hv": hv, "settings": self._val_settings()}
+        meta.update(val_hv=hv)
+        save_routers(path, best, meta)
 
     # --- the input pipeline ---------------------------------------------------------------------------
     def batches(self) -> Iterator[StepData]:
