@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def read_preferences(path: str | Path, k: int) -> torch.Tensor:
-    """Preferences Tensor[n, k] from a file with one per line ('0.2,0.8' or '0.2 0.8'; '#' comments)."""
-    rows = []
+    """Preferences Tensor[n, k] from a file with one per line ('0.2,0.8' or '0.2 0.8'; '#' comments).
+
+    Lines that normalise to a preference already read (e.g. '1,1' after '0.5,0.5') are dropped with a
+    warning: one results row per preference, not the same row computed twice and reported stale.
+    """
+    rows, seen, dropped = [], {}, []
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -31,11 +35,19 @@ def read_preferences(path: str | Path, k: int) -> torch.Tensor:
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:
-                rows.append(normalize_preference(parse_preference(line), k))
+                r = normalize_preference(parse_preference(line), k)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}, line {i}: {e}") from None
+            key = tuple(preference_key(r, k))
+            if key in seen:
+                dropped.append(f"line {i} repeats line {seen[key]}")
+                continue
+            seen[key] = i
+            rows.append(r)
     if not rows:
         raise ValueError(f"{path} holds no preferences; write one per line, e.g. 0.2,0.8")
+    if dropped:
+        log.warning("%s: %d repeated preferences skipped (%s)", path, len(dropped), "; ".join(dropped))
     return torch.stack(rows)
 
 
