@@ -222,6 +222,15 @@ def test_cuda_requested_without_cuda_is_a_config_error(text_setup, tmp_path):
         build_config({**base_cfg, "train": {**base_cfg.get("train", {}), "gradient_checkpointing": "mlp"}})
 
 
+def test_one_named_gpu_for_several_launched_processes_is_an_error(monkeypatch):
+    """cuda:N under a multi-process launch would put every rank on the same GPU: refused by the
+    setting's form, before any hardware is probed (so it is tested on any machine)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"device: 'cuda:1' names one GPU, but 2 processes .* device=cuda"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_bf16_run_on_the_configured_device_end_to_end(text_setup, tmp_path):
     """device=cpu, precision=bf16: train, evaluate and export; every tensor of a step on the device,
     and the forward really computed in bf16 (autocast), with fp32 routers and optimizer state."""

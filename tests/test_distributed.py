@@ -13,7 +13,8 @@ from pwemoe.checkpoint import load_routers
 def test_two_process_training_keeps_routers_identical(text_setup, tmp_path):
     root, base_cfg = text_setup
     train_cfg = {"steps": 6, "save_interval": 3, "objective": "epo", "objective_args": {"normalize": "initial"}}
-    cfg = {**base_cfg, "run_dir": str(tmp_path / "ddp"), "train": {**base_cfg["train"], **train_cfg}}
+    # device cpu: gloo, as it must be even on a machine with CUDA (NCCL cannot reduce CPU tensors)
+    cfg = {**base_cfg, "device": "cpu", "run_dir": str(tmp_path / "ddp"), "train": {**base_cfg["train"], **train_cfg}}
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     dump = tmp_path / "ranks"

@@ -33,6 +33,14 @@ def local_rank() -> int:
         return 0
 
 
+def local_world_size() -> int:
+    """Processes launched on this node by `accelerate launch` / `torchrun` (1 when not launched)."""
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the initialised process group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -52,6 +60,12 @@ def resolve_device(spec: str = "auto", key: str = "device") -> torch.device:
         raise ValueError(f"{key}: {why}")
     if spec == "cpu":
         return torch.device("cpu")
+    procs = local_world_size()
+    if spec.startswith("cuda:") and procs > 1:  # every process would take the same GPU
+        raise ValueError(
+            f"{key}: {spec!r} names one GPU, but {procs} processes were launched on this node; set "
+            f"{key}=cuda (each process takes its local rank's GPU) or launch one process"
+        )
     available = torch.cuda.is_available()
     if spec == "auto" and not available:
         return torch.device("cpu")

@@ -95,7 +95,9 @@ def evaluate_run(
     bs = batch_size or cfg.eval.batch_size
     from accelerate import PartialState
 
-    state = PartialState()  # under accelerate launch / torchrun: the grid is split across the ranks
+    # under accelerate launch / torchrun: the grid is split across the ranks (gloo for a CPU run, even
+    # where CUDA is available: NCCL cannot reduce CPU tensors)
+    state = PartialState(cpu=cfg.device == "cpu")
     rank, world = rank_and_world()
     lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
     with lock:

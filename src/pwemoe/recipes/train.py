@@ -498,7 +498,9 @@ def train(
             raise ValueError("pwemoe train needs a config file (pwemoe train CONFIG.yaml) or --resume RUN")
         cfg = read_config(config, overrides)
         run_dir = Path(cfg.run_dir)
-    state = PartialState()  # initialises the process group under accelerate launch / torchrun (gloo on CPU)
+    # the process group under accelerate launch / torchrun: gloo for a CPU run, even where CUDA is available
+    # (NCCL cannot reduce CPU tensors), NCCL on GPUs
+    state = PartialState(cpu=cfg.device == "cpu")
     rank, _ = rank_and_world()
     lock = RunLock(run_dir, "pwemoe train") if rank == 0 else None
     if lock is not None:
