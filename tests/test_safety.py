@@ -99,10 +99,21 @@ def test_never_deletes_or_overwrites_what_pwemoe_did_not_write(text_setup, tmp_p
     assert main(["train", str(cfg), f"run_dir={out}", "--overwrite"]) == 2
     assert "not a pwemoe run" in capsys.readouterr().err
     assert (tmp_path / "config.yaml").read_text() == "the user's own file"
-    # --overwrite on a pwemoe run replaces only its own files
+    # --overwrite on a pwemoe run replaces only its own files, also inside its plots/ directory
     (run / "mine.txt").write_text("mine")
+    assert main(["evaluate", str(run), "--grid", "2", "--no-baselines", "--max-test-samples", "4"]) == 0
+    assert (run / "plots" / "front_accuracy.png").is_file()
+    (run / "plots" / "my_annotated_figure.png").write_text("mine")
     assert main(["train", str(_cfg(text_setup, tmp_path)), "--overwrite"]) == 0
     assert (run / "mine.txt").read_text() == "mine"
+    assert [p.name for p in (run / "plots").iterdir()] == ["my_annotated_figure.png"]
+    # an output's manifest is trusted only for files inside it: a listed ../ path is never deleted
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not pwemoe's")
+    listed = json.loads((out / ".pwemoe_files.json").read_text())["files"]
+    (out / ".pwemoe_files.json").write_text(json.dumps({"files": [*listed, "../victim.txt", str(victim)]}))
+    assert main(["export", str(run), "--preference", "0.5,0.5", "--out", str(out), "--overwrite"]) == 0
+    assert victim.read_text() == "not pwemoe's"
     # task names are plain names: no path escapes on export
     bad = yaml.safe_load(cfg.read_text())
     bad["tasks"][0]["name"] = "../x"

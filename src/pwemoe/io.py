@@ -152,10 +152,38 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_MARKER).is_file()
 
 
-def clear_run_dir(path: str | Path) -> list[str]:
-    """Remove pwemoe's own files from a run directory (train --overwrite); other files stay. Returns names."""
-    import shutil
+# Figures `pwemoe.report.plots` writes under plots/: <kind>_<metric key>.<png|svg>
+PLOT_KINDS = ("front", "planes", "front3d", "ternary", "parallel")
+# What `evaluate --split validation` writes under validation/ (besides its plots/)
+_EVAL_OUTPUTS = (RESULTS, CORRECT, "results.csv", "summary.json", "report.md", "report.html")
 
+
+def plot_file_name(kind: str, key: str, ext: str) -> str:
+    """The name of one of pwemoe's figures, the only names `train --overwrite` removes from plots/."""
+    if kind not in PLOT_KINDS or not key.replace("_", "").isalnum() or ext not in ("png", "svg"):
+        raise ValueError(f"not a pwemoe figure: kind {kind!r} (one of {PLOT_KINDS}), key {key!r}, ext {ext!r}")
+    return f"{kind}_{key}.{ext}"
+
+
+def _is_plot_file(name: str) -> bool:
+    stem, _, ext = name.rpartition(".")
+    kind, _, key = stem.partition("_")
+    return kind in PLOT_KINDS and ext in ("png", "svg") and bool(key) and key.replace("_", "").isalnum()
+
+
+def _written_by_pwemoe(rel: tuple[str, ...]) -> bool:
+    """Whether a path inside a run directory (its parts) is one of the files pwemoe writes there."""
+    top: tuple[str, ...] = tuple(n for n in RUN_FILES if n not in ("plots", "validation"))
+    if rel[0] == "validation":
+        rel, top = rel[1:], _EVAL_OUTPUTS
+    if len(rel) == 1:
+        return rel[0] in top
+    return len(rel) == 2 and rel[0] == "plots" and _is_plot_file(rel[1])
+
+
+def clear_run_dir(path: str | Path) -> list[str]:
+    """Remove pwemoe's own files from a run directory (train --overwrite); other files stay, also inside
+    plots/ and validation/ (a directory goes only when nothing else is left in it). Returns names."""
     path = Path(path)
     if not is_run_dir(path):
         raise ValueError(
@@ -165,13 +193,19 @@ def clear_run_dir(path: str | Path) -> list[str]:
     removed = []
     for name in RUN_FILES:
         p = path / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
+        if p.is_symlink() or p.is_file():
             p.unlink()
-        else:
-            continue
-        removed.append(name)
+            removed.append(name)
+        elif p.is_dir():
+            files = [f for f in p.rglob("*") if (f.is_file() or f.is_symlink())]
+            ours = [f for f in files if _written_by_pwemoe(f.relative_to(path).parts)]
+            for f in ours:
+                f.unlink()
+            for d in sorted((d for d in p.rglob("*") if d.is_dir() and not d.is_symlink()), reverse=True) + [p]:
+                if not any(d.iterdir()):
+                    d.rmdir()
+            if ours or not p.exists():
+                removed.append(name)
     return removed
 
 
@@ -204,6 +238,17 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool, what: str) -> list[str]:
             ours = set(json.loads((out / MANIFEST).read_text())["files"])
         except (ValueError, KeyError, TypeError):
             ours = set()
+    # a manifest is only trusted for plain files inside `out` (one from elsewhere may list ../ or /paths)
+    root = out.resolve()
+    ours = {
+        f
+        for f in ours
+        if isinstance(f, str)
+        and not Path(f).is_absolute()
+        and ".." not in Path(f).parts
+        and not (out / f).is_symlink()
+        and (out / f).resolve().is_relative_to(root)
+    }
     clash = [f for f in files if (out / f).exists() and f not in ours]
     if clash:
         raise ValueError(

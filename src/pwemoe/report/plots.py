@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write, plot_file_name
 from ..methods import METHODS, group_rows
 
 
@@ -166,8 +167,8 @@ def plot_fronts(
     for name, fig in figs.items():
         fig.tight_layout()
         for ext in ("png", "svg"):
-            p = out_dir / f"{name}_{key}.{ext}"
-            fig.savefig(p, dpi=110)
+            p = out_dir / plot_file_name(name, key, ext)
+            atomic_write(p, lambda tmp, ext=ext, fig=fig: fig.savefig(tmp, dpi=110, format=ext))  # never half-written
             paths.append(p)
         plt.close(fig)
     return paths
