@@ -185,6 +185,11 @@ def test_causal_lm_loss_task_matches_transformers_loss(causal_setup, tmp_path):
     scores = wb.correct(t, 16)
     assert scores.dtype == torch.float32 and len(scores) == len(t.test_data)
     assert wb.accuracy(t, 16) == pytest.approx(float(scores.mean()), rel=1e-6)
+    # a loss task's data needs no label column: the rows' provenance digest (evaluate, serve) reads none
+    from pwemoe.results import split_fingerprint
+
+    t.test_data = t.test_data.remove_columns([t.cfg.data.label_column])
+    assert len(split_fingerprint(t)) == 64
 
 
 def test_lower_is_better_metrics_in_hypervolume_dominance_and_normalisation():

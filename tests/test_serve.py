@@ -40,6 +40,14 @@ def model(evaluated_run):
     return PreferenceModel(evaluated_run, cache_size=2, max_batch=8)
 
 
+def test_serving_limits_are_checked_up_front(evaluated_run):
+    from pwemoe import PreferenceModel
+
+    for bad in (0, -3, True):  # 0 used to evaluate everything while reporting 0; -3 blamed an empty split
+        with pytest.raises(ValueError, match="max_test_samples must be an integer >= 1"):
+            PreferenceModel(evaluated_run, max_test_samples=bad)
+
+
 def _plain_logits(export_dir: Path, task: str, texts: list[str]) -> torch.Tensor:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -113,7 +121,7 @@ def test_api_endpoints(model, evaluated_run):
     with running(create_app(model)) as url:
         status, info = call(url + "/api/run")
         assert status == 200 and info["k"] == 2 and [t["name"] for t in info["tasks"]] == ["polarity", "color"]
-        assert info["targets"] and info["metrics"] == {"accuracy": "higher is better"}
+        assert info["targets"] and info["metrics"] == {n: "accuracy, higher is better" for n in ("polarity", "color")}
         assert info["experts"] and info["base"]
 
         status, page = call(url + "/")

@@ -28,8 +28,17 @@ if TYPE_CHECKING:
 
 
 def preference_key(r: torch.Tensor | list[float], k: int) -> list[float]:
-    """The normalised preference as stored in results rows (6 decimals): one key for lookups."""
-    return [round(x, 6) for x in normalize_preference(r, k).tolist()]
+    """The normalised preference as stored in results rows (6 decimals): one key for lookups.
+
+    A key keys to itself: rounded values need not sum to exactly 1, and normalising them again could
+    move the last decimal (a key sent back by the explorer would then miss its row), so a preference
+    that already is a key (6 decimals, summing to 1 within the rounding) is returned as it is.
+    """
+    p = normalize_preference(r, k)  # validates
+    raw = torch.as_tensor(r, dtype=torch.float64).flatten().tolist()
+    if abs(sum(raw) - 1.0) <= k * 1e-6 and all(round(x, 6) == x for x in raw):
+        return [round(x, 6) for x in raw]
+    return [round(x, 6) for x in p.tolist()]
 
 
 def digest(obj: Any) -> str:
@@ -41,7 +50,8 @@ def split_fingerprint(task: Task) -> str:
     """sha256 of a task's evaluation split as evaluated: its input columns, labels and size."""
     from .tasks.data import dataset_fingerprint
 
-    return dataset_fingerprint(task.test_data, task.input_columns() + [task.cfg.data.label_column])
+    labels = [task.cfg.data.label_column] if task.has_labels else []  # a causal LM's text has none
+    return dataset_fingerprint(task.test_data, task.input_columns() + labels)
 
 
 def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> dict[str, str]:

@@ -119,6 +119,10 @@ class PreferenceModel:
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if max_test_samples is not None and (
+            isinstance(max_test_samples, bool) or not isinstance(max_test_samples, int) or max_test_samples < 1
+        ):
+            raise ValueError(f"max_test_samples must be an integer >= 1 (or None: all), got {max_test_samples!r}")
         self.run = Path(run)
         self.wb, self.meta = open_run(run, True, max_test_samples, device=device, precision=precision)
         self.wb.backbone.requires_grad_(False)
@@ -152,7 +156,9 @@ class PreferenceModel:
             ],
             "k": self.k,
             "targets": list(info.targets) if info is not None else [],
-            "metrics": {"accuracy": "higher is better"},
+            "metrics": {
+                t.name: f"{t.metric}, {'higher' if t.higher_is_better else 'lower'} is better" for t in self.wb.tasks
+            },
             "base": self.meta.get("base"),
             "experts": self.meta.get("experts"),
             "step": self.meta.get("step"),
