@@ -97,16 +97,32 @@ def test_merge_cache_is_lru_reuses_free_copies_and_never_a_held_one(model):
         assert not hit and m2 is m1 and cache.reused == 1
         check(m2, keys[2])
     assert list(cache.entries) == [keys[0], keys[2]]
-    with cache.lease(keys[0]) as (a, _), cache.lease(keys[2]) as (b, _):
-        with cache.lease(keys[3]) as (c, hit):  # both copies held: a new one, never a held copy
-            assert not hit and c is not a and c is not b
-            check(a, keys[0])
-            check(b, keys[2])
+    # both copies held: another preference waits (never a held copy, never a third copy: memory stays
+    # at `size` backbones), then gets the copy released first, re-merged
+    import threading
+    import time
+
+    got = {}
+
+    def other() -> None:
+        with cache.lease(keys[3]) as (c, hit):
+            got.update(c=c, hit=hit, held=len(cache.entries))
             check(c, keys[3])
-            assert len(cache.entries) == 3  # over size while every copy is in use
-        assert list(cache.entries) == [keys[0], keys[2]]  # trimmed on release: the free copy goes
-    assert len(cache.entries) == 2
-    assert cache.stats() == {"size": 2, "held": 2, "hits": 3, "misses": 4}
+
+    with cache.lease(keys[0]) as (a, _):
+        with cache.lease(keys[2]) as (b, _):
+            t = threading.Thread(target=other)
+            t.start()
+            for _ in range(200):  # until it is waiting
+                if cache.waits:
+                    break
+                time.sleep(0.01)
+            assert cache.waits == 1 and not got and len(cache.entries) == 2
+        t.join(timeout=60)  # b released: the waiting caller re-merges it
+        assert not t.is_alive() and got["c"] is b and not got["hit"] and got["held"] == 2
+        check(a, keys[0])
+    assert list(cache.entries) == [keys[0], keys[3]]
+    assert cache.stats() == {"size": 2, "held": 2, "hits": 3, "misses": 4, "waits": 1}
     with pytest.raises(ValueError, match="cache_size"):
         MergeCache(model.wb.backbone, 0, model._lock)
 

@@ -77,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--public", action="store_true", help="allow --host other than loopback (no authentication!)")
-    p.add_argument("--cache-size", type=int, default=4, help="merged models kept (LRU), one backbone's memory each")
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        default=4,
+        help="merged models kept (LRU), one backbone's memory each; the most that exist at once "
+        "(a request for another preference waits while all are in use)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="most inputs one /api/predict request may carry")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
     p.add_argument("--max-test-samples", type=int, help="'evaluate now' uses the first N test examples per task")

@@ -47,37 +47,49 @@ class MergeCache:
     """Plain merged backbones theta(r), keyed by the normalised preference, least recently used out first.
 
     A miss re-merges into the least recently used copy that no caller is using (`merge_into`, no new
-    allocation); only while the cache is filling, or when every copy is in use, is a new copy made
-    (`merge_and_unload`). A copy is never re-merged while a caller holds it (`lease`), so concurrent
-    callers with different preferences never see each other's weights. Merges run under `lock`, the
-    lock that guards the upcycled model's preference state.
+    allocation); only while the cache is filling is a new copy made (`merge_and_unload`), and when
+    every copy is in use the caller waits for one. A copy is never re-merged while a caller holds it
+    (`lease`), so concurrent callers with different preferences never see each other's weights.
+    Merges run under `lock`, the lock that guards the upcycled model's preference state.
     """
 
     def __init__(self, backbone: nn.Module, size: int, lock: threading.RLock) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"cache_size must be an integer >= 1 (merged copies kept), got {size!r}")
         self.backbone, self.size, self.lock = backbone, size, lock
+        self.freed = threading.Condition(lock)  # a copy's last user left
         self.entries: OrderedDict[Key, _Entry] = OrderedDict()
-        self.hits = self.misses = self.reused = 0
+        self.hits = self.misses = self.reused = self.waits = 0
 
     @contextlib.contextmanager
     def lease(self, key: Key) -> Iterator[tuple[nn.Module, bool]]:
-        """Yield (plain model with theta(key), whether it was cached); the copy is held until exit."""
+        """Yield (plain model with theta(key), whether it was cached); the copy is held until exit.
+
+        At most `size` copies ever exist: when all are held, a caller with another preference waits
+        for one to be released (each copy is a whole backbone; an LLM's would not fit many times).
+        """
         with self.lock:
-            e = self.entries.get(key)
-            hit = e is not None
-            if e is not None:
-                self.hits += 1
-                self.entries.move_to_end(key)
-            else:
-                self.misses += 1
+            while True:
+                e = self.entries.get(key)
+                if e is not None:
+                    hit = True
+                    self.hits += 1
+                    self.entries.move_to_end(key)
+                    break
+                hit = False
+                if len(self.entries) < self.size:
+                    e = _Entry(merge_and_unload(self.backbone, list(key)).eval().requires_grad_(False))
+                    break
                 free = next((k for k, v in self.entries.items() if v.users == 0), None)
-                if free is not None and len(self.entries) >= self.size:
+                if free is not None:
                     e = self.entries.pop(free)
                     merge_into(self.backbone, e.model, list(key))
                     self.reused += 1
-                else:
-                    e = _Entry(merge_and_unload(self.backbone, list(key)).eval().requires_grad_(False))
+                    break
+                self.waits += 1
+                self.freed.wait()  # every copy is in use: wait for one, then look again
+            if not hit:
+                self.misses += 1
                 self.entries[key] = e
             e.users += 1
         try:
@@ -85,14 +97,17 @@ class MergeCache:
         finally:
             with self.lock:
                 e.users -= 1
-                while len(self.entries) > self.size:  # over size only while every copy was in use
-                    old = next((k for k, v in self.entries.items() if v.users == 0), None)
-                    if old is None:
-                        break
-                    del self.entries[old]
+                if e.users == 0:
+                    self.freed.notify_all()
 
     def stats(self) -> dict[str, int]:
-        return {"size": self.size, "held": len(self.entries), "hits": self.hits, "misses": self.misses}
+        return {
+            "size": self.size,
+            "held": len(self.entries),
+            "hits": self.hits,
+            "misses": self.misses,
+            "waits": self.waits,
+        }
 
 
 class PreferenceModel:
