@@ -58,6 +58,20 @@ def _plain_logits(export_dir: Path, task: str, texts: list[str]) -> torch.Tensor
         return m(**enc).logits
 
 
+def test_encoded_test_batches_are_kept_only_within_the_byte_cap(model, monkeypatch):
+    """Like a sweep's, the server's encoded test batches are kept between evaluations only while they
+    fit ENCODED_CACHE_BYTES (all tasks together); beyond it they are encoded again, same results."""
+    model._encoded.clear()
+    model._encoded_bytes = 0
+    monkeypatch.setattr(model, "ENCODED_CACHE_BYTES", 1)
+    small = model.evaluate([0.4, 0.6], store=False)
+    assert model._encoded == {} and model._encoded_bytes == 0
+    monkeypatch.undo()
+    again = model.evaluate([0.4, 0.6], store=False)
+    assert again["accuracy"] == small["accuracy"]
+    assert set(model._encoded) == set(model.task_names) and 0 < model._encoded_bytes <= model.ENCODED_CACHE_BYTES
+
+
 def test_predict_equals_the_exported_plain_model(model, evaluated_run):
     r = [0.3, 0.7]
     out = model.export(r, name="pm-check")

@@ -15,7 +15,7 @@ import io
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,8 @@ class PreferenceModel:
     Thread-safe: every method may be called from several threads at once.
     """
 
+    ENCODED_CACHE_BYTES = 1 << 30  # encoded test batches kept between evaluations (all tasks together)
+
     def __init__(
         self,
         run: str | Path,
@@ -150,7 +152,8 @@ class PreferenceModel:
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
         # the provenance of rows this model computes
         self.inputs = row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type)
-        self._encoded: dict[str, list[Any]] = {}
+        self._encoded: dict[str, list[Any]] = {}  # see _test_batches
+        self._encoded_bytes = 0
 
     # --- what the run is -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -307,13 +310,32 @@ class PreferenceModel:
                 ResultStore(self.run).add(row, {n: pack_correct(c) for n, c in correct.items()})
         return {**row, "reused": False}
 
-    def _test_batches(self, i: int, index_batches: list[list[int]]) -> list[Any]:
-        """The task's length-sorted test batches, encoded once (in this thread: no loader processes
-        are forked from a threaded server) and kept for later evaluations."""
+    def _test_batches(self, i: int, index_batches: list[list[int]]) -> Iterable[Any]:
+        """The task's length-sorted test batches, encoded in this thread (no loader processes are forked
+        from a threaded server) and kept for later evaluations while all tasks' kept batches fit in
+        ENCODED_CACHE_BYTES, as `Workbench.eval_data` keeps a sweep's; beyond it they are encoded anew
+        each time (token ids always fit; a large image test set does not)."""
         t = self.wb.tasks[i]
-        if t.name not in self._encoded:
-            self._encoded[t.name] = [self.wb.encode([(i, t.test_data[idx])]) for idx in index_batches]
-        return self._encoded[t.name]
+        if t.name in self._encoded:
+            return self._encoded[t.name]
+        return self._encode_keeping(t.name, i, index_batches)
+
+    def _encode_keeping(self, name: str, i: int, index_batches: list[list[int]]) -> Iterator[Any]:
+        t = self.wb.tasks[i]
+        kept: list[Any] | None = []
+        size = 0
+        for n, idx in enumerate(index_batches, 1):
+            batch = self.wb.encode([(i, t.test_data[idx])])
+            if kept is not None:
+                size += batch.nbytes()
+                if self._encoded_bytes + size <= self.ENCODED_CACHE_BYTES:
+                    kept.append(batch)
+                    if n == len(index_batches):  # stored before the last yield: a zip() stops there
+                        self._encoded[name] = kept
+                        self._encoded_bytes += size
+                else:
+                    kept = None  # too big to keep: later evaluations encode again
+            yield batch
 
     def export(self, r: PreferenceLike, name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Write the plain models for r under RUN/exports/<name> (default: from r); returns pwemoe.json."""
