@@ -135,6 +135,36 @@ def test_choice_scores_are_the_plain_models_label_log_likelihoods(causal_setup):
             torch.testing.assert_close(scores[j], want, rtol=1e-5, atol=1e-5)
 
 
+def test_examples_beyond_a_learned_position_table_are_a_clear_error(causal_setup):
+    """GPT-2-style learned positions end in an index error past their table: the limit is found (none
+    for rotary Llama), max_length beyond it is refused, and an encoded example beyond it (template and
+    labels come on top of the truncated text) is a ValueError naming the fix, which the server sends as 400."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pwemoe.tasks.causal_lm import _learned_position_limit
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=24))
+    assert _learned_position_limit(gpt2) == 24
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    assert _learned_position_limit(llama) is None  # rotary: no table (its 64-token vocabulary is not one)
+    wb = Workbench(build_config(dict(causal_setup["config"])), load_train=False, upcycle=False)
+    t = wb.tasks[0]
+    rows = t.test_data[:3]
+    assert len(t.encode(rows)) == 3 * t.rows_per_example
+    t.position_limit = 4  # as a learned table of 4 positions would set it
+    with pytest.raises(ValueError, match=r"tokens, beyond the model's 4 positions .* lower tasks\[\]\.max_length"):
+        t.encode(rows)
+
+
 def test_multi_token_labels_score_each_label_sequence(causal_setup):
     cfg = json.loads(json.dumps(causal_setup["config"]))
     cfg["tasks"][0]["label_words"] = [" very bad", " not very good"]  # 2 and 3 tokens

@@ -34,6 +34,23 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
     return (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)
 
 
+def _learned_position_limit(model: nn.Module | None) -> int | None:
+    """The positions of a model with a learned position table (GPT-2's wpe, OPT's), beyond which a
+    forward fails with an index error; None for rotary models (Llama), which have no such table."""
+    cfg = getattr(model, "config", None)
+    n = next(
+        (v for key in ("n_positions", "max_position_embeddings") if isinstance(v := getattr(cfg, key, None), int)),
+        None,
+    )
+    if n is None or model is None:
+        return None
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = (
+        m for m in model.modules() if isinstance(m, nn.Embedding) and m is not tokens and m.num_embeddings in (n, n + 2)
+    )
+    return n if next(tables, None) is not None else None
+
+
 class _CausalTask(Task):
     modality = "causal_lm"
 
@@ -42,6 +59,7 @@ class _CausalTask(Task):
         self.tokenizer: Any = None
         self.lm_head: nn.Module | None = None
         self.use_chat = False
+        self.position_limit: int | None = None  # see _learned_position_limit
 
     def load_expert_backbone(self, path: str) -> Any:
         return load_causal_expert(path, self.name)
@@ -49,6 +67,12 @@ class _CausalTask(Task):
     def attach(self, modality: Any) -> None:
         self.tokenizer = modality.tokenizer
         self.lm_head = modality.lm_head
+        self.position_limit = _learned_position_limit(getattr(modality, "model", None))
+        if self.position_limit is not None and self.cfg.max_length > self.position_limit:
+            raise ValueError(
+                f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
+                f"{self.position_limit} positions; set tasks[].max_length <= {self.position_limit}"
+            )
         has_chat = getattr(self.tokenizer, "chat_template", None) is not None
         want = self.cfg.chat_template
         if want and not has_chat:
@@ -57,6 +81,19 @@ class _CausalTask(Task):
                 "set chat_template: false"
             )
         self.use_chat = has_chat if want is None else bool(want)
+
+    def _fits(self, seqs: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+        """seqs, or a clear error when one is longer than a model with learned positions has positions
+        (the template, the prompt, the answer or a label's tokens come on top of the truncated text)."""
+        limit = self.position_limit
+        longest = max((len(x["input_ids"]) for x in seqs), default=0)
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"task {self.name!r}: an encoded example has {longest} tokens, beyond the model's {limit} "
+                f"positions (max_length {self.cfg.max_length} counts only the text); lower tasks[].max_length "
+                "or shorten the prompt template"
+            )
+        return seqs
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of prompts, through the chat template (user turn + generation prompt) when in use."""
@@ -152,7 +189,7 @@ class CausalLMChoiceTask(_CausalTask):
             for c in range(per):
                 seq = ids + (self.label_ids[c] if per > 1 else [])
                 out.append({"input_ids": seq, "attention_mask": [1] * len(seq)})
-        return out
+        return self._fits(out)
 
     def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden, mask = outputs.last_hidden_state, inputs["attention_mask"]
@@ -202,12 +239,14 @@ class CausalLMTask(_CausalTask):
                         "pwemoe_scored": [0] * len(p) + [1] * (len(a) + len(eos)),
                     }
                 )
-            return out
+            return self._fits(out)
         enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
-        return [
-            {"input_ids": ids, "attention_mask": [1] * len(ids), "pwemoe_scored": [0] + [1] * (len(ids) - 1)}
-            for ids in enc["input_ids"]
-        ]
+        return self._fits(
+            [
+                {"input_ids": ids, "attention_mask": [1] * len(ids), "pwemoe_scored": [0] + [1] * (len(ids) - 1)}
+                for ids in enc["input_ids"]
+            ]
+        )
 
     def input_columns(self) -> list[str]:
         d = self.cfg.data
