@@ -58,6 +58,33 @@ def _plain_logits(export_dir: Path, task: str, texts: list[str]) -> torch.Tensor
         return m(**enc).logits
 
 
+def test_a_failing_computation_is_a_500_and_finished_jobs_are_bounded(model, monkeypatch):
+    """Only a held run directory is 409 'in use'; any other runtime failure (CUDA out of memory, say)
+    is a 500 naming it. Finished evaluation jobs are kept for polling up to _Jobs.KEEP."""
+    import time
+
+    from pwemoe.serve.app import _Jobs, create_app
+
+    def oom(*a, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "predict", oom)
+    with running(create_app(model)) as url:
+        status, res = call(url + "/api/predict", {"preference": [0.5, 0.5], "task": "polarity", "inputs": ["x"]})
+    assert status == 500 and res["error"] == "RuntimeError: CUDA out of memory"
+
+    class Instant:
+        def evaluate(self, preference, progress):
+            return {"preference": preference}
+
+    jobs = _Jobs()
+    jobs.KEEP = 3
+    for _ in range(10):
+        jobs.start(Instant(), [0.5, 0.5])
+        time.sleep(0.02)  # each job finishes at once
+    assert len(jobs.jobs) <= jobs.KEEP + 1 and "10" in jobs.jobs  # the newest are kept
+
+
 def test_encoded_test_batches_are_kept_only_within_the_byte_cap(model, monkeypatch):
     """Like a sweep's, the server's encoded test batches are kept between evaluations only while they
     fit ENCODED_CACHE_BYTES (all tasks together); beyond it they are encoded again, same results."""

@@ -68,6 +68,10 @@ def read_json(path: str | Path, what: str) -> Any:
         ) from None
 
 
+class RunDirInUse(RuntimeError):
+    """Another pwemoe process holds the run directory's lock (the server answers 409)."""
+
+
 class RunLock:
     """One writer per run directory: an exclusive lock (filelock) plus a note of who holds it.
 
@@ -96,7 +100,7 @@ class RunLock:
                 holder = f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
             except (OSError, ValueError, KeyError):
                 pass
-            raise RuntimeError(
+            raise RunDirInUse(
                 f"{self.dir} is in use by {holder}; wait for it to finish, or stop it, then run this command again"
             ) from None
         atomic_write_json(

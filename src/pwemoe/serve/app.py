@@ -13,6 +13,7 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
 
 Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job),
 409 (the run directory is in use), 413 (body or batch too large), 422 (malformed JSON or fields).
+A failure of the computation itself (e.g. CUDA out of memory) is a 500 whose `error` names it.
 """
 
 import itertools
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from ..io import RunDirInUse
 from ..report.interactive import front_figures, plotly_js_path
 from .model import PreferenceModel, TooLarge
 
@@ -113,10 +115,15 @@ class _Jobs:
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
 
+    KEEP = 1000  # finished jobs kept for polling; older ones are forgotten (memory stays bounded)
+
     def start(self, model: PreferenceModel, preference: list[float]) -> dict[str, Any]:
         with self.lock:
             job = {"id": str(next(self.ids)), "status": "running", "done": 0, "total": None, "preference": preference}
             self.jobs[job["id"]] = job
+            finished = [k for k, v in self.jobs.items() if v["status"] != "running"]
+            for k in finished[: max(0, len(finished) - self.KEEP)]:  # oldest first (insertion order)
+                del self.jobs[k]
 
         def progress(done: int, total: int) -> None:
             job["done"], job["total"] = done, total
@@ -151,9 +158,13 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
     for invalid in (ValueError, TypeError):  # the public API's errors for bad values
         app.add_exception_handler(invalid, _bad)
 
-    @app.exception_handler(RuntimeError)
-    async def _busy(request: Request, exc: RuntimeError) -> JSONResponse:
+    @app.exception_handler(RunDirInUse)
+    async def _busy(request: Request, exc: RunDirInUse) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @app.exception_handler(RuntimeError)
+    async def _failed(request: Request, exc: RuntimeError) -> JSONResponse:  # e.g. CUDA out of memory: not "in use"
+        return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
