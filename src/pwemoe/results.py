@@ -50,8 +50,7 @@ def split_fingerprint(task: Task) -> str:
     """sha256 of a task's evaluation split as evaluated: its input columns, labels and size."""
     from .tasks.data import dataset_fingerprint
 
-    labels = [task.cfg.data.label_column] if task.has_labels else []  # a causal LM's text has none
-    return dataset_fingerprint(task.test_data, task.input_columns() + labels)
+    return dataset_fingerprint(task.test_data, task.data_columns())  # a causal LM's text has no label
 
 
 def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> dict[str, str]:

@@ -14,6 +14,17 @@ if TYPE_CHECKING:  # annotations only: tasks never import the modality layer at 
     from ..modalities import Modality
 
 
+def max_positions(model: nn.Module | None) -> int | None:
+    """The positions a model's config declares (max_position_embeddings or n_positions), as usable."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            # BERT-style position ids start at 0; RoBERTa reserves padding_idx + 1 of them
+            return v - 2 if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else v
+    return None
+
+
 class Task(ABC):
     """One objective. A subclass is registered in `pwemoe.tasks.TASK_TYPES` under its `type` name.
 
@@ -90,6 +101,18 @@ class Task(ABC):
             [self.cfg.data.text_pair_column] if self.cfg.data.text_pair_column else []
         )
 
+    def data_columns(self) -> list[str]:
+        """Columns an example is read from: its inputs, and its label where the task has one."""
+        return self.input_columns() + ([self.cfg.data.label_column] if self.has_labels else [])
+
+    def check_max_length(self, limit: int | None) -> None:
+        """Refuse a max_length beyond the model's `limit` positions (None: the model has no such limit)."""
+        if limit is not None and self.cfg.max_length > limit:
+            raise ValueError(
+                f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
+                f"{limit} positions; set tasks[].max_length <= {limit}"
+            )
+
     def validate_data(self, errors: list[str], index: int) -> None:
         """Append every problem with this task's data (columns, empty cells, label range) to `errors`."""
         d = self.cfg.data
@@ -100,7 +123,7 @@ class Task(ABC):
                 errors.append(f"tasks[{index}].data: the {split} split of task {self.name!r} is empty")
                 continue
             cols = set(ds.column_names)
-            for c in self.input_columns() + ([d.label_column] if self.has_labels else []):
+            for c in self.data_columns():
                 if c not in cols:
                     errors.append(
                         f"tasks[{index}].data: {split} split of task {self.name!r} has no column {c!r}; "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import TaskConfig
-from .base import Task
+from .base import Task, max_positions
 
 
 def load_causal_expert(path: str, task: str) -> Any:
@@ -37,12 +37,8 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 def _learned_position_limit(model: nn.Module | None) -> int | None:
     """The positions of a model with a learned position table (GPT-2's wpe, OPT's), beyond which a
     forward fails with an index error; None for rotary models (Llama), which have no such table."""
-    cfg = getattr(model, "config", None)
-    n = next(
-        (v for key in ("n_positions", "max_position_embeddings") if isinstance(v := getattr(cfg, key, None), int)),
-        None,
-    )
-    if n is None or model is None:
+    n = max_positions(model)
+    if n is None:
         return None
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tables = (
@@ -68,11 +64,7 @@ class _CausalTask(Task):
         self.tokenizer = modality.tokenizer
         self.lm_head = modality.lm_head
         self.position_limit = _learned_position_limit(getattr(modality, "model", None))
-        if self.position_limit is not None and self.cfg.max_length > self.position_limit:
-            raise ValueError(
-                f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
-                f"{self.position_limit} positions; set tasks[].max_length <= {self.position_limit}"
-            )
+        self.check_max_length(self.position_limit)
         has_chat = getattr(self.tokenizer, "chat_template", None) is not None
         want = self.cfg.chat_template
         if want and not has_chat:

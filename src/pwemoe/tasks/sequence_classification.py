@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import TaskConfig
-from .base import Task
+from .base import Task, max_positions
 
 
 def _last_token(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -31,16 +31,6 @@ HEADS: dict[str, Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]] = {
 }
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
     HEADS[_t] = HEADS["gpt2"]
-
-
-def _max_positions(model: nn.Module | None) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            # BERT-style position ids start at 0; RoBERTa reserves padding_idx + 1 of them
-            return v - 2 if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else v
-    return None
 
 
 def split_task_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -87,12 +77,7 @@ class SequenceClassificationTask(Task):
 
     def attach(self, modality: Any) -> None:
         self.tokenizer = modality.tokenizer
-        limit = _max_positions(self.shell)
-        if limit is not None and self.cfg.max_length > limit:
-            raise ValueError(
-                f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
-                f"{limit} positions; set tasks[].max_length <= {limit}"
-            )
+        self.check_max_length(max_positions(self.shell))
 
     def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
         d = self.cfg.data
