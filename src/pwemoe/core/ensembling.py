@@ -122,22 +122,20 @@ class EnsemblingModule(nn.Module):
         """
         mods = list(self.base_layer.modules())
         cached = self.__dict__.get("_slots")  # absent in modules pickled by older versions
-        if (
+        if not (
             cached is not None
             and len(cached[0]) == len(mods)
             and all(ref() is m for ref, m in zip(cached[0], mods))
             and all(owner()._parameters.get(attr) is param() for owner, attr, _, param in cached[1])
         ):
-            return [(owner()._parameters, attr, name) for owner, attr, name, _ in cached[1]]
-        canonical = {id(p): n for n, p in self.base_layer.named_parameters()}
-        slots = []
-        for path, p in self.base_layer.named_parameters(remove_duplicate=False):
-            owner_path, _, attr = path.rpartition(".")
-            slots.append(
-                (weakref.ref(self.base_layer.get_submodule(owner_path)), attr, canonical[id(p)], weakref.ref(p))
-            )
-        self._slots = ([weakref.ref(m) for m in mods], slots)
-        return [(owner()._parameters, attr, name) for owner, attr, name, _ in slots]
+            canonical = {id(p): n for n, p in self.base_layer.named_parameters()}
+            slots = []
+            for path, p in self.base_layer.named_parameters(remove_duplicate=False):
+                owner_path, _, attr = path.rpartition(".")
+                owner = self.base_layer.get_submodule(owner_path)
+                slots.append((weakref.ref(owner), attr, canonical[id(p)], weakref.ref(p)))
+            cached = self._slots = ([weakref.ref(m) for m in mods], slots)
+        return [(owner()._parameters, attr, name) for owner, attr, name, _ in cached[1]]
 
     def _theta0(self) -> dict[str, torch.Tensor]:
         """base_layer's parameters by name, without walking the module tree."""
@@ -310,8 +308,7 @@ class WeightEnsemblingModule(EnsemblingModule):
         from memory once (`lambda_grads`); None when no per-task leaf received a gradient."""
         if self._shared is None or self._segment_leaves is None:
             return None
-        out = None
-        dtype = self._shared_lam.dtype if self._shared_lam is not None else None
+        out, dtype = None, self._shared_lam.dtype  # set with _shared by the same merge
         with torch.no_grad():  # as in shared_roots: each part in lambda's dtype before it is added
             for n in self._shared:
                 gs = [leaves[n].grad for leaves in self._segment_leaves]
@@ -347,19 +344,24 @@ class WeightEnsemblingModule(EnsemblingModule):
         else (masks broadcast over the batch, position tables) is passed whole. Outputs are joined back.
         """
         sizes = self._segments or []
-        n = sum(sizes)
         if self._segment_leaves is None:
             self._segment_leaves = [
                 {name: w.detach().requires_grad_(True) for name, w in self._shared.items()} for _ in sizes
             ]
-        used = [j for j, size in enumerate(sizes) if size]
-        cut = [sizes[j] for j in used]
-        parts = zip(_split_rows(args, cut, n), _split_rows(kwargs, cut, n))
-        outs = [self._call_base(self._segment_leaves[j], a, kw) for j, (a, kw) in zip(used, parts)]
+        outs = [self._call_base(self._segment_leaves[j], a, kw) for j, a, kw in _segments(sizes, args, kwargs)]
         return _join(outs)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tasks={self.task_names}, tv_dtype={self.task_vector(self._param_names[0]).dtype}"
+
+
+def _segments(sizes: list[int], args: tuple, kwargs: dict) -> list[tuple[int, tuple, dict]]:
+    """(task index, its args, its kwargs) for every task segment with rows: the forward's inputs cut by
+    rows (`_split_rows`) into the non-empty segments of `sizes` (task order)."""
+    used = [j for j, size in enumerate(sizes) if size]
+    cut = [sizes[j] for j in used]
+    n = sum(sizes)
+    return list(zip(used, _split_rows(args, cut, n), _split_rows(kwargs, cut, n)))
 
 
 def _split_rows(x: Any, sizes: list[int], n: int) -> list[Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ensembling import EnsemblingModule, _join, _split_rows
+from .ensembling import EnsemblingModule, _join, _segments
 from .merge import merge_weights
 from .router import Router
 
@@ -256,13 +256,9 @@ class FactoredEnsemblingModule(EnsemblingModule):
         lam = self._lambda()
         if self._segments is not None and self._lam_leaf is not None and self._router_grad():
             sizes = self._segments
-            n = sum(sizes)
             if self._segment_lam_leaves is None:
                 self._segment_lam_leaves = [self._shared_lam.detach().requires_grad_(True) for _ in sizes]
-            used = [j for j, size in enumerate(sizes) if size]
-            cut = [sizes[j] for j in used]
-            parts = zip(_split_rows(args, cut, n), _split_rows(kwargs, cut, n))
-            return _join([self._run(self._segment_lam_leaves[j], a, kw) for j, (a, kw) in zip(used, parts)])
+            return _join([self._run(self._segment_lam_leaves[j], a, kw) for j, a, kw in _segments(sizes, args, kwargs)])
         return self._run(lam, args, kwargs)
 
     def _run(self, lam: torch.Tensor, args: tuple, kwargs: dict) -> Any:
