@@ -160,6 +160,8 @@ def is_run_dir(path: str | Path) -> bool:
 PLOT_KINDS = ("front", "planes", "front3d", "ternary", "parallel")
 # What `evaluate --split validation` writes under validation/ (besides its plots/)
 _EVAL_OUTPUTS = (RESULTS, CORRECT, "results.csv", "summary.json", "report.md", "report.html")
+# The files (not directories) of RUN_FILES, at the top of a run directory
+_RUN_OUTPUTS = tuple(n for n in RUN_FILES if n not in ("plots", "validation"))
 
 
 def plot_file_name(kind: str, key: str, ext: str) -> str:
@@ -170,14 +172,18 @@ def plot_file_name(kind: str, key: str, ext: str) -> str:
 
 
 def _is_plot_file(name: str) -> bool:
+    """Whether `name` is one `plot_file_name` gives."""
     stem, _, ext = name.rpartition(".")
     kind, _, key = stem.partition("_")
-    return kind in PLOT_KINDS and ext in ("png", "svg") and bool(key) and key.replace("_", "").isalnum()
+    try:
+        return plot_file_name(kind, key, ext) == name
+    except ValueError:
+        return False
 
 
 def _written_by_pwemoe(rel: tuple[str, ...]) -> bool:
     """Whether a path inside a run directory (its parts) is one of the files pwemoe writes there."""
-    top: tuple[str, ...] = tuple(n for n in RUN_FILES if n not in ("plots", "validation"))
+    top = _RUN_OUTPUTS
     if rel[0] == "validation":
         rel, top = rel[1:], _EVAL_OUTPUTS
     if len(rel) == 1:

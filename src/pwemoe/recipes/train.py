@@ -285,9 +285,8 @@ class TrainRecipe:
             [self.cfg.eval.reference_point if t.higher_is_better else self.cfg.eval.loss_reference for t in wb.tasks],
             dtype=torch.float64,
         )
-        return hypervolume((sign * torch.tensor(points, dtype=torch.float64)).numpy(), (sign * ref).numpy()), len(
-            points
-        )
+        hv = hypervolume((sign * torch.tensor(points, dtype=torch.float64)).numpy(), (sign * ref).numpy())
+        return hv, len(points)
 
     def _val_settings(self) -> dict[str, Any]:
         """What a validation hypervolume depends on besides the routers; best-so-far values compare
@@ -316,17 +315,17 @@ class TrainRecipe:
             hv, _ = self._val_hv()
         finally:
             load_router_state_dict(self.model, current)
-        old = self.val_best
+        old, now = self.val_best, self._val_settings()
         log.warning(
             "validation settings changed on resume (%s -> %s): the best routers so far (step %s, val_hv %.4f) "
             "validated again: val_hv %.4f",
             old.get("settings", "not recorded"),
-            self._val_settings(),
+            now,
             old["step"],
             old["val_hv"],
             hv,
         )
-        self.val_best = {"step": old["step"], "val_hv": hv, "settings": self._val_settings()}
+        self.val_best = {"step": old["step"], "val_hv": hv, "settings": now}
         meta.update(val_hv=hv)
         save_routers(path, best, meta)
 
