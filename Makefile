@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/upscale_memory.py
 
 clean:
-	rm -rf $(VENV) .pwemoe_cache
+	rm -rf $(VENV) site

@@ -55,8 +55,7 @@ def main() -> None:
     import pwemoe
     from pwemoe.devices import autocast, resolve_device, synchronize
     from pwemoe.objectives import EPO, LinearScalarization
-    from pwemoe.recipes.train import accumulate_router_gradients, make_optimizer
-    from pwemoe.upscale import shared_merge
+    from pwemoe.training import accumulate_router_gradients, make_optimizer, shared_merge
 
     device = resolve_device(args.device)
     if device.type == "cpu":

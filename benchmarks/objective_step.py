@@ -39,9 +39,9 @@ def main() -> None:
     import torch
     import yaml
 
+    from pwemoe.configfile import read_config
     from pwemoe.demo.offline import demo_config
     from pwemoe.recipes.train import TrainRecipe
-    from pwemoe.workbench import read_config
 
     root = Path("demo_runs/objective_step").resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,8 @@ def main() -> None:
         help="variants trained and evaluated earlier in demo_runs/objectives (times from --json), e.g. ls,ls_pref",
     )
     args = ap.parse_args()
-    from pwemoe.bootstrap import accuracy_samples, interval
     from pwemoe.demo.offline import demo_config
+    from pwemoe.intervals import accuracy_samples, interval
     from pwemoe.pareto import hypervolume
     from pwemoe.recipes.evaluate import evaluate_run
     from pwemoe.recipes.train import train

@@ -22,8 +22,8 @@ import yaml
 
 def stored_mb(run: Path) -> dict[str, float]:
     """MB of task-vector storage of the run's upcycled model, and of the model's targets' weights."""
+    from pwemoe.routing import ensembling_modules
     from pwemoe.runs import open_run
-    from pwemoe.upscale import ensembling_modules
 
     wb, _ = open_run(run, load_test=False)
     mods = [m for _, m in ensembling_modules(wb.backbone)]

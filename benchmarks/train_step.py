@@ -106,7 +106,7 @@ def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: st
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 1e-3)
             return e
 
-        model = pwemoe.upscale(
+        model = pwemoe.upcycle(
             model, {f"t{i}": (lambda i=i: expert(i)) for i in range(k)}, task_vector_dtype=tv_dtype, device=device
         )
         tv_bytes = sum(
@@ -132,7 +132,7 @@ def run_variant(shape: str, k: int, name: str, steps: int, device_s: str, precis
     import pwemoe
     from pwemoe.devices import autocast, resolve_device, synchronize
     from pwemoe.objectives import EPO, LinearScalarization
-    from pwemoe.recipes.train import accumulate_router_gradients, forward_groups, make_optimizer
+    from pwemoe.training import accumulate_router_gradients, forward_groups, make_optimizer
 
     variant, _, scope = name.partition("+")  # e.g. ls@0+upcycled: checkpointing of that scope
     scope = scope or ("layers" if ckpt else None)
@@ -257,9 +257,10 @@ def _pipeline(k: int, device, precision: str, model) -> dict:
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from pwemoe.recipes.train import _StepEncoder, _StepSampler
     from pwemoe.tasks.clip import CLIPZeroShotTask
     from pwemoe.tasks.data import TaskStream
+    from pwemoe.training import StepEncoder as _StepEncoder
+    from pwemoe.training import StepSampler as _StepSampler
     from pwemoe.workbench import Workbench, default_workers
 
     class Images:

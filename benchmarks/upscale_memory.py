@@ -63,7 +63,7 @@ def child(k: int, workdir: str, repeats: int, dtype: str) -> dict:
     _reset_peak()
     t = time.perf_counter()
     tv_dtype = torch.bfloat16 if dtype == "bf16" else None
-    model = pwemoe.upscale(base, experts, task_vector_dtype=tv_dtype)
+    model = pwemoe.upcycle(base, experts, task_vector_dtype=tv_dtype)
     build_s = time.perf_counter() - t
     peak_build = _rss("VmHWM") - rss0
     mods = list(pwemoe.ensembling_modules(model))

@@ -13,8 +13,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pwemoe.configfile import build_config
 from pwemoe.results import summarize
-from pwemoe.workbench import Workbench, build_config
+from pwemoe.workbench import Workbench
 from tests.fixtures import write_csv_splits
 
 peft = pytest.importorskip("peft")

@@ -20,7 +20,8 @@ import pwemoe
 from pwemoe.config import ConfigError
 from pwemoe.devices import resolve_device
 from pwemoe.objectives import EPO, LinearScalarization, Tchebycheff
-from pwemoe.recipes.train import accumulate_router_gradients, forward_groups, train
+from pwemoe.recipes.train import train
+from pwemoe.training import accumulate_router_gradients, forward_groups
 from tests.conftest import make_expert, tiny_clip_vision, tiny_gpt2
 
 cuda = pytest.mark.cuda
@@ -38,7 +39,7 @@ class Part:
 def _upcycled(builder, k: int = 3, device: str = "cpu", **kw) -> torch.nn.Module:
     base = builder()
     experts = {f"t{i}": make_expert(base, seed=i + 1) for i in range(k)}
-    return pwemoe.upscale(base, experts, device=device, **kw)
+    return pwemoe.upcycle(base, experts, device=device, **kw)
 
 
 def _loss_fn(model, heads, key: str):
@@ -204,7 +205,8 @@ def test_cuda_requested_without_cuda_is_a_config_error(text_setup, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     _, base_cfg = text_setup
-    from pwemoe.workbench import Workbench, build_config
+    from pwemoe.configfile import build_config
+    from pwemoe.workbench import Workbench
 
     with pytest.raises(ConfigError, match=r"device: 'cuda' requested but CUDA is not available.*device=cpu"):
         Workbench(build_config({**base_cfg, "device": "cuda"}))
@@ -349,7 +351,7 @@ def test_cuda_upscale_streams_experts_within_theta0_plus_T():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    model = pwemoe.upscale(base, experts, device="cuda")
+    model = pwemoe.upcycle(base, experts, device="cuda")
     held = torch.cuda.memory_allocated() - start
     peak = torch.cuda.max_memory_allocated() - start
     biggest = max(p.numel() * 4 for p in base.parameters())

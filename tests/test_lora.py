@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import pwemoe
+from pwemoe import save_lora_adapter
 from pwemoe.core.factored import FactoredEnsemblingModule, truncated_svd
 from pwemoe.lora import read_lora_adapter
-from pwemoe.upscale import save_lora_adapter, shared_merge, task_segments
+from pwemoe.training import shared_merge, task_segments
 
 peft = pytest.importorskip("peft")
 
@@ -76,7 +77,7 @@ def llama_setup(tmp_path_factory):
 
 def _upscale(base_dir, experts, seed=0, **kw):
     torch.manual_seed(seed)
-    return pwemoe.upscale(str(base_dir), experts, model_class=AutoModelForCausalLM, **kw)
+    return pwemoe.upcycle(str(base_dir), experts, model_class=AutoModelForCausalLM, **kw)
 
 
 def _peft_logits(base_dir, adapter) -> torch.Tensor:

@@ -129,7 +129,7 @@ def test_one_writer_per_run_directory(text_setup, tmp_path, capsys):
         [
             sys.executable,
             "-c",
-            f"import time\nfrom pwemoe.io import RunLock\nwith RunLock({str(run)!r}, 'holder'):\n"
+            f"import time\nfrom pwemoe.files import RunLock\nwith RunLock({str(run)!r}, 'holder'):\n"
             "    print('held', flush=True)\n    time.sleep(60)\n",
         ],
         stdout=subprocess.PIPE,
@@ -304,8 +304,8 @@ def _random_value(rng: random.Random):
 def test_fuzz_config_and_preference_parsers():
     """Random keys, types and values: success, ConfigError or ValueError/TypeError, never anything else."""
     from pwemoe.config import ConfigError
+    from pwemoe.configfile import build_config
     from pwemoe.core.preference import normalize_preference, parse_preference
-    from pwemoe.workbench import build_config
 
     rng = random.Random(0)
     keys = [

@@ -85,18 +85,24 @@ def test_a_failing_computation_is_a_500_and_finished_jobs_are_bounded(model, mon
     assert len(jobs.jobs) <= jobs.KEEP + 1 and "10" in jobs.jobs  # the newest are kept
 
 
-def test_encoded_test_batches_are_kept_only_within_the_byte_cap(model, monkeypatch):
-    """Like a sweep's, the server's encoded test batches are kept between evaluations only while they
-    fit ENCODED_CACHE_BYTES (all tasks together); beyond it they are encoded again, same results."""
-    model._encoded.clear()
-    model._encoded_bytes = 0
-    monkeypatch.setattr(model, "ENCODED_CACHE_BYTES", 1)
+def test_encoded_test_batches_are_kept_only_within_the_byte_cap(model):
+    """The server's encoded test batches are the workbench's sweep cache (one for both): kept between
+    evaluations only while they fit its budget (all tasks together); beyond it encoded again, same results."""
+    from pwemoe.workbench import EncodedCache
+
+    budget = model.wb.encoded.budget
+    model.wb.encoded = EncodedCache(budget_bytes=1)
     small = model.evaluate([0.4, 0.6], store=False)
-    assert model._encoded == {} and model._encoded_bytes == 0
-    monkeypatch.undo()
+    assert model.wb.encoded.kept == {} and model.wb.encoded.bytes == 0
+    model.wb.encoded = EncodedCache(budget)
     again = model.evaluate([0.4, 0.6], store=False)
     assert again["accuracy"] == small["accuracy"]
-    assert set(model._encoded) == set(model.task_names) and 0 < model._encoded_bytes <= model.ENCODED_CACHE_BYTES
+    kept = model.wb.encoded.kept
+    assert {key[0] for key in kept} == set(model.task_names) and 0 < model.wb.encoded.bytes <= budget
+    # the kept batches are what the next evaluation reads: encoding them again is not needed
+    first = {key: list(batches) for key, batches in kept.items()}
+    model.evaluate([0.7, 0.3], store=False)
+    assert all(kept[key] is not None and all(a is b for a, b in zip(kept[key], first[key])) for key in first)
 
 
 def test_predict_equals_the_exported_plain_model(model, evaluated_run):
@@ -169,10 +175,10 @@ def test_merge_cache_is_lru_reuses_free_copies_and_never_a_held_one(model):
 
 
 def test_api_endpoints(model, evaluated_run):
+    from pwemoe import merge_and_unload, routing_weights
     from pwemoe.recipes.evaluate import evaluate_run  # noqa: F401  (the rows below come from it)
     from pwemoe.runs import open_run
     from pwemoe.serve.app import create_app
-    from pwemoe.upscale import merge_and_unload, routing_weights
 
     wb, _ = open_run(evaluated_run)  # an independent copy of the run, for reference values
     with running(create_app(model)) as url:
@@ -317,7 +323,7 @@ def test_evaluate_writes_a_self_contained_interactive_report(evaluated_run):
 @pytest.mark.parametrize("k, names", [(2, ["plane"]), (3, ["ternary", "planes"]), (4, ["parcoords"])])
 def test_front_figures_per_k(k, names):
     from pwemoe.report.interactive import front_figures
-    from pwemoe.results import normalise
+    from pwemoe.results import normalize
 
     tasks = [f"t{i}" for i in range(k)]
     eye = [[float(i == j) for j in range(k)] for i in range(k)]
@@ -333,7 +339,7 @@ def test_front_figures_per_k(k, names):
         {"method": "pwemoe", "preference": [1 / k] * k, "param": None, "accuracy": {u: 0.85 for u in tasks}},
         {"method": "task_arithmetic", "preference": None, "param": 0.3, "accuracy": {u: 0.8 for u in tasks}},
     ]
-    normalise(rows, tasks)
+    normalize(rows, tasks)
     figs = front_figures(rows, tasks)
     assert [f["name"] for f in figs] == names
     data = [t for f in figs for t in f["figure"]["data"]]

@@ -10,9 +10,9 @@ import yaml
 
 from pwemoe.checkpoint import load_routers
 from pwemoe.config import ConfigError, load_config
+from pwemoe.configfile import build_config as config_from_dict
 from pwemoe.objectives import EPO, epo_adjustments, epo_lp
 from pwemoe.recipes.train import train
-from pwemoe.workbench import build_config as config_from_dict
 
 
 def _write(root: Path, cfg: dict, name: str) -> Path:
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_with_step_and_task(text_setup, tmp_path):
         "run_dir": str(tmp_path / "nan"),
         "train": {**base_cfg["train"], "steps": 6, "lr": 1e30, "save_interval": 1},
     }
-    from pwemoe.recipes.train import NonFiniteLossError
+    from pwemoe.training import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"at step \d+: loss is not finite for task") as e:
         train(_write(tmp_path, cfg, "nan"), [])

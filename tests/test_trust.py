@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pwemoe.bootstrap import accuracy_samples, interval
+from pwemoe.intervals import accuracy_samples, interval
 
 
 def _binom_quantile(n: int, p: float, q: float) -> float:
@@ -128,11 +128,11 @@ def test_validation_data_is_disjoint_from_what_experts_and_routers_train_on(text
 
 
 def test_best_val_hv_selects_the_best_validated_checkpoint(text_setup, tmp_path, monkeypatch):
+    from pwemoe import router_state_dict
     from pwemoe.recipes.evaluate import evaluate_run
     from pwemoe.recipes.train import train
     from pwemoe.runs import open_run
     from pwemoe.tasks import data as data_mod
-    from pwemoe.upscale import router_state_dict
 
     roles = []
     real = data_mod.load_task_data
@@ -169,7 +169,7 @@ def test_best_val_hv_selects_the_best_validated_checkpoint(text_setup, tmp_path,
 
 def test_validation_settings_are_checked_up_front(text_setup, tmp_path):
     from pwemoe.config import ConfigError
-    from pwemoe.workbench import read_config
+    from pwemoe.configfile import read_config
 
     root, base = text_setup
     p = tmp_path / "c.yaml"

@@ -2,36 +2,41 @@
 
 from .core import DirichletSampler, Router, WeightEnsemblingModule, simplex_grid
 from .core.factored import FactoredEnsemblingModule
+from .export import PlainCopy, merge_and_unload, merge_into
 from .lora import LoraAdapter, read_lora_adapter
-from .upscale import (
-    SharedMerge,
-    UpscaleInfo,
+from .lora.export import save_lora_adapter
+from .recompute import gradient_checkpointing
+from .routing import (
     ensembling_modules,
-    find_targets,
     fixed_lambda,
     get_preference,
-    gradient_checkpointing,
     load_router_state_dict,
-    merge_and_unload,
-    merge_into,
     num_tasks,
     preference,
     router_state_dict,
     routing_weights,
-    save_lora_adapter,
     set_preference,
-    shared_merge,
-    upscale,
 )
+from .targets import find_targets
+from .upcycle import UpcycleInfo, UpscaleInfo, upcycle, upscale
 
 __version__ = "0.1.0"
 
+# Loaded when first asked for: the serving API and the training engine import the run layers (configs,
+# tasks, data), which `import pwemoe` for the model-level API above does not need.
+_LAZY = {
+    "PreferenceModel": ("serve", "PreferenceModel"),
+    "shared_merge": ("training", "shared_merge"),
+    "SharedMerge": ("training", "SharedMerge"),
+}
 
-def __getattr__(name: str):  # the serving API loads the run layers only when asked for
-    if name == "PreferenceModel":
-        from .serve import PreferenceModel
 
-        return PreferenceModel
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'pwemoe' has no attribute {name!r}")
 
 
@@ -39,21 +44,22 @@ __all__ = [
     "DirichletSampler",
     "FactoredEnsemblingModule",
     "LoraAdapter",
+    "PlainCopy",
     "PreferenceModel",
     "Router",
+    "SharedMerge",
+    "UpcycleInfo",
     "UpscaleInfo",
     "WeightEnsemblingModule",
     "__version__",
     "ensembling_modules",
     "find_targets",
     "fixed_lambda",
-    "merge_into",
-    "shared_merge",
-    "SharedMerge",
     "get_preference",
     "gradient_checkpointing",
     "load_router_state_dict",
     "merge_and_unload",
+    "merge_into",
     "num_tasks",
     "preference",
     "read_lora_adapter",
@@ -61,6 +67,8 @@ __all__ = [
     "routing_weights",
     "save_lora_adapter",
     "set_preference",
+    "shared_merge",
     "simplex_grid",
+    "upcycle",
     "upscale",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .io import ROUTERS, STATE, atomic_write
+from .files import ROUTERS, STATE, atomic_write
 
 __all__ = ["ROUTERS", "STATE", "check_hashes", "load_routers", "load_state", "save_routers", "save_state"]
 

@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    from .config import resumable_keys
+
     p = sub.add_parser(
         "train",
         help="upcycle the experts and train the routers",
-        epilog="Settings: `pwemoe config --explain`. On --resume only train.steps, train.lr, "
-        "train.min_lr_ratio, train.save_interval, train.log_interval and eval.* may change.",
+        epilog=f"Settings: `pwemoe config --explain`. On --resume only these may change: {resumable_keys()}.",
     )
     p.add_argument("config", nargs="?", help="YAML config (with --resume: omit it; key=value overrides only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default: the config's)")
+    from .devices import PRECISIONS
+
+    p.add_argument("--precision", choices=list(PRECISIONS), help="autocast precision (default: the config's)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -162,8 +165,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "config":
         from .config import explain
+        from .configfile import registries
 
-        print("\n".join(explain()))
+        print("\n".join(explain(registries=registries())))
         return 0
     if args.cmd == "train":
         from .recipes.train import train

@@ -9,12 +9,23 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .core.router import ROUTER_INITS
@@ -29,16 +40,48 @@ class ConfigError(ValueError):
         super().__init__(f"{len(errors)} config error(s):\n" + "\n".join(f"  - {e}" for e in errors))
 
 
+# Settings that may change when a run is resumed; any other difference is refused.
+# Where and how fast a run computes may change too (resume a CPU run on a GPU), not what it computes.
+RESUMABLE = (
+    "train.steps",
+    "train.lr",
+    "train.min_lr_ratio",
+    "train.save_interval",
+    "train.log_interval",
+    "train.num_workers",
+    "train.val_interval",
+    "train.select",
+    "train.task_gradients",
+    "train.micro_batch_size",
+    "train.gradient_checkpointing",
+    "device",
+    "precision",
+    "eval.",
+)
+
+
+def resumable_keys() -> str:
+    """RESUMABLE as users write the keys ("eval.*" for a prefix): for help texts and errors."""
+    return ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
+
+
+DEFAULT_TASK_TYPE = "sequence_classification"
+
+
 @dataclass(frozen=True)
 class Registries:
-    """What the layers above know: task type names, and objective name -> a checker of its arguments.
+    """What the layers above know: task type -> its config model, and objective name -> a checker of its arguments.
 
     `check_objective(name, args, k)` returns None when the objective can be built for k tasks, else the reason.
     """
 
-    task_types: tuple[str, ...] = ()
+    task_configs: Mapping[str, type[BaseModel]] = field(default_factory=dict)
     objectives: tuple[str, ...] = ()
     check_objective: Callable[[str, dict[str, Any], int], str | None] | None = None
+
+    @property
+    def task_types(self) -> tuple[str, ...]:
+        return tuple(self.task_configs)
 
 
 def _one_of(v: str, allowed: tuple[str, ...]) -> str:
@@ -117,27 +160,45 @@ class DataConfig(BaseModel):
 
 
 class TaskConfig(BaseModel):
-    """One objective: an expert fine-tuned for it, its data, and how its head is formed."""
+    """One objective: an expert fine-tuned for it, its data, and the options every task type has.
+
+    A task type's own options live in a subclass next to the task (its `Task.config_class`, e.g.
+    `tasks.causal_lm.CausalLMChoiceConfig` adds `prompt_template` and `label_words`); `tasks` is a union of
+    them keyed by `type`, so an option of another type is refused by name.
+    """
 
     model_config = _STRICT
     name: str = Field(description="a plain name (letters, digits, _ . -); also the export sub-directory")
-    type: str = Field("sequence_classification", description="task type, e.g. sequence_classification, clip_zero_shot")
+    type: str = Field(
+        DEFAULT_TASK_TYPE, description="task type: sequence_classification, clip_zero_shot, causal_lm_choice, causal_lm"
+    )
     expert: str = Field(description="hub id or local directory of this task's fine-tuned model")
     data: DataConfig = Field(description="where the examples come from")
     class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
-    templates: list[str] | None = Field(None, description="CLIP zero-shot prompt templates, e.g. 'a photo of a {}.'")
     max_length: int = Field(128, ge=1, description="tokens per text input (truncation)")
-    prompt_template: str | None = Field(
-        None,
-        description="causal_lm_choice: the prompt, with {text} (and {text_pair}), e.g. 'Review: {text}\\nSentiment:'",
-    )
-    label_words: list[str] | None = Field(
-        None,
-        description="causal_lm_choice: each class's answer, e.g. [' negative', ' positive'] (default: ' ' + name)",
-    )
-    chat_template: bool | None = Field(
-        None, description="causal LM tasks: wrap the prompt in the tokenizer's chat template (default: if it has one)"
-    )
+
+    # option key -> names of the TaskConfig subclasses that declare it (filled as subclasses are defined)
+    _OPTION_OWNERS: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        for key in cls.model_fields:
+            if key not in TaskConfig.model_fields:
+                owners = TaskConfig._OPTION_OWNERS.setdefault(key, [])
+                if cls.__name__ not in owners:
+                    owners.append(cls.__name__)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_options_of_other_types(cls, data: Any) -> Any:
+        # Configs written before task options had their own models carry every option of every type, unset
+        # (null); such a key is dropped. A value set for another type's option is refused (extra="forbid").
+        if isinstance(data, dict):
+            drop = [k for k, v in data.items() if v is None and k not in cls.model_fields and k in cls._OPTION_OWNERS]
+            if drop:
+                data = {k: v for k, v in data.items() if k not in drop}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -151,14 +212,6 @@ class TaskConfig(BaseModel):
     def _expert(cls, v: str) -> str:
         if not v:
             raise ValueError("required: hub id or local directory of this task's fine-tuned model")
-        return v
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, v: str, info: ValidationInfo) -> str:
-        reg = (info.context or {}).get("registries")
-        if reg is not None and reg.task_types and v not in reg.task_types:
-            raise ValueError(f"unknown task type {v!r}; known: {sorted(reg.task_types)}")
         return v
 
 
@@ -413,6 +466,42 @@ class Config(BaseModel):
         return [t.name for t in self.tasks]
 
 
+# --- the config model of a registry: tasks keyed by type -----------------------------------------------
+def _task_type(v: Any) -> str | None:
+    """The discriminator of a task entry: its `type` (default sequence_classification)."""
+    t = v.get("type", DEFAULT_TASK_TYPE) if isinstance(v, dict) else getattr(v, "type", None)
+    return t if isinstance(t, str) else None
+
+
+_MODELS: dict[tuple, type[Config]] = {}
+
+
+def config_model(registries: Registries | None = None) -> type[Config]:
+    """`Config` whose `tasks` is the union of the registered task types' config models, keyed by `type`
+    (a discriminated union: each entry is validated by its own type's model). Without task types: `Config`,
+    whose tasks have the options every type shares."""
+    configs = dict(registries.task_configs) if registries is not None else {}
+    if not configs:
+        return Config
+    key = tuple(configs.items())
+    if key not in _MODELS:
+        members = [Annotated[c, Tag(t)] for t, c in configs.items()]
+        if len(members) == 1:  # a union needs two members; this tag never matches
+            members.append(Annotated[TaskConfig, Tag("\x00")])
+        union = Annotated[Union[tuple(members)], Discriminator(_task_type)]  # noqa: UP007
+        name = f"Config_{len(_MODELS)}"
+        model = create_model(name, __base__=Config, tasks=(list[union], Config.model_fields["tasks"]))
+        model.__module__ = __name__  # picklable by reference, like any model of this module
+        globals()[name] = model
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def task_config_class(registries: Registries | None, task_type: str) -> type[BaseModel]:
+    """The config model of one task type (the shared `TaskConfig` when it is not registered)."""
+    return (registries.task_configs.get(task_type) if registries is not None else None) or TaskConfig
+
+
 # --- errors in pwemoe's words ----------------------------------------------------------------------
 _EXPECTED = {
     "float_type": "float",
@@ -439,26 +528,53 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
-def _allowed(loc: tuple) -> list[str]:
-    """The keys allowed at `loc` (the model class reached by walking the field annotations)."""
+def _walk(loc: tuple, registries: Registries | None) -> tuple[tuple, Any, Any]:
+    """(loc without union tags, the model class reached, the last field) by walking the field annotations
+    from Config; a task entry's tag (its type) switches to that type's config model."""
     cls: Any = Config
-    for part in loc:
+    f = None
+    out: list[Any] = []
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        out.append(part)
         if isinstance(part, int):
+            if out[:-1] == ["tasks"] and parts and registries is not None and parts[0] in registries.task_configs:
+                cls = registries.task_configs[parts.pop(0)]  # the union member's tag: not a key of the config
+            continue
+        if cls is None:
+            f = None
             continue
         f = cls.model_fields.get(part)
-        nxt = _submodel(f.annotation) if f is not None else None
-        if nxt is None:
-            break
-        cls = nxt
-    return sorted(cls.model_fields)
+        cls = _submodel(f.annotation) if f is not None else None
+    return tuple(out), cls, f
 
 
-def _message(err: Mapping[str, Any]) -> str:
+def _allowed_at(loc: tuple, registries: Registries | None) -> tuple[tuple, list[str]]:
+    """(loc without union tags, the keys allowed in the mapping that holds the last key of `loc`)."""
+    clean, cls, _ = _walk(loc[:-1], registries)
+    return clean + loc[-1:], sorted(cls.model_fields) if cls is not None else []
+
+
+def _message(err: Mapping[str, Any], registries: Registries | None = None) -> str:
     loc, typ, inp = tuple(err["loc"]), err["type"], err.get("input")
+    if typ in ("union_tag_invalid", "union_tag_not_found"):
+        known = sorted(registries.task_configs) if registries is not None else []
+        got = err.get("ctx", {}).get("tag", inp.get("type") if isinstance(inp, dict) else inp)
+        return f"{_path(loc + ('type',))}: unknown task type {got!r}; known: {known}"
     if typ == "extra_forbidden":
-        return f"{_path(loc)}: unknown key; allowed keys are {_allowed(loc[:-1])}"
+        loc, allowed = _allowed_at(loc, registries)
+        key = loc[-1]
+        types = registries.task_configs if registries is not None else {}
+        owners = [t for t, c in types.items() if key in c.model_fields]
+        if owners and len(loc) == 3 and loc[0] == "tasks":
+            return (
+                f"{_path(loc)}: an option of {', '.join(owners)} tasks, not of this task's type; "
+                f"allowed keys are {allowed}"
+            )
+        return f"{_path(loc)}: unknown key; allowed keys are {allowed}"
+    loc, _, f = _walk(loc, registries)
     if typ == "missing":
-        f = _field(loc)
         return f"{_path(loc)}: required" + (f" ({f.description})" if f is not None and f.description else "")
     if typ in _EXPECTED:
         return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}"
@@ -469,29 +585,14 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{_path(loc)}: {err['msg'].lower()}, got {inp!r}"
 
 
-def _field(loc: tuple) -> Any:
-    cls: Any = Config
-    f = None
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if cls is None:
-            return None
-        f = cls.model_fields.get(part)
-        if f is None:
-            return None
-        cls = _submodel(f.annotation)
-    return f
-
-
 def config_from_dict(data: Any, registries: Registries | None = None) -> Config:
     """Build and validate a Config; raise ConfigError listing every problem with its key path."""
     if not isinstance(data, dict):
         raise ConfigError([f"<root>: expected a mapping, got {type(data).__name__} {data!r}"])
     try:
-        return Config.model_validate(data, context={"registries": registries})
+        return config_model(registries).model_validate(data, context={"registries": registries})
     except ValidationError as e:
-        raise ConfigError(list(dict.fromkeys(_message(x) for x in e.errors()))) from None
+        raise ConfigError(list(dict.fromkeys(_message(x, registries) for x in e.errors()))) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -570,8 +671,9 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every config key with its type, default and help text (for `pwemoe config --explain`)."""
+def explain(model: type[BaseModel] = Config, prefix: str = "", registries: Registries | None = None) -> list[str]:
+    """Every config key with its type, default and help text (for `pwemoe config --explain`); with registries,
+    each task type's own options too, marked with the types that have them."""
     lines = []
     for name, f in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -579,13 +681,31 @@ def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
         if sub is not None:
             lines.append(f"{key}{'[i]' if 'list' in str(f.annotation) else ''}: {f.description or ''}")
             lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.")
+            if sub is TaskConfig and registries is not None:
+                lines += _task_options(f"{key}[i].", registries)
             continue
-        if f.is_required():
-            default = "required"
-        else:
-            d = f.get_default(call_default_factory=True)
-            default = f"default {d!r}"
-        tp = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) else None
-        tp = tp or str(f.annotation).replace("typing.", "")
-        lines.append(f"{key} ({tp}; {default}): {f.description or ''}")
+        lines.append(_key_line(key, f))
     return lines
+
+
+def _key_line(key: str, f: Any, types: str = "") -> str:
+    if f.is_required():
+        default = "required"
+    else:
+        d = f.get_default(call_default_factory=True)
+        default = f"default {d!r}"
+    tp = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) else None
+    tp = tp or str(f.annotation).replace("typing.", "")
+    return f"{key} ({tp}; {default}{'; ' + types if types else ''}): {f.description or ''}"
+
+
+def _task_options(prefix: str, registries: Registries) -> list[str]:
+    """The options task types add to TaskConfig, each once, with the types that have it."""
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, Any] = {}
+    for t, c in registries.task_configs.items():
+        for name, f in c.model_fields.items():
+            if name not in TaskConfig.model_fields:
+                owners.setdefault(name, []).append(t)
+                fields.setdefault(name, f)
+    return [_key_line(f"{prefix}{n}", fields[n], "type " + " | ".join(owners[n])) for n in owners]

@@ -85,7 +85,7 @@ def resolve_device(spec: str = "auto", key: str = "device") -> torch.device:
     return torch.device("cuda", index)
 
 
-# What train.gradient_checkpointing may recompute (pwemoe.upscale.gradient_checkpointing): every transformer
+# What train.gradient_checkpointing may recompute (pwemoe.recompute.gradient_checkpointing): every transformer
 # layer, or only the upcycled modules.
 CHECKPOINT_SCOPES = ("layers", "upcycled")
 

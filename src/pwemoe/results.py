@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .baselines import group_rows, with_role
 from .core.preference import normalize_preference
-from .io import CORRECT, RESULTS, atomic_write_json, atomic_write_text, read_json
-from .methods import group_rows
+from .files import CORRECT, RESULTS, atomic_write_json, atomic_write_text, read_json
 from .pareto import hypervolume, non_dominated
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def _signs(names: list[str], directions: dict[str, str] | None) -> np.ndarray:
     return np.array([-1.0 if d.get(n) == "min" else 1.0 for n in names])
 
 
-def normalise(rows: list[dict], names: list[str], directions: dict[str, str] | None = None) -> None:
+def normalize(rows: list[dict], names: list[str], directions: dict[str, str] | None = None) -> None:
     """Add `normalized` to each row, in place: the task's metric relative to its own expert's, so that
     1 is "as good as the expert" and larger is better (accuracy / expert's; loss: expert's / loss)."""
     lower = {n for n, s in zip(names, _signs(names, directions)) if s < 0}
@@ -232,8 +232,9 @@ def summarize(
     hypervolume difference and ratio with their intervals.
     """
     sign = _signs(names, directions)
-    normalise(rows, names, directions)
+    normalize(rows, names, directions)
     groups = group_rows(rows)
+    subject, normaliser = with_role("subject").name, with_role("normaliser").name
     ref_raw = reference_values(rows, names, reference, directions, loss_reference)
     ref_u = sign * np.array(ref_raw)  # in "larger is better" coordinates
     norm_ref = [float(reference) if s > 0 else 0.0 for s in sign]
@@ -241,11 +242,12 @@ def summarize(
         "reference_point": {"accuracy": ref_raw, "normalized": norm_ref},
         "directions": {n: "max" if s > 0 else "min" for n, s in zip(names, sign)},
         "tasks": names,
+        "roles": {role: with_role(role).name for role in ("subject", "reference", "normaliser")},
         "methods": {},
     }
     ideal = None
-    if "experts" in groups and all(r["normalized"][n] is not None for r in groups["experts"] for n in names):
-        own = [next(r["accuracy"][n] for r in groups["experts"] if r["method"] == f"expert:{n}") for n in names]
+    if normaliser in groups and all(r["normalized"][n] is not None for r in groups[normaliser] for n in names):
+        own = [next(r["accuracy"][n] for r in groups[normaliser] if r["method"] == f"expert:{n}") for n in names]
         ideal = own
         out["ideal_point"] = {
             "accuracy": own,
@@ -267,10 +269,10 @@ def summarize(
             entry["hypervolume_normalized"] = hypervolume(norm, norm_ref)
             entry["mean_normalized_accuracy"] = float(norm.mean(axis=1).max())
         out["methods"][g] = entry
-    if "pwemoe" in groups:  # pointwise comparison of each method's points with PWEMoE's front
-        pw = np.array([[r["accuracy"][n] for n in names] for r in groups["pwemoe"]])
+    if subject in groups:  # pointwise comparison of each method's points with PWEMoE's front
+        pw = np.array([[r["accuracy"][n] for n in names] for r in groups[subject]])
         for g, rs in groups.items():
-            if g == "pwemoe":
+            if g == subject:
                 continue
             pts = np.array([[r["accuracy"][n] for n in names] for r in rs])
             out["methods"][g]["dominated_by_pwemoe"] = int(sum(_dominated(p, sign * pw) for p in sign * pts))
@@ -294,16 +296,17 @@ def _intervals(
     """Paired bootstrap intervals (see `summarize`), added to `out` and the rows in place.
 
     refs: (sign per task, raw reference in larger-is-better coordinates, normalised reference)."""
-    from .bootstrap import accuracy_samples, interval
+    from .intervals import accuracy_samples, interval
 
     sign, ref_u, norm_ref = refs
+    subject, normaliser = with_role("subject").name, with_role("normaliser").name
     samples = accuracy_samples({n: correct[n] for n in names}, resamples, seed)
     acc = np.stack([samples[n] for n in names], axis=-1)  # [B, R, k]
     lo, hi = interval(acc, level)
     for i, r in enumerate(rows):
         r["accuracy_ci"] = {n: [float(lo[i, j]), float(hi[i, j])] for j, n in enumerate(names)}
     where = {id(r): i for i, r in enumerate(rows)}
-    experts = groups.get("experts", [])
+    experts = groups.get(normaliser, [])
     own_idx = [next((where[id(r)] for r in experts if r["method"] == f"expert:{n}"), None) for n in names]
     own = acc[:, own_idx, np.arange(len(names))] if None not in own_idx else None  # [B, k]
     hv: dict[str, dict[str, np.ndarray]] = {}
@@ -326,18 +329,18 @@ def _intervals(
         "level": level,
         "seed": seed,
     }
-    if "pwemoe" not in hv:
+    if subject not in hv:
         return
     comp = {}
     for g in hv:
-        if g == "pwemoe":
+        if g == subject:
             continue
         c: dict[str, Any] = {}
         for kind, key in (("raw", "hypervolume"), ("norm", "hypervolume_normalized")):
-            if kind not in hv[g] or kind not in hv["pwemoe"]:
+            if kind not in hv[g] or kind not in hv[subject]:
                 continue
-            a, b = hv["pwemoe"][kind], hv[g][kind]
-            pa, pb = out["methods"]["pwemoe"][key], out["methods"][g][key]
+            a, b = hv[subject][kind], hv[g][kind]
+            pa, pb = out["methods"][subject][key], out["methods"][g][key]
             d_lo, d_hi = interval(a - b, level)
             c[key] = {
                 "difference": pa - pb,
@@ -358,7 +361,7 @@ def _dominated(p: np.ndarray, others: np.ndarray) -> bool:
 
 def write_tables(run: Path, rows: list[dict], names: list[str], summary: dict) -> None:
     """results.csv, results.json (every stored row, normalised) and summary.json, atomically."""
-    normalise(rows, names, summary.get("directions"))  # a loss task's normalisation is inverted
+    normalize(rows, names, summary.get("directions"))  # a loss task's normalisation is inverted
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(

@@ -10,10 +10,12 @@ import torch
 
 from .checkpoint import check_hashes, load_routers
 from .config import Config
+from .configfile import build_config, read_config
 from .core.preference import PreferenceLike, normalize_preference, parse_preference
-from .io import BEST_ROUTERS, CONFIG, ROUTERS, atomic_write_json, file_sha256, publish_dir
-from .upscale import load_router_state_dict, merge_and_unload, routing_weights, set_preference
-from .workbench import Workbench, build_config, read_config
+from .export import merge_and_unload
+from .files import BEST_ROUTERS, CONFIG, ROUTERS, atomic_write_json, file_sha256, require_run_dir, staged_dir
+from .routing import load_router_state_dict, routing_weights, set_preference
+from .workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,7 @@ def open_run(
     Returns the workbench and the checkpoint metadata, plus `routers_sha256` (the router file's hash,
     part of the provenance of every PWEMoE result).
     """
-    run = Path(run)
-    if not (run / CONFIG).is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    run = require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, precision)
     path = routers_path(run, cfg)
     state, meta = load_routers(path)
@@ -81,8 +81,7 @@ def export_run(
     """
     run, out = Path(run), Path(out)
     check_export_dir(out, overwrite)  # refuse before loading any model
-    if not (run / CONFIG).is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
     r = parse_preference_arg(preference, len(cfg.tasks))
     wb, meta = open_run(run, load_test=False, device=device)
@@ -114,29 +113,23 @@ def write_export(
     check_export_dir(out, overwrite)
     set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
-    tmp = out.parent / f".{out.name}.pwemoe-tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)  # our own leftover from a killed export
-    tmp.mkdir(parents=True)
-    plain = wb.modality.plain_model(merge_and_unload)
-    written = wb.modality.save_export(plain, wb.tasks, tmp)
-    written = {n: str(out / Path(p).relative_to(tmp)) if Path(p) != tmp else str(out) for n, p in written.items()}
-    info: dict[str, Any] = {
-        "preference": dict(zip([t.name for t in wb.tasks], r.tolist())),
-        "run": str(run.resolve()),
-        "step": meta.get("step"),
-        "routers_sha256": meta.get("routers_sha256"),
-        "base": meta.get("base"),
-        "experts": meta.get("experts"),
-        "hashes": meta.get("hashes"),
-        "routing_weights": lam,
-        "models": written,
-        "class_names": {t.name: t.class_names for t in wb.tasks},
-    }
-    atomic_write_json(tmp / "pwemoe.json", info)
-    publish_dir(tmp, out, overwrite, "export")
+    with staged_dir(out, overwrite, "export") as tmp:
+        plain = wb.modality.plain_model(merge_and_unload)
+        written = wb.modality.save_export(plain, wb.tasks, tmp)
+        written = {n: str(out / Path(p).relative_to(tmp)) if Path(p) != tmp else str(out) for n, p in written.items()}
+        info: dict[str, Any] = {
+            "preference": dict(zip([t.name for t in wb.tasks], r.tolist())),
+            "run": str(run.resolve()),
+            "step": meta.get("step"),
+            "routers_sha256": meta.get("routers_sha256"),
+            "base": meta.get("base"),
+            "experts": meta.get("experts"),
+            "hashes": meta.get("hashes"),
+            "routing_weights": lam,
+            "models": written,
+            "class_names": {t.name: t.class_names for t in wb.tasks},
+        }
+        atomic_write_json(tmp / "pwemoe.json", info)
     return out
 
 

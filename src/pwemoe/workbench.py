@@ -7,40 +7,24 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, Registries, config_from_dict, load_config
+from .config import Config, ConfigError
 from .devices import autocast, move, resolve_device
 from .modalities import MODALITIES, Modality
 from .modalities.causal_lm import HEAD_ONLY_PREFIX
 from .models import check_local_sources
-from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES, Task
-from .upscale import upscale
+from .upcycle import upcycle
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def registries() -> Registries:
-    """The names a config may use, checked in the same pass as every other config error."""
-    return Registries(task_types=tuple(TASK_TYPES), objectives=tuple(OBJECTIVES), check_objective=check_objective_args)
-
-
-def read_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config with `key=value` overrides; all errors (schema and names) at once."""
-    return load_config(path, overrides, registries())
-
-
-def build_config(data: Mapping[str, Any]) -> Config:
-    return config_from_dict(dict(data), registries())
 
 
 @dataclass
@@ -123,7 +107,7 @@ class Workbench:
         self.model, self.backbone = self.modality.model, self.modality.backbone
         self.info = None
         self._eval_batches: dict[tuple, list[list[int]]] = {}
-        self._eval_cache: dict[tuple, list[ForwardBatch]] = {}
+        self.encoded = EncodedCache()  # encoded evaluation batches, kept across the models of a sweep
         if upcycle:
             self._upcycle()  # builds the task vectors on the device, experts streamed from disk
         self.model.to(self.device)  # the rest (e.g. CLIP's text tower and projections) joins it
@@ -144,7 +128,7 @@ class Workbench:
 
     def _upcycle(self) -> None:
         m = self.cfg.model
-        upscale(
+        upcycle(
             self.backbone,
             self.expert_loaders(),
             targets=m.targets,
@@ -269,30 +253,22 @@ class Workbench:
             self._eval_batches[key] = length_sorted_batches(lengths, batch_size)
         return self._eval_batches[key]
 
-    def eval_data(self, task: Task, batch_size: int, cache_bytes: int = 1 << 30) -> Iterator[ForwardBatch]:
-        """The task's test split as ForwardBatches, encoded by worker processes.
+    def eval_data(self, task: Task, batch_size: int, num_workers: int | None = None) -> Iterator[ForwardBatch]:
+        """The task's test split as ForwardBatches (in `eval_batches` order), encoded by worker processes
+        (`num_workers`, default eval.num_workers; 0 encodes in this thread, as a threaded server must).
 
-        Encoded batches are kept for the next model of a sweep while they fit in `cache_bytes`
-        (token ids always do; images of a large test set do not and are re-encoded, prefetched).
+        Encoded batches are kept for the next model of a sweep (`encoded`: all tasks within one byte budget);
+        token ids always fit, images of a large test set do not and are encoded again, prefetched.
         """
         key = (task.name, batch_size, len(task.test_data))
-        if key in self._eval_cache:
-            yield from self._eval_cache[key]
+        kept = self.encoded.get(key)
+        if kept is not None:
+            yield from kept
             return
         i = self.tasks.index(task)
-        kept: list[ForwardBatch] | None = []
-        total = 0
-        loader = self.loader(_EvalBatches(self, i, self.eval_batches(task, batch_size)), self.cfg.eval.num_workers)
-        for b in loader:
-            if kept is not None:
-                total += b.nbytes()
-                if total <= cache_bytes:
-                    kept.append(b)
-                else:
-                    kept = None  # too big to keep: later models re-encode
-            yield b
-        if kept is not None:
-            self._eval_cache[key] = kept
+        batches = self.eval_batches(task, batch_size)
+        workers = self.cfg.eval.num_workers if num_workers is None else num_workers
+        yield from self.encoded.keep(key, self.loader(_EvalBatches(self, i, batches), workers), len(batches))
 
     def loader(self, dataset: Any, num_workers: int | None, sampler: Any = None) -> torch.utils.data.DataLoader:
         """A DataLoader of whole items (no re-batching): worker processes, pinned memory on GPUs, prefetch."""
@@ -350,6 +326,40 @@ class Workbench:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+class EncodedCache:
+    """Encoded batches kept for reuse, keyed by what they encode, within one byte budget for all keys.
+
+    `keep` passes batches through and keeps them while the budget allows; a key whose batches do not all
+    fit is not kept (its batches are encoded again next time). The batches are stored before the last one
+    is yielded: a consumer zipping them with their index batches stops there, and a generator's code after
+    its last yield would never run.
+    """
+
+    def __init__(self, budget_bytes: int = 1 << 30) -> None:
+        self.budget = budget_bytes
+        self.kept: dict[Any, list[ForwardBatch]] = {}
+        self.bytes = 0
+
+    def get(self, key: Any) -> list[ForwardBatch] | None:
+        return self.kept.get(key)
+
+    def keep(self, key: Any, batches: Iterable[ForwardBatch], count: int) -> Iterator[ForwardBatch]:
+        """Yield `batches` (`count` of them), keeping them under `key` if they all fit in what is left."""
+        kept: list[ForwardBatch] | None = []
+        size = 0
+        for n, b in enumerate(batches, 1):
+            if kept is not None:
+                size += b.nbytes()
+                if self.bytes + size <= self.budget:
+                    kept.append(b)
+                    if n == count:
+                        self.kept[key] = kept
+                        self.bytes += size
+                else:
+                    kept = None  # too big to keep: encoded again next time
+            yield b
 
 
 def segment_rows(batch: Any) -> list[int]:

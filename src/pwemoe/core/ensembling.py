@@ -23,7 +23,8 @@ class EnsemblingModule(nn.Module):
     Subclasses say how theta(r) is held and run: `WeightEnsemblingModule` (dense task vectors,
     one merge per preference) and `core.factored.FactoredEnsemblingModule` (low-rank task vectors,
     applied to the activations, never densified). Both are driven by the same functions in
-    `pwemoe.upscale` (set_preference, shared_merge, merge_and_unload, router state dicts).
+    `pwemoe.routing`, `pwemoe.training` and `pwemoe.export` (set_preference, shared_merge, merge_and_unload, router
+    state dicts).
     """
 
     # Per-step state: plain values, never a parameter, buffer or module. They skip nn.Module.__setattr__'s
@@ -223,7 +224,7 @@ class WeightEnsemblingModule(EnsemblingModule):
         self._init_router(router, task_names, next(iter(params.values())).device)
         # Set by `pwemoe.shared_merge`: {param: theta(r) as a leaf}; lambda(r), with its graph, is `_shared_lam`.
         self._shared: dict[str, torch.Tensor] | None = None
-        # Set by `pwemoe.upscale.task_segments` (inside shared_merge): rows per task of the next forwards,
+        # Set by `pwemoe.training.task_segments` (inside shared_merge): rows per task of the next forwards,
         # in task order. Task i's rows then run on their own leaf view of theta(r) (no copy), so one
         # forward over all tasks yields each task's dL_i/dW (EPO) as the leaves' separate gradients.
         self._segment_leaves: list[dict[str, torch.Tensor]] | None = None

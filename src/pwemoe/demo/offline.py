@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..config import apply_overrides
-from ..io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 
 
 def template() -> dict[str, Any]:
@@ -61,8 +61,8 @@ def run_demo(
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     print(f"[1/5] experts (cached in {workdir / 'experts'})")
+    from ..configfile import read_config
     from ..recipes.finetune import FINETUNE_INFO, finetune_provenance
-    from ..workbench import read_config
 
     parsed = read_config(cfg_path)
     for t in cfg["tasks"]:
@@ -102,9 +102,10 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from ..configfile import build_config
     from ..results import preference_key
     from ..tasks.data import first_n, load_split
-    from ..workbench import build_config, length_sorted_batches
+    from ..workbench import length_sorted_batches
 
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
@@ -133,7 +134,7 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
 
 
 def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
-    from ..methods import METHODS
+    from ..baselines import METHODS, with_role
     from ..report import comparison_sentence
 
     boot = summary.get("bootstrap")
@@ -154,8 +155,9 @@ def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
     if "ideal_point" in summary:
         ip = summary["ideal_point"]
         print(f"{'experts ideal point':<22}{ip['hypervolume']:>12.4f}{'':>20}{ip['hypervolume_normalized']:>12.4f}")
-    sentence = comparison_sentence(summary, "pref_task_arithmetic")
+    subject, reference = with_role("subject"), with_role("reference")
+    sentence = comparison_sentence(summary, reference.name)
     if sentence:
-        print(f"\nPWEMoE vs preference-weighted task arithmetic: {sentence}")
+        print(f"\n{subject.label} vs {reference.label}: {sentence}")
     if not check["match"]:
         raise RuntimeError("the exported model does not reproduce the evaluated accuracy")

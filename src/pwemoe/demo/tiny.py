@@ -23,7 +23,7 @@ def run() -> dict[str, float]:
             for p in e.parameters():
                 p.add_(torch.randn_like(p) * 0.02 * (i + 1))
         experts[task] = e
-    model = pwemoe.upscale(base, experts, init_lambda=0.3)
+    model = pwemoe.upcycle(base, experts, init_lambda=0.3)
     n_router = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"upcycled {len(list(pwemoe.ensembling_modules(model)))} modules; {n_router} trainable router parameters")
     x = torch.randint(0, 200, (2, 12))

@@ -21,6 +21,7 @@ class Modality(ABC):
     """
 
     name = "modality"
+    input_kind = "text"  # what one request input is ("text", or "image"): the explorer's input box
 
     def __init__(self, base: str) -> None:
         self.base = base  # local directory or hub id, after path_map
@@ -52,3 +53,25 @@ class Modality(ABC):
     @abstractmethod
     def save_export(self, plain: nn.Module, tasks: Sequence[Any], out: Path) -> dict[str, str]:
         """Write plain Hugging Face directories under `out`; returns task name -> directory."""
+
+    def request_rows(self, task: Any, inputs: Sequence[Any]) -> dict[str, list]:
+        """The column dict `task.encode` reads, from the inputs of a request (`PreferenceModel.predict`,
+        `/api/predict`): texts, or [text, pair] lists where the task reads two columns. Every bad input is
+        named at once. `inputs` is a non-empty list (checked by the caller)."""
+        cols = task.input_columns()
+        if len(cols) == 2:  # sentence pairs (or a causal LM's prompt and response)
+            bad = [j for j, x in enumerate(inputs) if not _is_pair(x)]
+            if bad:
+                raise ValueError(
+                    f"task {task.name!r} takes sentence pairs: each input a list of two non-empty strings; "
+                    f"inputs {bad[:5]} are not"
+                )
+            return {cols[0]: [x[0] for x in inputs], cols[1]: [x[1] for x in inputs]}
+        bad = [j for j, x in enumerate(inputs) if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ValueError(f"task {task.name!r} takes texts: each input a non-empty string; inputs {bad[:5]} are not")
+        return {cols[0]: list(inputs)}
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(s, str) and s.strip() for s in x)

@@ -68,7 +68,7 @@ class CausalLMModality(Modality):
         self.tokenizer.save_pretrained(out / "model")
         info = getattr(self.model, "pwemoe_info", None) or getattr(self.backbone, "pwemoe_info", None)
         if info is not None and info.expert_format == "lora":
-            from ..upscale import save_lora_adapter
+            from ..lora.export import save_lora_adapter
 
             save_lora_adapter(self.model, out / "adapter", base_model_name_or_path=info.base_id or self.base)
         return {t.name: str(out / "model") for t in tasks}

@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
+from ..baselines import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank
+from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import rank_and_world
-from ..io import CONFIG, RunLock
-from ..methods import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank
+from ..export import PlainCopy
+from ..files import CONFIG, RunLock, require_run_dir
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
-from ..upscale import merge_and_unload, merge_into
-from ..workbench import Workbench, read_config
+from ..workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,7 @@ def evaluate_run(
     _check_int("--max-test-samples", max_test_samples, 1)
     if split not in ("test", "validation"):
         raise ValueError(f"--split must be test or validation, got {split!r}")
-    run = Path(run)
-    if not (run / CONFIG).is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+    run = require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, precision)  # errors before any model loads
     no_val = [t.name for t in cfg.tasks if not t.data.has_validation]
     if split == "validation" and no_val:
@@ -179,7 +178,8 @@ def _evaluate(
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
-    state: dict[str, Any] = {"plain": None, "bank": None}  # PWEMoE: one re-merged plain copy; baselines: theta_0 + T
+    # PWEMoE: one plain copy re-merged per preference; baselines: theta_0 + T
+    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None}
     for method in METHODS.values():
         if method.baseline and not baselines:
             continue
@@ -208,20 +208,14 @@ def _evaluate(
         bar.close()
         rows.extend(found)
         if method.name == "pwemoe":
-            state["plain"] = None  # free the copy before the baselines' bank is built
+            state["plain"].release()  # free the copy before the baselines' bank is built
     return rows
 
 
 def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
     """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device."""
     if p.weights is None:
-        plain = state["plain"]
-        state["plain"] = (
-            merge_and_unload(wb.backbone, p.preference).eval()
-            if plain is None
-            else merge_into(wb.backbone, plain, p.preference)
-        )
-        model = state["plain"]
+        model = state["plain"].at(p.preference)
     else:
         if state["bank"] is None:
             lora = wb.info is not None and wb.info.expert_format == "lora"

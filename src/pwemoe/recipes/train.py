@@ -11,8 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,12 @@ import torch
 
 from .. import __version__
 from ..checkpoint import check_hashes, load_routers, load_state, save_routers, save_state
-from ..config import Config, ConfigError, dump_config
+from ..config import RESUMABLE, Config, ConfigError, dump_config, resumable_keys
+from ..configfile import build_config, read_config
 from ..core.preference import DirichletSampler, simplex_grid
 from ..devices import grad_scaler, rank_and_world
-from ..io import (
+from ..export import PlainCopy
+from ..files import (
     BEST_ROUTERS,
     CONFIG,
     METRICS,
@@ -32,49 +33,32 @@ from ..io import (
     RUN_MARKER,
     STATE,
     RunLock,
+    append_line,
     atomic_write_json,
     atomic_write_text,
     clear_run_dir,
     is_run_dir,
+    require_run_dir,
 )
 from ..objectives import Objective, build_objective
 from ..pareto import hypervolume
+from ..recompute import gradient_checkpointing
+from ..routing import load_router_state_dict, router_state_dict
 from ..tasks.data import TaskStream
-from ..upscale import (
-    gradient_checkpointing,
-    load_router_state_dict,
-    merge_and_unload,
-    merge_into,
-    router_state_dict,
-    shared_merge,
-    task_segments,
+from ..training import (
+    NonFiniteLossError,
+    StepData,
+    StepEncoder,
+    StepSampler,
+    accumulate_router_gradients,
+    default_micro_batch_size,
+    flat_to_grads,
+    make_optimizer,
 )
-from ..workbench import ForwardBatch, Workbench, build_config, read_config, segment_rows
+from ..workbench import Workbench
 
 log = logging.getLogger(__name__)
 
-# Settings that may change when a run is resumed; any other difference is refused.
-# Where and how fast a run computes may change too (resume a CPU run on a GPU), not what it computes.
-RESUMABLE = (
-    "train.steps",
-    "train.lr",
-    "train.min_lr_ratio",
-    "train.save_interval",
-    "train.log_interval",
-    "train.num_workers",
-    "train.val_interval",
-    "train.select",
-    "train.task_gradients",
-    "train.micro_batch_size",
-    "train.gradient_checkpointing",
-    "device",
-    "precision",
-    "eval.",
-)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def checkpoint_metadata(cfg: Config, wb: Workbench, step: int) -> dict[str, Any]:
@@ -127,7 +111,7 @@ def resume_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     if bad:
         raise ConfigError(
             [
-                f"{x} (this setting cannot change on --resume; only {', '.join(RESUMABLE)}* may; "
+                f"{x} (this setting cannot change on --resume; only {resumable_keys()} may; "
                 "start a new run_dir to change it)"
                 for x in bad
             ]
@@ -274,11 +258,11 @@ class TrainRecipe:
     def _val_hv(self) -> tuple[float, int]:
         """(hypervolume, points) of the current routers' front on the validation data."""
         wb, tc, bs = self.wb, self.cfg.train, self.cfg.eval.batch_size
-        plain, points = None, []
+        plain, points = PlainCopy(wb.backbone), []
         for r in simplex_grid(len(wb.tasks), tc.val_grid):
-            plain = merge_and_unload(wb.backbone, r).eval() if plain is None else merge_into(wb.backbone, plain, r)
-            points.append([wb.accuracy(t, bs, backbone=plain) for t in wb.tasks])
-        del plain
+            model = plain.at(r)
+            points.append([wb.accuracy(t, bs, backbone=model) for t in wb.tasks])
+        plain.release()
         # lower-is-better metrics (losses) enter with their sign flipped, against the fixed eval.loss_reference
         sign = torch.tensor([1.0 if t.higher_is_better else -1.0 for t in wb.tasks], dtype=torch.float64)
         ref = torch.tensor(
@@ -340,12 +324,12 @@ class TrainRecipe:
         encoder, sampler = self._pipeline()
         return iter(self.wb.loader(encoder, self.cfg.train.num_workers, sampler=sampler))
 
-    def _pipeline(self) -> tuple[_StepEncoder, _StepSampler]:
+    def _pipeline(self) -> tuple[StepEncoder, StepSampler]:
         tc = self.cfg.train
         # per-task gradients (EPO): one forward per task, or forwards across tasks (task_segments)
         split = not tc.concat_forward or (self.objective.needs_task_gradients and tc.task_gradients == "forwards")
-        encoder = _StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
-        return encoder, _StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
+        encoder = StepEncoder(self.wb, tc.rays_per_step, self.micro_batch_size, split)
+        return encoder, StepSampler([copy.deepcopy(s) for s in self.streams], self.step_no)
 
     # --- one step -----------------------------------------------------------------------------------
     def step(self, data: StepData | None = None) -> dict[str, Any]:
@@ -374,7 +358,7 @@ class TrainRecipe:
         if self.world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
             torch.distributed.all_reduce(flat)
-            _flat_to_grads(self.params, flat / self.world, accumulate=False)
+            flat_to_grads(self.params, flat / self.world, accumulate=False)
         lr = self.opt.param_groups[0]["lr"]
         self.scaler.step(self.opt)  # a plain opt.step() unless fp16 (then skipped on inf gradients)
         self.scaler.update()
@@ -418,15 +402,13 @@ class TrainRecipe:
                 rec = self.step(next(data))
                 step = self.step_no
                 if self.main and (step % tc.log_interval == 0 or step == tc.steps):
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    append_line(metrics_path, json.dumps(rec))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({"loss": f"{rec['loss']:.3f}", **{n: f"{v:.3f}" for n, v in rec["losses"].items()}})
                 if self.main and tc.val_interval and (step % tc.val_interval == 0 or step == tc.steps):
                     vrec = self.validate()  # before the checkpoint, which records the best so far
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(vrec) + "\n")
+                    append_line(metrics_path, json.dumps(vrec))
                     if bar is not None:
                         bar.write(f"step {step}: validation hypervolume {vrec['val_hv']:.4f}")
                 if step % tc.save_interval == 0 or step == tc.steps:
@@ -480,9 +462,7 @@ def train(
 
     changes: dict[str, tuple[Any, Any]] = {}
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
+        run_dir = require_run_dir(resume)
         if not (run_dir / STATE).is_file():
             raise ValueError(
                 f"{run_dir} has no {STATE}, so it cannot be resumed; train it anew with "
@@ -545,258 +525,6 @@ def _prepare_new_run(run_dir: Path, overwrite: bool) -> None:
     )
 
 
-def accumulate_router_gradients(
-    model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
-    objective: Objective,
-    rays: torch.Tensor,
-    batches: Sequence[Sequence[Any]],
-    loss_fn: Callable[[Any], torch.Tensor],
-    names: list[str] | None = None,
-    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, float]:
-    """One step's router gradients, accumulated into `p.grad` (the optimizer step is the caller's).
-
-    rays: Tensor[R, k] preferences. batches[j]: the forwards of ray j, objects with `.segments`
-    [(task index, example count)] (`ForwardBatch`); loss_fn(batch) returns Tensor[len(segments)],
-    each segment's summed loss. Task i's loss L_i is its mean over the ray's examples, however they
-    are split into forwards. All forwards of a ray share one merge (`shared_merge`): each
-    forward's backward stops at the merged weights and frees its activations, and the summed
-    weight gradient goes through the merge to the routers once. So the step's cost and memory do
-    not depend on how the examples are split, except for objectives that are neither linear
-    nor gradient-based (Tchebycheff), whose graphs are all kept until the losses are known.
-    `scale` multiplies what is backpropagated (fp16 loss scaling; the scaler unscales the grads).
-    Returns the ray-averaged per-task losses Tensor[k] (CPU) and the ray-averaged objective value.
-    """
-    R, k = rays.shape
-    scale = scale or (lambda x: x)
-    device = next(iter(params)).device if params else rays.device
-    rays_cpu = rays.detach().cpu()  # shared_merge validates r on the CPU; the math below runs on the device
-    task_losses = torch.zeros(k, device=device)
-    total = torch.zeros((), device=device)
-    for r_cpu, groups in zip(rays_cpu, batches):
-        r = r_cpu.to(device, non_blocking=True)
-        counts = [0] * k
-        for g in groups:
-            for i, n in g.segments:
-                counts[i] += n
-        missing = [i for i in range(k) if counts[i] == 0]
-        if missing:
-            raise ValueError(f"every task needs examples for each preference; tasks {missing} have none")
-        inv = torch.tensor([1.0 / n for n in counts]).to(device, non_blocking=True)
-        with shared_merge(model, r_cpu) as merge:
-            if objective.needs_task_gradients:
-                across = any(len(g.segments) > 1 for g in groups)
-                task_grads = _task_grads_across_tasks if across else _task_grads_per_forward
-                losses, G = task_grads(model, params, merge, groups, loss_fn, inv, scale, k)
-                _check_finite(losses, names)  # the LP needs the losses on the CPU anyway
-                if not bool(torch.isfinite(G).all()):  # fp16 overflow: let the scaler skip this step
-                    w = torch.ones(k, device=device)
-                else:
-                    w = objective.weights(losses, r, G / _scale_of(scale, G)).to(device)
-                _flat_to_grads(params, (w.to(G) @ G) / R, accumulate=True)
-                value = (w.to(losses) * losses).sum()
-            else:
-                c = objective.linear_weights(r)
-                losses = torch.zeros(k, device=device)
-                for g in groups:
-                    idx = torch.tensor([i for i, _ in g.segments]).to(device, non_blocking=True)
-                    part = torch.zeros(k, device=device).index_add(0, idx, loss_fn(g)) * inv
-                    if c is not None:  # linear: backpropagate this forward now, its graph is freed
-                        scale((c.to(part) * part).sum() / R).backward()
-                        part = part.detach()
-                    losses = losses + part
-                if c is None:
-                    obj = objective.loss(losses, r.to(losses)) / R
-                    scale(obj).backward()
-                    value = obj.detach() * R
-                else:
-                    value = (c.to(losses) * losses).sum()
-            merge.backward()  # summed dL/dW of every forward -> the routers, one pass over T
-        task_losses += losses.detach() / R
-        total += value.detach() / R
-    # one device sync per step, for the logged scalars (and the check before the optimizer step)
-    out = torch.cat([task_losses, total.reshape(1)]).double().cpu()
-    _check_finite(out[:k], names)
-    return out[:k].float(), float(out[k])
-
-
-def _task_grads_across_tasks(
-    model: torch.nn.Module,
-    params: list,
-    merge: Any,
-    groups: Sequence[Any],
-    loss_fn: Callable,
-    inv: torch.Tensor,
-    scale: Callable,
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses Tensor[k], G Tensor[k, p]) from forwards across tasks: each task's rows run on their own
-    leaf view of the merge (task_segments), so one backward of sum_i L_i gives every dL_i/dW."""
-    losses = torch.zeros(k, device=inv.device)
-    for g in groups:
-        order = [i for i, _ in g.segments]
-        if order != sorted(set(order)):
-            raise ValueError(f"a forward's segments must be in task order, one per task; got {order}")
-        sizes = [0] * k
-        for i, n in zip(order, segment_rows(g)):  # model rows, not examples
-            sizes[i] = n
-        idx = torch.tensor(order).to(inv.device, non_blocking=True)
-        with task_segments(model, sizes):
-            part = torch.zeros(k, device=inv.device).index_add(0, idx, loss_fn(g)) * inv
-            scale(part.sum()).backward()
-        losses = losses + part.detach()
-    return losses, merge.task_router_grads(params, k)
-
-
-def _task_grads_per_forward(
-    model: torch.nn.Module,
-    params: list,
-    merge: Any,
-    groups: Sequence[Any],
-    loss_fn: Callable,
-    inv: torch.Tensor,
-    scale: Callable,
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(losses Tensor[k], G Tensor[k, p]) from forwards that each hold one task's examples."""
-    per_task: list[list[Any]] = [[] for _ in range(k)]
-    for g in groups:
-        tasks = {i for i, _ in g.segments}
-        if len(tasks) != 1:
-            raise ValueError("objectives with per-task gradients need one task per forward")
-        per_task[tasks.pop()].append(g)
-    rows, vals = [], []
-    for i in range(k):
-        li = torch.zeros((), device=inv.device)
-        for g in per_task[i]:
-            x = loss_fn(g).sum() * inv[i]
-            scale(x).backward()
-            li = li + x.detach()
-        vals.append(li)
-        rows.append(torch.cat([gr.reshape(-1) for gr in merge.router_grads(params)]))
-    return torch.stack(vals), torch.stack(rows)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam on the routers: a few hundred numbers in a few dozen tensors, so per-tensor dispatch dominates.
-    Fused into one kernel on a GPU; multi-tensor (foreach) elsewhere, which on a CPU computes
-    bit-for-bit what the per-tensor loop does, in 0.6x its time (measured, 48 router tensors)."""
-    fused = bool(params) and params[0].device.type == "cuda"
-    return torch.optim.Adam(params, lr=lr, fused=fused or None, foreach=None if fused else True)
-
-
-def _scale_of(scale: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The factor `scale` multiplies by (1 without loss scaling)."""
-    return scale(torch.ones((), device=like.device, dtype=like.dtype))
-
-
-def default_micro_batch_size(device: torch.device) -> int | None:
-    """Examples per forward when train.micro_batch_size is unset, chosen by benchmarks/train_step.py:
-    on a CPU, forwards of 16 examples beat one big concatenated forward; on a GPU one forward of
-    all examples is fastest (None: no split)."""
-    return 16 if device.type == "cpu" else None
-
-
-@dataclass
-class StepData:
-    """One step's encoded input: per ray, its forwards; and the index streams' state after the step."""
-
-    rays: list[list[ForwardBatch]]
-    stream_states: list[dict[str, int]]
-
-    def pin_memory(self) -> StepData:
-        return StepData([[b.pin_memory() for b in fw] for fw in self.rays], self.stream_states)
-
-
-class _StepSampler(torch.utils.data.Sampler):
-    """Draws each step's indices from the seeded streams, in this process: (step, indices, states after)."""
-
-    def __init__(self, streams: list[TaskStream], start: int) -> None:
-        self.streams, self.start = streams, start
-
-    def __iter__(self) -> Iterator[tuple[int, list[list[int]], list[dict[str, int]]]]:
-        step = self.start
-        while True:
-            idx = [s.next_indices() for s in self.streams]
-            yield step, idx, [s.state_dict() for s in self.streams]
-            step += 1
-
-
-class _StepEncoder(torch.utils.data.Dataset):
-    """Item (step, indices, states) -> StepData: rows read, tokenised / preprocessed and collated
-    into the step's forwards (run in the loader's worker processes)."""
-
-    def __init__(self, wb: Workbench, rays: int, micro: int | None, split_tasks: bool) -> None:
-        self.wb, self.rays, self.micro, self.split_tasks = wb, rays, micro, split_tasks
-
-    def __getitem__(self, item: tuple[int, list[list[int]], list[dict[str, int]]]) -> StepData:
-        _, idx, states = item
-        tasks = self.wb.tasks
-        out = []
-        for j in range(self.rays):
-            parts = [(i, _chunk(ix, j, self.rays)) for i, ix in enumerate(idx)]
-            out.append(
-                [
-                    self.wb.encode([(i, tasks[i].train_data[sub]) for i, sub in group])
-                    for group in forward_groups(parts, self.micro, self.split_tasks)
-                ]
-            )
-        return StepData(out, states)
-
-
-def forward_groups(
-    parts: list[tuple[int, list[int]]], micro: int | None, split_tasks: bool
-) -> list[list[tuple[int, list[int]]]]:
-    """Split the tasks' example indices into forwards of at most `micro` examples (None: no limit).
-
-    parts: [(task index, indices)] in task order. With `split_tasks` a forward holds one task's
-    examples only (per-task gradients, concat_forward=false); otherwise forwards run across tasks.
-    """
-    groups: list[list[tuple[int, list[int]]]] = []
-    cur: list[tuple[int, list[int]]] = []
-    room = micro or float("inf")
-    for i, ix in parts:
-        if split_tasks and cur:
-            groups.append(cur)
-            cur, room = [], micro or float("inf")
-        pos = 0
-        while pos < len(ix):
-            take = int(min(room, len(ix) - pos))
-            cur.append((i, ix[pos : pos + take]))
-            pos += take
-            room -= take
-            if room == 0:
-                groups.append(cur)
-                cur, room = [], micro or float("inf")
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def _chunk(ix: list[int], j: int, n: int) -> list[int]:
-    """The j-th of n near-equal slices of a list."""
-    lo, hi = (j * len(ix)) // n, ((j + 1) * len(ix)) // n
-    return ix[lo:hi]
-
-
-def _check_finite(losses: torch.Tensor, names: list[str] | None) -> None:
-    names = names or [f"task {i}" for i in range(len(losses))]
-    bad = [n for n, v in zip(names, losses.tolist()) if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLossError(
-            f"loss is not finite for task(s) {bad} (values {losses.tolist()}); "
-            "training stopped and the last good checkpoint is kept. Lower train.lr or check the data."
-        )
-
-
-def _flat_to_grads(params: list[torch.nn.Parameter], flat: torch.Tensor, accumulate: bool) -> None:
-    """Write a flat gradient vector into p.grad, added to what is there when `accumulate`."""
-    for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
-        g = g.view_as(p)
-        p.grad = p.grad + g if accumulate and p.grad is not None else g.clone()
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines from steps after the checkpoint (they will be redone)."""
     if not path.exists():
@@ -819,4 +547,4 @@ def _progress(total: int, initial: int, disable: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-__all__ = ["NonFiniteLossError", "TrainRecipe", "accumulate_router_gradients", "train"]
+__all__ = ["TrainRecipe", "train"]

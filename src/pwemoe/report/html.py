@@ -5,14 +5,13 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ..io import atomic_write_text
-from ..methods import METHODS
+from ..baselines import METHODS, with_role
+from ..files import atomic_write_text
 from .interactive import figure_json, front_figures, plotly_js_path
+from .markdown import comparison_sentence, with_ci
 
 
 def _table(summary: dict) -> str:
-    from . import with_ci
-
     ci = f" [{round(100 * summary['bootstrap']['level'])}% CI]" if summary.get("bootstrap") else ""
     cols = ["method", "points", f"hypervolume{ci}", f"normalised hypervolume{ci}", "best mean normalised acc."]
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
@@ -36,14 +35,13 @@ def _table(summary: dict) -> str:
 
 
 def _verdict(summary: dict) -> str:
-    from . import comparison_sentence
-
     m = summary["methods"]
-    if "pwemoe" not in m or "pref_task_arithmetic" not in m:
+    subject, reference = with_role("subject"), with_role("reference")
+    if subject.name not in m or reference.name not in m:
         return ""
-    a, b = m["pwemoe"]["hypervolume"], m["pref_task_arithmetic"]["hypervolume"]
-    return f"PWEMoE vs preference-weighted task arithmetic: hypervolume {a:.4f} vs {b:.4f}. " + comparison_sentence(
-        summary, "pref_task_arithmetic"
+    a, b = m[subject.name]["hypervolume"], m[reference.name]["hypervolume"]
+    return f"{subject.label} vs {reference.label}: hypervolume {a:.4f} vs {b:.4f}. " + comparison_sentence(
+        summary, reference.name
     )
 
 

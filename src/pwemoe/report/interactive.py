@@ -13,7 +13,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from ..methods import METHODS, group_rows
+from ..baselines import METHODS, group_rows
 
 # matplotlib's default cycle and markers (the static plots' style) in Plotly's terms
 _COLORS = {"C0": "#1f77b4", "C1": "#ff7f0e", "C2": "#2ca02c", "C3": "#d62728", "C4": "#9467bd", "k": "#000000"}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write, plot_file_name
-from ..methods import METHODS, group_rows
+from ..baselines import METHODS, group_rows, with_role
+from ..files import atomic_write, plot_file_name
 
 
 def _style(name: str) -> dict:
@@ -68,7 +68,8 @@ def _ternary(plt, groups: dict, names: list[str], key: str):
     side (rows: methods; columns: tasks; one colour scale per task), interpolated between grid points."""
     import matplotlib.tri as mtri
 
-    methods = [m for m in ("pwemoe", "pref_task_arithmetic") if m in groups and len(groups[m][1]) >= 3]
+    roles = (with_role("subject").name, with_role("reference").name)
+    methods = [m for m in roles if m in groups and len(groups[m][1]) >= 3]
     if not methods:
         return None
     fig, axes = plt.subplots(len(methods), 3, figsize=(13, 4.1 * len(methods)), squeeze=False)

@@ -26,7 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..io import RunDirInUse
+from ..baselines import describe_methods
+from ..files import RunDirInUse
 from ..report.interactive import front_figures, plotly_js_path
 from .model import PreferenceModel, TooLarge
 
@@ -191,7 +192,7 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
             figs["accuracy"] = front_figures(res["rows"], model.task_names, "accuracy", _dirs(res))
             if res["summary"] and "ideal_point" in res["summary"]:
                 figs["normalized"] = front_figures(res["rows"], model.task_names, "normalized", _dirs(res))
-        return {**res, "figures": figs}
+        return {**res, "figures": figs, "methods": describe_methods()}
 
     @app.post("/api/routing_weights")
     def routing(body: PreferenceBody) -> dict:

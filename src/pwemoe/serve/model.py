@@ -8,14 +8,11 @@ no merge and concurrent callers with different preferences never share weights.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import io
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +21,11 @@ import torch
 from torch import nn
 
 from ..core.preference import PreferenceLike, normalize_preference
-from ..io import RESULTS, RunLock
+from ..export import merge_and_unload, merge_into
+from ..files import RESULTS, RunLock
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
+from ..routing import routing_weights
 from ..runs import open_run, write_export
-from ..upscale import merge_and_unload, merge_into, routing_weights
 
 Key = tuple[float, ...]
 EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -123,8 +121,6 @@ class PreferenceModel:
     Thread-safe: every method may be called from several threads at once.
     """
 
-    ENCODED_CACHE_BYTES = 1 << 30  # encoded test batches kept between evaluations (all tasks together)
-
     def __init__(
         self,
         run: str | Path,
@@ -152,8 +148,6 @@ class PreferenceModel:
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
         # the provenance of rows this model computes
         self.inputs = row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type)
-        self._encoded: dict[str, list[Any]] = {}  # see _test_batches
-        self._encoded_bytes = 0
 
     # --- what the run is -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -165,8 +159,8 @@ class PreferenceModel:
                 {
                     "name": t.name,
                     "type": t.cfg.type,
-                    "input": "image" if t.modality == "image" else "text",
-                    "text_pair": bool(getattr(t.cfg.data, "text_pair_column", None)) and t.modality == "text",
+                    "input": self.wb.modality.input_kind,
+                    "text_pair": len(t.input_columns()) == 2 and self.wb.modality.input_kind == "text",
                     "class_names": list(t.class_names),
                     "test_examples": len(t.test_data),
                 }
@@ -257,21 +251,7 @@ class PreferenceModel:
             raise TooLarge(
                 f"{len(inputs)} inputs in one request; at most {self.max_batch} (split the batch, or raise --max-batch)"
             )
-        cols = t.input_columns()
-        if t.modality == "image":
-            return {cols[0]: [_image(x, j) for j, x in enumerate(inputs)]}
-        if len(cols) == 2:  # sentence pairs
-            bad = [j for j, x in enumerate(inputs) if not _is_pair(x)]
-            if bad:
-                raise ValueError(
-                    f"task {t.name!r} takes sentence pairs: each input a list of two non-empty strings; "
-                    f"inputs {bad[:5]} are not"
-                )
-            return {cols[0]: [x[0] for x in inputs], cols[1]: [x[1] for x in inputs]}
-        bad = [j for j, x in enumerate(inputs) if not isinstance(x, str) or not x.strip()]
-        if bad:
-            raise ValueError(f"task {t.name!r} takes texts: each input a non-empty string; inputs {bad[:5]} are not")
-        return {cols[0]: list(inputs)}
+        return self.wb.modality.request_rows(t, inputs)
 
     # --- evaluation and export ---------------------------------------------------------------------
     def evaluate(
@@ -290,8 +270,7 @@ class PreferenceModel:
                 found = ResultStore(self.run).get("pwemoe", key, None, self.inputs["pwemoe"])
                 if found is not None:
                     return {**found, "reused": True}
-            batches = {t.name: self.wb.eval_batches(t, bs) for t in self.wb.tasks}
-            total, done = sum(len(b) for b in batches.values()), 0
+            total, done = sum(len(self.wb.eval_batches(t, bs)) for t in self.wb.tasks), 0
 
             def tick() -> None:
                 nonlocal done
@@ -300,42 +279,17 @@ class PreferenceModel:
                     progress(done, total)
 
             with self.cache.lease(tuple(key)) as (plain, _):
+                # encoded in this thread (no loader processes are forked from a threaded server), kept for later
+                # evaluations as a sweep's are (Workbench.encoded)
                 correct = {
-                    t.name: self.wb.correct(t, bs, plain, self._test_batches(i, batches[t.name]), tick)
-                    for i, t in enumerate(self.wb.tasks)
+                    t.name: self.wb.correct(t, bs, plain, self.wb.eval_data(t, bs, num_workers=0), tick)
+                    for t in self.wb.tasks
                 }
             acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
             row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
             if store:  # re-read under the run lock: rows others wrote are kept
                 ResultStore(self.run).add(row, {n: pack_correct(c) for n, c in correct.items()})
         return {**row, "reused": False}
-
-    def _test_batches(self, i: int, index_batches: list[list[int]]) -> Iterable[Any]:
-        """The task's length-sorted test batches, encoded in this thread (no loader processes are forked
-        from a threaded server) and kept for later evaluations while all tasks' kept batches fit in
-        ENCODED_CACHE_BYTES, as `Workbench.eval_data` keeps a sweep's; beyond it they are encoded anew
-        each time (token ids always fit; a large image test set does not)."""
-        t = self.wb.tasks[i]
-        if t.name in self._encoded:
-            return self._encoded[t.name]
-        return self._encode_keeping(t.name, i, index_batches)
-
-    def _encode_keeping(self, name: str, i: int, index_batches: list[list[int]]) -> Iterator[Any]:
-        t = self.wb.tasks[i]
-        kept: list[Any] | None = []
-        size = 0
-        for n, idx in enumerate(index_batches, 1):
-            batch = self.wb.encode([(i, t.test_data[idx])])
-            if kept is not None:
-                size += batch.nbytes()
-                if self._encoded_bytes + size <= self.ENCODED_CACHE_BYTES:
-                    kept.append(batch)
-                    if n == len(index_batches):  # stored before the last yield: a zip() stops there
-                        self._encoded[name] = kept
-                        self._encoded_bytes += size
-                else:
-                    kept = None  # too big to keep: later evaluations encode again
-            yield batch
 
     def export(self, r: PreferenceLike, name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Write the plain models for r under RUN/exports/<name> (default: from r); returns pwemoe.json."""
@@ -379,32 +333,6 @@ class PreferenceModel:
                 loss_reference=e.loss_reference,
             )
         return {"tasks": self.task_names, "rows": current, "other_rows": len(rows) - len(current), "summary": summary}
-
-
-def _is_pair(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(s, str) and s.strip() for s in x)
-
-
-def _image(x: Any, j: int) -> Any:
-    """A PIL image from a PIL image, raw bytes, or a base64 string (a data URL too)."""
-    from PIL import Image
-
-    if isinstance(x, Image.Image):
-        return x
-    if isinstance(x, str):
-        s = x.split(",", 1)[1] if x.startswith("data:") else x
-        try:
-            x = base64.b64decode(s, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"input {j} is not valid base64 (give an image file's bytes base64-encoded)") from None
-    if not isinstance(x, (bytes, bytearray)):
-        raise TypeError(f"input {j}: expected an image (PIL image, bytes or base64 string), got {type(x).__name__}")
-    try:
-        im = Image.open(io.BytesIO(x))
-        im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise ValueError(f"input {j} is not an image PIL can read ({type(e).__name__}: {e})") from None
-    return im
 
 
 __all__ = ["MergeCache", "PreferenceModel", "TooLarge"]

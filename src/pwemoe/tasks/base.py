@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +28,24 @@ def max_positions(model: nn.Module | None) -> int | None:
     return None
 
 
+@dataclass
+class Finetuning:
+    """What `pwemoe finetune` trains for one task, made by the task (`Task.finetuning`); the recipe runs one loop
+    for every kind of expert (AdamW, warm-up and linear decay, gradient clipping, loss scaling).
+
+    model: moved to the device, switched to train / eval mode. params: the trained ones.
+    loss(rows, device): the loss of a batch of rows (a column dict), under the recipe's autocast.
+    save(dir): write the expert (a model folder, or a PEFT adapter folder).
+    """
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    loss: Callable[[dict[str, list], torch.device], torch.Tensor]
+    save: Callable[[Path], None]
+    weight_decay: float = 0.0
+    description: str = ""
+
+
 class Task(ABC):
     """One objective. A subclass is registered in `pwemoe.tasks.TASK_TYPES` under its `type` name.
 
@@ -38,6 +59,7 @@ class Task(ABC):
     metric: str = "accuracy"  # what `example_scores` measures per example
     higher_is_better: bool = True  # the metric's direction (hypervolume, dominance and plots follow it)
     has_labels: bool = True  # False: no label column, no class names (a causal LM's next-token loss)
+    config_class: type[TaskConfig] = TaskConfig  # the task's entry in a config: TaskConfig plus its own options
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
@@ -104,6 +126,20 @@ class Task(ABC):
     def data_columns(self) -> list[str]:
         """Columns an example is read from: its inputs, and its label where the task has one."""
         return self.input_columns() + ([self.cfg.data.label_column] if self.has_labels else [])
+
+    def finetuning(self, base: str, data: Any, seed: int, options: dict[str, Any]) -> Finetuning:
+        """The expert `pwemoe finetune` makes for this task from the base (a local directory or hub id), trained
+        on `data`; `options` are the command's expert options (e.g. LoRA rank). Seeds torch with `seed`
+        before the trained parameters are initialised. Task types without a way to make experts refuse."""
+        raise ValueError(
+            f"pwemoe finetune cannot make experts for {self.cfg.type} tasks (task {self.name!r}); fine-tune "
+            "the expert elsewhere and give its directory as tasks[].expert"
+        )
+
+    def expert_provenance(self, options: dict[str, Any]) -> dict[str, Any]:
+        """What a fine-tuned expert depends on besides the base, its data and the hyper-parameters (its cache key
+        in `pwemoe_finetune.json`); `options` as for `finetuning`."""
+        return {}
 
     def check_max_length(self, limit: int | None) -> None:
         """Refuse a max_length beyond the model's `limit` positions (None: the model has no such limit)."""

@@ -9,18 +9,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..config import TaskConfig
-from .base import Task, max_positions
+from .base import Finetuning, Task, max_positions
+
+
+class CausalLMConfig(TaskConfig):
+    """A causal-LM task's options."""
+
+    chat_template: bool | None = Field(
+        None, description="wrap the prompt in the tokenizer's chat template (default: if it has one)"
+    )
+
+
+class CausalLMChoiceConfig(CausalLMConfig):
+    """A causal-LM choice task's options: the prompt and each class's answer."""
+
+    prompt_template: str | None = Field(
+        None, description="the prompt, with {text} (and {text_pair}), e.g. 'Review: {text}\\nSentiment:'"
+    )
+    label_words: list[str] | None = Field(
+        None, description="each class's answer, e.g. [' negative', ' positive'] (default: ' ' + name)"
+    )
 
 
 def load_causal_expert(path: str, task: str) -> Any:
     """A LoRA adapter folder (read, never densified) or a *ForCausalLM checkpoint's decoder."""
-    from ..lora import is_lora_adapter, read_lora_adapter
+    from ..lora.adapter import is_lora_adapter, read_lora_adapter
 
     if is_lora_adapter(path):
         return read_lora_adapter(path, f"task {task!r} expert")
@@ -49,8 +70,9 @@ def _learned_position_limit(model: nn.Module | None) -> int | None:
 
 class _CausalTask(Task):
     modality = "causal_lm"
+    config_class: type[TaskConfig] = CausalLMConfig
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: CausalLMConfig) -> None:
         super().__init__(cfg)
         self.tokenizer: Any = None
         self.lm_head: nn.Module | None = None
@@ -117,6 +139,73 @@ class _CausalTask(Task):
     def export_model(self, plain: nn.Module) -> nn.Module:
         return plain  # one plain *ForCausalLM serves every task
 
+    LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+
+    def finetuning(self, base: str, data: Any, seed: int, options: dict[str, Any]) -> Finetuning:
+        """A PEFT LoRA adapter on the base (extra "llm"), trained on this task's own encode / head / loss.
+
+        options: "lora" ({"r", "alpha", "targets"}; defaults LORA_DEFAULTS) and "base_name" (how the config
+        names the base: written as the adapter's base_model_name_or_path, which upcycling checks)."""
+        try:
+            import peft
+        except ImportError:
+            raise ValueError("LoRA experts are trained with peft: pip install 'pwemoe[llm]'") from None
+        from ..config import ConfigError
+        from ..devices import move
+        from ..modalities import MODALITIES
+        from ..modalities.causal_lm import HEAD_ONLY_PREFIX
+
+        lora = {**self.LORA_DEFAULTS, **(options.get("lora") or {})}
+        modality = MODALITIES[self.modality](base)
+        modality.load()
+        self.train_data = data
+        if not self.class_names and self.has_labels:
+            self.class_names = list(getattr(data.features[self.cfg.data.label_column], "names", None) or [])
+        errors: list[str] = []
+        self.validate_data(errors, 0)
+        if errors:
+            raise ConfigError(errors)
+        self.attach(modality)
+        torch.manual_seed(seed)
+        pcfg = peft.LoraConfig(
+            r=int(lora["r"]),
+            lora_alpha=float(lora["alpha"]),
+            target_modules=list(lora["targets"]),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(modality.model, pcfg)  # LoRA layers are injected into modality.backbone too
+
+        def loss(rows: dict[str, list], device: torch.device) -> torch.Tensor:
+            inputs = move(modality.collate(self.encode(rows)), device)
+            outputs = modality.backbone(**{k: v for k, v in inputs.items() if not k.startswith(HEAD_ONLY_PREFIX)})
+            return self.loss(self.head(outputs, inputs), self.labels(rows).to(device))
+
+        def save(out: Path) -> None:
+            model.peft_config["default"].base_model_name_or_path = options.get("base_name") or base
+            model.save_pretrained(out)
+
+        return Finetuning(
+            model,
+            [p for p in model.parameters() if p.requires_grad],
+            loss,
+            save,
+            weight_decay=0.0,
+            description=f"finetune {self.name} (LoRA r={lora['r']})",
+        )
+
+    def expert_provenance(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The prompt, the answers and the LoRA settings are part of what the adapter learned."""
+        return {
+            "task_format": {
+                "type": self.cfg.type,
+                "prompt_template": getattr(self.cfg, "prompt_template", None),
+                "label_words": getattr(self.cfg, "label_words", None),
+                "chat_template": self.cfg.chat_template,
+                "lora": {**self.LORA_DEFAULTS, **(options.get("lora") or {})},
+            }
+        }
+
     def _token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target | prefix) for hidden Tensor[m, h] and target ids LongTensor[m] -> Tensor[m] (fp32)."""
         logits = self.lm_head(hidden).float()
@@ -131,7 +220,9 @@ class CausalLMChoiceTask(_CausalTask):
     Labels that are one token each take one forward per example; otherwise each example runs once per label.
     """
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    config_class = CausalLMChoiceConfig
+
+    def __init__(self, cfg: CausalLMChoiceConfig) -> None:
         super().__init__(cfg)
         self.label_ids: list[list[int]] = []
         if not self.class_names and cfg.label_words:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..config import TaskConfig
@@ -13,10 +14,19 @@ from .base import Task
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
+class CLIPZeroShotConfig(TaskConfig):
+    """A CLIP zero-shot task's options: the prompt templates its class embeddings are built from."""
+
+    templates: list[str] | None = Field(
+        None, description="prompt templates with {} for the class name, e.g. 'a photo of a {}.' (the default)"
+    )
+
+
 class CLIPZeroShotTask(Task):
     modality = "image"
+    config_class = CLIPZeroShotConfig
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: CLIPZeroShotConfig) -> None:
         super().__init__(cfg)
         self.processor: Any = None
         self.text_embeds: torch.Tensor | None = None  # [C, D], unit norm

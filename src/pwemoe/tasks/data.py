@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import DataConfig
+from ..files import cache_dir
 
 # An adapter is a function(cache_dir: Path) -> {split: datasets.Dataset}, addressed in a config as
 # `data: {source: adapter, path: "package.module:function"}`, or by a short name that a package
@@ -39,10 +39,6 @@ def resolve_adapter(spec: str) -> Adapter:
             f"unknown data adapter {spec!r}; give 'module:function', or one of the installed names {sorted(eps)}"
         )
     return eps[spec].load()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PWEMOE_CACHE", Path.cwd() / ".pwemoe_cache"))
 
 
 def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = None) -> Any:
@@ -94,7 +90,7 @@ def _load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = 
         return datasets.load_dataset(local, data.name, split=split)
 
     if data.source == "adapter":
-        splits = resolve_adapter(data.path)(cache_root())
+        splits = resolve_adapter(data.path)(cache_dir())
         if split not in splits:
             raise ValueError(f"adapter {data.path!r} has splits {sorted(splits)}, not {split!r}")
         return splits[split]

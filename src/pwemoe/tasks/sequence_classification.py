@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TaskConfig
-from .base import Task, max_positions
+from .base import Finetuning, Task, max_positions
 
 
 def _last_token(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,3 +104,42 @@ class SequenceClassificationTask(Task):
         if self.tokenizer is not None and m.config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
             m.config.pad_token_id = self.tokenizer.pad_token_id
         return m
+
+    def finetuning(self, base: str, data: Any, seed: int, options: dict[str, Any]) -> Finetuning:
+        """A full fine-tune of the base with a new classification head, saved as a *ForSequenceClassification."""
+        from transformers import AutoModelForSequenceClassification
+
+        from ..devices import move
+        from ..modalities.text import load_tokenizer
+
+        d = self.cfg.data
+        names = self.cfg.class_names or getattr(data.features[d.label_column], "names", None)
+        if not names:
+            raise ValueError(f"task {self.name!r}: give class_names (the label column has no names)")
+        torch.manual_seed(seed)
+        tok = load_tokenizer(base)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+
+        def loss(rows: dict[str, list], device: torch.device) -> torch.Tensor:
+            pairs = rows[d.text_pair_column] if d.text_pair_column else None
+            enc = tok(
+                list(rows[d.text_column]),
+                pairs,
+                truncation=True,
+                max_length=self.cfg.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            return model(**move(dict(enc), device), labels=torch.as_tensor(rows[d.label_column]).to(device)).loss
+
+        def save(out: Path) -> None:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+
+        return Finetuning(
+            model, list(model.parameters()), loss, save, weight_decay=0.01, description=f"finetune {self.name}"
+        )

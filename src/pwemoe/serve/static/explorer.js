@@ -97,7 +97,9 @@ function drawLambda(res) {
 }
 
 // --- measured results ---------------------------------------------------------------------
-const LABELS = { pwemoe: "PWEMoE", pref_task_arithmetic: "pref.-weighted TA" };
+// the methods whose points are compared here: the subject (PWEMoE) and its reference baseline, by their
+// roles in the method registry (GET /api/results: methods)
+let LABELS = {};
 
 function showNearest() {
   const rows = state.rows.filter((r) => r.preference && LABELS[r.method]);
@@ -116,6 +118,8 @@ function showNearest() {
 async function loadResults() {
   const res = await api("/api/results");
   state.rows = res.rows;
+  LABELS = Object.fromEntries(Object.entries(res.methods)
+    .filter(([, m]) => m.role === "subject" || m.role === "reference").map(([name, m]) => [name, m.short]));
   $("results-note").textContent = res.rows.length === 0
     ? "No results yet for this run's models and data: run pwemoe evaluate, or evaluate a preference here."
     : `${res.rows.length} evaluated models from results.json` +

@@ -158,14 +158,12 @@ def write_lora_adapter(
     """Write {module: (A Tensor[r, in], B Tensor[out, r])} as a PEFT folder with scaling 1 (alpha = r per module).
 
     Ranks may differ per module (rank_pattern / alpha_pattern, with regex-escaped module names).
-    Written into a temporary sibling and published in one step (`io.publish_dir`): `out` must be new or
+    Written into a temporary sibling and published in one step (`files.staged_dir`): `out` must be new or
     empty, unless `overwrite`, which replaces only what pwemoe wrote there before.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
-    from .io import atomic_write, atomic_write_json, publish_dir
+    from ..files import atomic_write, atomic_write_json, staged_dir
 
     final = Path(out)
     if final.is_dir() and any(final.iterdir()) and not overwrite:  # refused before any work
@@ -173,10 +171,6 @@ def write_lora_adapter(
             f"LoRA adapter: {final} is not empty; choose a new directory, or pass overwrite=True to replace "
             "what pwemoe wrote there before (other files are kept)"
         )
-    out = final.parent / f".{final.name}.pwemoe-tmp"
-    if out.exists():
-        shutil.rmtree(out)  # our own leftover from a killed write
-    out.mkdir(parents=True)
     ranks = {m: int(a.shape[0]) for m, (a, _) in layers.items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(m): r for m, r in ranks.items() if r != r0}
@@ -202,7 +196,7 @@ def write_lora_adapter(
     for m, (a, b) in layers.items():
         tensors[f"{_PREFIX}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
-    atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_json(out / ADAPTER_CONFIG, cfg)
-    publish_dir(out, final, overwrite, "LoRA adapter")
+    with staged_dir(final, overwrite, "LoRA adapter") as out:
+        atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write_json(out / ADAPTER_CONFIG, cfg)
     return final

@@ -1,9 +1,11 @@
-"""The registry of everything drawn on a front: PWEMoE and each baseline, one `Method` object each.
+"""PWEMoE and the baselines it is measured against: the registry of everything drawn on a front.
 
-A method says how it is named, labelled and drawn, and which points it contributes for a
-preference grid: each point has the merge weights w (theta_0 + sum_i w_i tau_i over the whole
-backbone), or None for PWEMoE (the upcycled model's routers decide). Reports, plots, summaries
-and the evaluate recipe all iterate over METHODS; a new baseline is one entry here.
+A method says how it is named, labelled and drawn, which points it contributes for a preference grid
+(each point has the merge weights w of theta_0 + sum_i w_i tau_i over the whole backbone, or None for
+PWEMoE: the upcycled model's routers decide) and its role: the subject (PWEMoE), the reference it is
+compared with (preference-weighted task arithmetic) and the normaliser (the experts). Reports, plots,
+summaries, the explorer and the evaluate recipe read the registry and the roles; a new baseline is one
+entry here. Also the baselines' model banks (theta_0 + T).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Method:
     name: the group key in summaries (rows of `expert:<task>` all belong to 'experts').
     order: how a 2-D plot joins the points into a line ('preference', 'param') or None (no line).
     baseline: evaluated only when baselines are requested (experts always are: they normalise).
+    role: "subject" (the method evaluated), "reference" (the baseline it is compared with first),
+    "normaliser" (each task's own model, which normalised values divide by), or None.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Method:
     order: str | None = None
     baseline: bool = True
     short: str = ""
+    role: str | None = None
 
     def owns(self, row_method: str) -> bool:
         return row_method == self.name or (self.name == "experts" and row_method.startswith("expert:"))
@@ -97,6 +102,7 @@ METHODS: dict[str, Method] = {
             order="preference",
             baseline=False,
             short="PWEMoE",
+            role="subject",
         ),
         Method(
             "pref_task_arithmetic",
@@ -105,6 +111,7 @@ METHODS: dict[str, Method] = {
             _pwta,
             order="preference",
             short="pref.-weighted TA",
+            role="reference",
         ),
         Method(
             "task_arithmetic",
@@ -122,9 +129,26 @@ METHODS: dict[str, Method] = {
             _experts,
             baseline=False,
             short="experts (each)",
+            role="normaliser",
         ),
     )
 }
+
+
+ROLES = ("subject", "reference", "normaliser")
+
+
+def with_role(role: str) -> Method:
+    """The registered method that plays `role` (one of ROLES)."""
+    found = [m for m in METHODS.values() if m.role == role]
+    if len(found) != 1:
+        raise ValueError(f"exactly one method must have the role {role!r}; found {[m.name for m in found]}")
+    return found[0]
+
+
+def describe_methods() -> dict[str, dict[str, Any]]:
+    """{name: {label, short, role}} of every method: what reports and the explorer show."""
+    return {m.name: {"label": m.label, "short": m.short or m.label, "role": m.role} for m in METHODS.values()}
 
 
 def method_of(row_method: str) -> Method | None:
@@ -181,18 +205,9 @@ class UpcycledBank:
     lambda fixed to w, merged into one reused plain copy. Exact, and no expert is loaded again."""
 
     def __init__(self, upcycled: nn.Module) -> None:
-        self.upcycled = upcycled
-        self.plain: nn.Module | None = None
+        from .export import PlainCopy
 
-    @torch.no_grad()
+        self.copy = PlainCopy(upcycled)
+
     def model(self, weights: Sequence[float]) -> nn.Module:
-        from .upscale import fixed_lambda, merge_and_unload, merge_into, num_tasks
-
-        w = torch.as_tensor(list(weights), dtype=torch.float32)
-        uniform = torch.full((num_tasks(self.upcycled),), 1.0)  # the preference is unused under fixed lambda
-        with fixed_lambda(self.upcycled, w):
-            if self.plain is None:
-                self.plain = merge_and_unload(self.upcycled, uniform).eval()
-            else:
-                merge_into(self.upcycled, self.plain, uniform)
-        return self.plain
+        return self.copy.fixed(weights)

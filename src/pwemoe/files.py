@@ -6,13 +6,14 @@ sees either the old file or the new one, never half of it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ RESULTS = "results.json"
 CORRECT = "correct.json"  # per-example correctness of every results row (bootstrap intervals)
 BEST_ROUTERS = "routers_best_val.safetensors"  # train.select=best_val_hv: the selected routers
 LOCK = ".pwemoe.lock"
+
+
+def cache_dir() -> Path:
+    """Where pwemoe caches what it can make again (data adapters' splits, converted models): $PWEMOE_CACHE,
+    else ~/.cache/pwemoe."""
+    return Path(os.environ.get("PWEMOE_CACHE") or Path.home() / ".cache" / "pwemoe")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -156,6 +163,27 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_MARKER).is_file()
 
 
+def require_run_dir(run: str | Path) -> Path:
+    """`run` as a Path, if it is a trained run's directory (it holds the run's config.yaml); else a one-line
+    error naming it. Checked before any model loads by every command that reads a run."""
+    run = Path(run)
+    if not (run / CONFIG).is_file():
+        what = "does not exist" if not run.exists() else "is a file" if not run.is_dir() else f"has no {CONFIG}"
+        raise FileNotFoundError(
+            f"{run} is not a run directory ({what}); give the run_dir of a `pwemoe train` run"
+        )
+    return run
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (a metrics.jsonl record), flushed to disk. A kill mid-write can leave only a cut last
+    line, which readers skip (the step is redone on resume)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # Figures `pwemoe.report.plots` writes under plots/: <kind>_<metric key>.<png|svg>
 PLOT_KINDS = ("front", "planes", "front3d", "ternary", "parallel")
 # What `evaluate --split validation` writes under validation/ (besides its plots/)
@@ -217,6 +245,26 @@ def clear_run_dir(path: str | Path) -> list[str]:
             if ours or not p.exists():
                 removed.append(name)
     return removed
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool, what: str) -> Iterator[Path]:
+    """Build an output directory in a temporary sibling, then publish it as `out` (`publish_dir`) when the
+    block ends without an error, so `out` is never half-written. The sibling `.<name>.pwemoe-tmp` is pwemoe's
+    own: a leftover of a killed run is removed first, and a failed block removes it."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.pwemoe-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover from a killed run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out, overwrite, what)
 
 
 def publish_dir(tmp: Path, out: Path, overwrite: bool, what: str) -> list[str]:

@@ -1,0 +1,150 @@
+"""The preference API on an upcycled model: set r, read lambda(r), fix lambda, and the routers' state.
+
+Every function walks the model's upcycled modules (`ensembling_modules`), dense or factored alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .core.ensembling import EnsemblingModule
+from .core.preference import PreferenceLike, normalize_preference
+
+
+def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, EnsemblingModule]]:
+    """(name, module) for every upcycled module (dense or factored), in model order.
+
+    `named_modules` order, without descending into the upcycled modules themselves (they hold only
+    theta_0's layer and the router): a training step walks the model once, and the walk showed.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, EnsemblingModule):
+            yield name, m
+            continue
+        stack.extend((f"{name}.{n}" if name else n, c) for n, c in reversed(m._modules.items()) if c is not None)
+
+
+def modules_or_raise(model: nn.Module) -> list[tuple[str, EnsemblingModule]]:
+    mods = list(ensembling_modules(model))
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no upcycled modules; build it with pwemoe.upcycle first")
+    return mods
+
+
+def num_tasks(model: nn.Module) -> int:
+    return modules_or_raise(model)[0][1].k
+
+
+def set_preference(model: nn.Module, r: PreferenceLike) -> torch.Tensor:
+    """Validate r, normalise it to sum 1 and set it on every upcycled module. Returns the normalised r."""
+    mods = modules_or_raise(model)
+    rn = normalize_preference(r, mods[0][1].k)
+    set_on([m for _, m in mods], rn)
+    return rn
+
+
+def set_on(mods: list[EnsemblingModule], rn: torch.Tensor) -> None:
+    """rn on every module, copied to each device once (not once per module: a host-to-device copy each)."""
+    on: dict[torch.device, torch.Tensor] = {}
+    for m in mods:
+        dev = m.preference.device
+        if dev not in on:
+            on[dev] = rn.to(dev)
+        m.set_preference(on[dev])
+
+
+def get_preference(model: nn.Module) -> torch.Tensor:
+    return modules_or_raise(model)[0][1].preference.detach().cpu().clone()
+
+
+@contextlib.contextmanager
+def preference(model: nn.Module, r: PreferenceLike) -> Iterator[torch.Tensor]:
+    """Context manager: run with preference r, then restore the previous one."""
+    old = get_preference(model)
+    try:
+        yield set_preference(model, r)
+    finally:
+        set_preference(model, old)
+
+
+def routing_weights(model: nn.Module, r: PreferenceLike | None = None) -> dict[str, torch.Tensor]:
+    """lambda(r) for every upcycled module: {module_name: Tensor[k]} (current preference if r is None)."""
+    ctx = preference(model, r) if r is not None else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return {n: m.routing_weights().detach().clone() for n, m in modules_or_raise(model)}
+
+
+@contextlib.contextmanager
+def fixed_lambda(model: nn.Module, lam: PreferenceLike) -> Iterator[None]:
+    """Bypass every router with fixed lambda (Tensor[k]); used for baselines and the expert test."""
+    mods = modules_or_raise(model)
+    t = torch.as_tensor(lam, dtype=torch.float32)
+    try:
+        for _, m in mods:
+            m.set_lambda_override(t)
+        yield
+    finally:
+        for _, m in mods:
+            m.set_lambda_override(None)
+
+
+def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router parameters only: {'<module>.router.<param>': tensor} (a few hundred numbers per module)."""
+    return {
+        f"{n}.router.{pn}": p.detach().clone()
+        for n, m in modules_or_raise(model)
+        for pn, p in m.router.named_parameters()
+    }
+
+
+@torch.no_grad()
+def load_router_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load router parameters; missing, unexpected and mis-shaped keys are all named."""
+    own = {f"{n}.router.{pn}": p for n, m in modules_or_raise(model) for pn, p in m.router.named_parameters()}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(p.shape)}"
+        for k, p in own.items()
+        if k in state and state[k].shape != p.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "router state dict does not match the model: "
+            + "; ".join(
+                s
+                for s in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {unexpected}" if unexpected else "",
+                    f"shape mismatch {shapes}" if shapes else "",
+                )
+                if s
+            )
+            + ". Was it saved from a model upcycled with the same targets, k and router_hidden_layers?"
+        )
+    for k, p in own.items():
+        p.copy_(state[k].to(p))
+
+
+__all__ = [
+    "ensembling_modules",
+    "fixed_lambda",
+    "get_preference",
+    "load_router_state_dict",
+    "modules_or_raise",
+    "num_tasks",
+    "preference",
+    "router_state_dict",
+    "routing_weights",
+    "set_preference",
+]
