@@ -15,7 +15,7 @@ LAYERS = [
     ["models", "objectives", "lora", "lora.adapter", "targets", "routing"],
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
     ["tasks", "modalities", "baselines", "configfile"],
-    ["workbench", "results", "training"],
+    ["workbench", "results", "training", "generation"],
     ["runs", "report"],
     ["recipes"],
     ["serve"],

@@ -15,7 +15,9 @@ from .routing import (
     preference,
     router_state_dict,
     routing_weights,
+    row_preferences,
     set_preference,
+    set_row_preferences,
 )
 from .targets import find_targets
 from .upcycle import UpcycleInfo, UpscaleInfo, upcycle, upscale
@@ -65,8 +67,10 @@ __all__ = [
     "read_lora_adapter",
     "router_state_dict",
     "routing_weights",
+    "row_preferences",
     "save_lora_adapter",
     "set_preference",
+    "set_row_preferences",
     "shared_merge",
     "simplex_grid",
     "upcycle",

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preference", required=True, help="e.g. 0.2,0.8")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --out")
+    p.add_argument(
+        "--adapter-rank",
+        type=int,
+        help="LoRA-expert runs: one rank R for every layer of the exported adapter (for vLLM / TGI max_lora_rank)",
+    )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's config)")
 
     p = sub.add_parser(
@@ -85,9 +90,40 @@ def main(argv: list[str] | None = None) -> int:
         help="merged models kept (LRU), one backbone's memory each; the most that exist at once "
         "(a request for another preference waits while all are in use)",
     )
-    p.add_argument("--max-batch", type=int, default=64, help="most inputs one /api/predict request may carry")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help="most inputs one /api/predict request may carry; causal-LM runs: most sequences decoded together",
+    )
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=16384,
+        help="causal-LM runs: most tokens (prompt + max_tokens of every sequence) in the decoding batch at once",
+    )
+    p.add_argument("--preference", help="causal-LM runs: the preference of requests that give none (default: 1/k each)")
+    p.add_argument(
+        "--served-model-name", help="causal-LM runs: the model name of the /v1 API (default: the run's name)"
+    )
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
     p.add_argument("--max-test-samples", type=int, help="'evaluate now' uses the first N test examples per task")
+    _placement(p)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text at a preference (causal-LM runs)",
+        epilog="Several prompts are decoded together; temperature 0 (the default) is greedy.",
+    )
+    p.add_argument("run")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--preference", help="e.g. 0.7,0.3 (default: 1/k each)")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     _placement(p)
 
     p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
@@ -138,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{type(e).__name__}: {msg}"
         print(f"pwemoe {args.cmd}: error: {msg} (run with -v for the traceback)", file=sys.stderr)
         return 2
+
+
+def _preference_arg(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    from .core.preference import parse_preference
+
+    return parse_preference(text)
 
 
 def _placement(p: argparse.ArgumentParser) -> None:
@@ -204,7 +248,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "export":
         from .runs import export_run
 
-        export_run(args.run, args.preference, args.out, overwrite=args.overwrite, device=args.device)
+        export_run(
+            args.run,
+            args.preference,
+            args.out,
+            overwrite=args.overwrite,
+            device=args.device,
+            adapter_rank=args.adapter_rank,
+        )
         return 0
     if args.cmd == "serve":
         from .serve import serve
@@ -215,12 +266,35 @@ def _dispatch(args: argparse.Namespace) -> int:
             port=args.port,
             public=args.public,
             max_body_mb=args.max_body_mb,
+            model_name=args.served_model_name,
             cache_size=args.cache_size,
             max_batch=args.max_batch,
+            token_budget=args.token_budget,
+            default_preference=_preference_arg(args.preference),
             max_test_samples=args.max_test_samples,
             device=args.device,
             precision=args.precision,
         )
+        return 0
+    if args.cmd == "generate":
+        from .serve.model import PreferenceModel
+
+        pm = PreferenceModel(args.run, device=args.device, precision=args.precision, max_test_samples=1)
+        inputs = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompts]
+        outs = pm.generate(
+            inputs,
+            _preference_arg(args.preference),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+        )
+        for prompt, out in zip(args.prompts, outs):
+            if len(outs) > 1:
+                print(f"--- {prompt}")
+            print(out["text"])
+        pm.scheduler().close()
         return 0
     if args.cmd == "finetune":
         from .recipes.finetune import finetune_from_config

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .core.ensembling import EnsemblingModule
+from .core.ensembling import EnsemblingModule, RowPreferences
 from .core.preference import PreferenceLike, normalize_preference
 
 
@@ -61,6 +61,56 @@ def set_on(mods: list[EnsemblingModule], rn: torch.Tensor) -> None:
         if dev not in on:
             on[dev] = rn.to(dev)
         m.set_preference(on[dev])
+
+
+def normalize_rows(r: PreferenceLike, k: int) -> torch.Tensor:
+    """Preferences Tensor[B, k], each row validated and normalised to sum 1 (errors name the row)."""
+    t = torch.as_tensor(r, dtype=torch.float32) if not isinstance(r, torch.Tensor) else r.detach().float().cpu()
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise ValueError(
+            f"row preferences must be a non-empty [B, k={k}] table (one preference per example), got shape "
+            f"{tuple(t.shape)}"
+        )
+    rows = []
+    for b, row in enumerate(t):
+        try:
+            rows.append(normalize_preference(row, k))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"row {b}: {e}") from None
+    return torch.stack(rows)
+
+
+def set_row_preferences(model: nn.Module, r: PreferenceLike | None) -> torch.Tensor | None:
+    """One preference per example of the next forwards: r Tensor[B, k] (rows normalised), row b of every batch
+    input runs at r[b]; None returns to the one preference of `set_preference`. Returns the normalised rows.
+
+    Factored modules (LoRA experts, `task_vector_rank`) run the whole batch in one forward, each row's rank
+    columns scaled by its own lambda; dense modules merge once per distinct preference (cached) and run each
+    group of rows through every linear layer with its own weights. Merges and exports keep using the one
+    preference of `set_preference`.
+    """
+    mods = [m for _, m in modules_or_raise(model)]
+    if r is None:
+        for m in mods:
+            m.set_row_preferences(None)
+        return None
+    rn = normalize_rows(r, mods[0].k)
+    made: dict[torch.device, RowPreferences] = {}
+    for m in mods:
+        dev = m.preference.device
+        if dev not in made:
+            made[dev] = RowPreferences(rn, dev)
+        m.set_row_preferences(made[dev])
+    return rn
+
+
+@contextlib.contextmanager
+def row_preferences(model: nn.Module, r: PreferenceLike) -> Iterator[torch.Tensor]:
+    """Context manager: run with one preference per example (`set_row_preferences`), then back to one."""
+    try:
+        yield set_row_preferences(model, r)
+    finally:
+        set_row_preferences(model, None)
 
 
 def get_preference(model: nn.Module) -> torch.Tensor:
@@ -146,5 +196,7 @@ __all__ = [
     "preference",
     "router_state_dict",
     "routing_weights",
+    "row_preferences",
     "set_preference",
+    "set_row_preferences",
 ]

@@ -74,18 +74,25 @@ def export_run(
     out: str | Path,
     overwrite: bool = False,
     device: str | None = None,
+    adapter_rank: int | None = None,
 ) -> Path:
     """Write plain Hugging Face model directories for one preference, plus pwemoe.json.
 
     `out` must be new or empty unless `overwrite`, which replaces only what a previous export wrote.
+    adapter_rank: runs over LoRA experts: the exported adapter has this one rank in every layer (each layer's
+    best approximation; the errors are recorded in pwemoe.json).
     """
     run, out = Path(run), Path(out)
     check_export_dir(out, overwrite)  # refuse before loading any model
     require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
     r = parse_preference_arg(preference, len(cfg.tasks))
+    if adapter_rank is not None and (
+        isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int) or adapter_rank < 1
+    ):
+        raise ValueError(f"--adapter-rank must be an integer >= 1, got {adapter_rank!r}")
     wb, meta = open_run(run, load_test=False, device=device)
-    out = write_export(wb, meta, run, r, out, overwrite)
+    out = write_export(wb, meta, run, r, out, overwrite, adapter_rank)
     print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
     return out
 
@@ -102,7 +109,13 @@ def check_export_dir(out: Path, overwrite: bool) -> None:
 
 
 def write_export(
-    wb: Workbench, meta: dict, run: str | Path, r: torch.Tensor, out: str | Path, overwrite: bool = False
+    wb: Workbench,
+    meta: dict,
+    run: str | Path,
+    r: torch.Tensor,
+    out: str | Path,
+    overwrite: bool = False,
+    adapter_rank: int | None = None,
 ) -> Path:
     """Write the plain models of an open run (`open_run`) for the normalised preference r (Tensor[k]).
 
@@ -115,7 +128,8 @@ def write_export(
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
     with staged_dir(out, overwrite, "export") as tmp:
         plain = wb.modality.plain_model(merge_and_unload)
-        written = wb.modality.save_export(plain, wb.tasks, tmp)
+        options = {"adapter_rank": adapter_rank} if adapter_rank is not None else {}
+        written = wb.modality.save_export(plain, wb.tasks, tmp, **options)
         written = {n: str(out / Path(p).relative_to(tmp)) if Path(p) != tmp else str(out) for n, p in written.items()}
         info: dict[str, Any] = {
             "preference": dict(zip([t.name for t in wb.tasks], r.tolist())),
@@ -128,6 +142,7 @@ def write_export(
             "routing_weights": lam,
             "models": written,
             "class_names": {t.name: t.class_names for t in wb.tasks},
+            **wb.modality.export_info,
         }
         atomic_write_json(tmp / "pwemoe.json", info)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ class EnsemblingModule(nn.Module):
             "_lam_leaf",
             "_segment_lam_leaves",
             "_slots",
+            "_rows",
         }
     )
 
@@ -65,12 +67,28 @@ class EnsemblingModule(nn.Module):
         self._segments: list[int] | None = None
         self._shared_lam: torch.Tensor | None = None
         self._slots: tuple[list, list] | None = None  # see _param_slots
+        self._rows: RowPreferences | None = None  # see set_row_preferences
 
     # --- preference and lambda -------------------------------------------------------------
     @torch.no_grad()
     def set_preference(self, r: torch.Tensor) -> None:
         """r: Tensor[k], already validated and normalised (see core.preference)."""
         self.preference.copy_(r.to(self.preference))
+
+    def set_row_preferences(self, rows: RowPreferences | None) -> None:
+        """One preference per example of the next forwards (`RowPreferences`), or None: back to the one
+        preference of `set_preference`. Merges (`merged_weights`) always use that one preference."""
+        self._rows = rows
+
+    def row_lambdas(self) -> torch.Tensor:
+        """lambda of each distinct row preference: Tensor[G, k] (the router on `RowPreferences.unique`)."""
+        rows = self._rows
+        if rows is None:
+            raise ValueError("no row preferences are set; call pwemoe.set_row_preferences(model, R) first")
+        if self._override is not None:
+            return self._override.expand(rows.unique.shape[0], -1)
+        with self._full_precision():
+            return self.router(rows.unique.to(self.preference.device, self.router_dtype))
 
     def set_lambda_override(self, lam: torch.Tensor | None) -> None:
         """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
@@ -186,6 +204,30 @@ class EnsemblingModule(nn.Module):
 
     def clear_cache(self) -> None:
         raise NotImplementedError
+
+
+class RowPreferences:
+    """One preference per example (row) of a batch, as the upcycled modules use it.
+
+    prefs: Tensor[B, k], each row on the simplex. unique: Tensor[G, k], the distinct rows; inverse:
+    LongTensor[B], the index in `unique` of each row; groups: for each distinct preference, the rows that
+    have it (LongTensor each), on `device`. Made once per batch composition (`pwemoe.set_row_preferences`)
+    and shared by every module, so no module recomputes them per forward.
+    """
+
+    def __init__(self, prefs: torch.Tensor, device: torch.device | str | None = None) -> None:
+        if prefs.dim() != 2:
+            raise ValueError(f"row preferences must be Tensor[B, k], got shape {tuple(prefs.shape)}")
+        self.prefs = prefs
+        self.unique, inverse = torch.unique(prefs, dim=0, return_inverse=True)
+        dev = torch.device(device) if device is not None else prefs.device
+        self.inverse = inverse.to(dev)
+        self.groups = [torch.nonzero(inverse == g).flatten().to(dev) for g in range(self.unique.shape[0])]
+        self.keys = [tuple(round(float(x), 6) for x in u.tolist()) for u in self.unique]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prefs.shape[0])
 
 
 class WeightEnsemblingModule(EnsemblingModule):
@@ -331,12 +373,63 @@ class WeightEnsemblingModule(EnsemblingModule):
         self._shared = None
         self._segment_leaves = None
         self._shared_lam = None
+        self.__dict__.pop("_row_cache", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._rows is not None and not self.share_under_grad:
+            return self._row_forward(args, kwargs)
         weights = self.merged_weights()
         if self._segments is not None and self._shared is not None:
             return self._segmented_forward(args, kwargs)
         return self._call_base(weights, args, kwargs)
+
+    # --- one preference per row (serving) ---------------------------------------------------------
+    ROW_MERGES = 8  # merges theta(r) of distinct row preferences kept per module (least recently used out)
+
+    def _row_merge(self, key: tuple, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """theta(r) for one distinct row preference (lambda Tensor[k]), from a small per-module LRU."""
+        cache = self.__dict__.setdefault("_row_cache", OrderedDict())
+        full = (key, self._cache_key()[2:])  # the preference, and the override / router versions
+        hit = cache.get(full)
+        if hit is not None:
+            cache.move_to_end(full)
+            return hit
+        with torch.no_grad():
+            merged = self._merge(lam)
+        cache[full] = merged
+        while len(cache) > self.ROW_MERGES:
+            cache.popitem(last=False)
+        return merged
+
+    def _row_forward(self, args: tuple, kwargs: dict) -> Any:
+        """A batch whose rows have their own preferences: one merge per distinct preference (cached), and each
+        linear layer of the module computes every group of rows with its group's weights. Grouping happens at
+        the linear layers, not the module, so an attention block's KV cache sees the whole batch at once."""
+        rows = self._rows
+        lam = self.row_lambdas()  # [G, k]
+        merges = [self._row_merge(key, lam[g]) for g, key in enumerate(rows.keys)]
+        if len(merges) == 1:
+            return self._call_base(merges[0], args, kwargs)
+        linear = _linear_layers(self.base_layer)
+        covered = {f"{p}{'.' if p else ''}{n}" for p in linear for n in ("weight", "bias")}
+        other = [n for n in self._param_names if n not in covered]
+        if other:
+            raise ValueError(
+                f"one preference per row needs every changed parameter of an upcycled module to belong to a linear "
+                f"layer, but {other[:3]} do not; give the rows one preference at a time (set_preference), or upcycle "
+                "modules without them (e.g. model.targets naming the linear layers)"
+            )
+        handles = []
+        try:
+            for path, conv1d in linear.items():
+                pre = f"{path}." if path else ""
+                ws = [(m[pre + "weight"], m.get(pre + "bias")) for m in merges]
+                child = self.base_layer.get_submodule(path)
+                handles.append(child.register_forward_hook(_grouped_linear(ws, rows, conv1d), with_kwargs=True))
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _segmented_forward(self, args: tuple, kwargs: dict) -> Any:
         """Each task's rows through the module on that task's leaf view of the shared merge.
@@ -354,6 +447,43 @@ class WeightEnsemblingModule(EnsemblingModule):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tasks={self.task_names}, tv_dtype={self.task_vector(self._param_names[0]).dtype}"
+
+
+def _linear_layers(module: nn.Module) -> dict[str, bool]:
+    """{path: is GPT-2's Conv1D (weight stored [in, out])} of the linear layers inside `module` ("" for itself)."""
+    return {
+        p: type(m).__name__ == "Conv1D"
+        for p, m in module.named_modules()
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    }
+
+
+def _rows_input(args: tuple, kwargs: dict, rows: RowPreferences) -> torch.Tensor:
+    """A layer's input Tensor[B, ..., in] (rows first), checked against the row preferences' batch size."""
+    x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    if x.shape[0] != rows.batch_size:
+        raise ValueError(
+            f"row preferences were set for a batch of {rows.batch_size}, but a layer received {x.shape[0]} rows; "
+            "set them again for this batch (pwemoe.set_row_preferences)"
+        )
+    return x
+
+
+def _grouped_linear(weights: list[tuple[torch.Tensor, torch.Tensor | None]], rows: RowPreferences, conv1d: bool):
+    """A forward hook giving each group of rows the output of the linear layer with its own weights."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = _rows_input(args, kwargs, rows)
+        out = torch.empty_like(output)
+        for (w, b), idx in zip(weights, rows.groups):
+            xs = x.index_select(0, idx)
+            y = (xs @ w.to(xs.dtype)) if conv1d else xs @ w.to(xs.dtype).t()
+            if b is not None:
+                y = y + b.to(y.dtype)
+            out.index_copy_(0, idx, y.to(out.dtype))
+        return out
+
+    return hook
 
 
 def _segments(sizes: list[int], args: tuple, kwargs: dict) -> list[tuple[int, tuple, dict]]:

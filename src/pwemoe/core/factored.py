@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ensembling import EnsemblingModule, _join, _segments
+from .ensembling import EnsemblingModule, _join, _rows_input, _segments
 from .merge import merge_weights
 from .router import Router
 
@@ -57,14 +57,21 @@ def concat_factors(factors: list[tuple[int, torch.Tensor, torch.Tensor, float]],
 
 
 def lowrank_columns(lam: torch.Tensor, owner: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Tensor[R]: lambda_{owner(j)} * s_{owner(j)} for every rank column j (differentiable in lam)."""
-    return lam[owner] * scale.to(lam.dtype)
+    """lambda_{owner(j)} * s_{owner(j)} for every rank column j (differentiable in lam): lam Tensor[k] gives
+    Tensor[R]; lam Tensor[B, k] (one preference per row) gives Tensor[B, R]."""
+    return lam[..., owner] * scale.to(lam.dtype)
 
 
 def lowrank_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """sum_i lambda_i s_i B_i (A_i x): x Tensor[..., in] -> Tensor[..., out], in x's dtype."""
+    """sum_i lambda_i s_i B_i (A_i x): x Tensor[..., in] -> Tensor[..., out], in x's dtype.
+
+    cols: Tensor[R] (one preference for every row), or Tensor[B, R] with x Tensor[B, ..., in] (a preference
+    per row: row b's rank columns are scaled by cols[b], so rows with different preferences share the matmuls).
+    """
     dt = x.dtype if x.is_floating_point() else A.dtype
     h = x @ A.to(dt).t()  # [..., R]
+    if cols.dim() == 2:  # [B, R] -> [B, 1, ..., 1, R], broadcast over the positions of each row
+        cols = cols.reshape(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
     return (h * cols.to(h.dtype)) @ B.to(h.dtype).t()
 
 
@@ -253,6 +260,8 @@ class FactoredEnsemblingModule(EnsemblingModule):
         return self.routing_weights()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._rows is not None and not self.share_under_grad:
+            return self._run_rows(args, kwargs)
         lam = self._lambda()
         if self._segments is not None and self._lam_leaf is not None and self._router_grad():
             sizes = self._segments
@@ -279,6 +288,44 @@ class FactoredEnsemblingModule(EnsemblingModule):
             for h in handles:
                 h.remove()
 
+    def _run_rows(self, args: tuple, kwargs: dict) -> Any:
+        """A batch whose rows have their own preferences, in one forward: each row's rank columns are scaled by its
+        own lambda (`lowrank_apply` with cols Tensor[B, R]); a dense bias of a factored layer adds each row's own
+        merged delta. Other dense parameters (norms of dense experts) need one preference for the whole batch."""
+        rows = self._rows
+        lam_g = self.row_lambdas()  # [G, k]
+        lam = lam_g[rows.inverse]  # [B, k]
+        biases = {f"{p}.bias" if p else "bias": p for p in self._paths}
+        other = [n for n in self._dense if n not in biases]
+        if other and len(rows.groups) > 1:
+            raise ValueError(
+                f"one preference per row through {type(self.base_layer).__name__} needs its dense parameters to be "
+                f"biases of its low-rank layers, but {other[:3]} are not; give the rows one preference at a time"
+            )
+        with self._full_precision():
+            params = self._theta0()
+            dense = {n: merge_weights(lam_g[0], params[n], self.dense_task_vector(n)) for n in other}
+            shifts = {  # per row: sum_i lambda_i tau_i of a factored layer's bias, Tensor[B, out]
+                biases[n]: lam @ self.dense_task_vector(n).reshape(self.k, -1).to(lam.dtype)
+                for n in self._dense
+                if n in biases
+            }
+        handles = []
+        try:
+            for p in self._paths:
+                A, B = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+                cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
+                child = self.base_layer.get_submodule(p)
+                handles.append(
+                    child.register_forward_hook(_row_adder(A, B, cols, shifts.get(p), rows), with_kwargs=True)
+                )
+            if dense:
+                return self._call_base(dense, args, kwargs)
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
     def extra_repr(self) -> str:
         ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
         return f"k={self.k}, tasks={self.task_names}, ranks={ranks}, dense={self._dense}"
@@ -290,5 +337,18 @@ def _adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         return output + lowrank_apply(x, A, B, cols).to(output.dtype)
+
+    return hook
+
+
+def _row_adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None, rows: Any):
+    """`_adder` with a preference per row: cols Tensor[B, R]; shift Tensor[B, out] (a dense bias's delta) or None."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = _rows_input(args, kwargs, rows)
+        out = output + lowrank_apply(x, A, B, cols).to(output.dtype)
+        if shift is not None:
+            out = out + shift.reshape(shift.shape[0], *([1] * (out.dim() - 2)), shift.shape[1]).to(out.dtype)
+        return out
 
     return hook

@@ -29,6 +29,7 @@ class Modality(ABC):
         self.backbone: nn.Module
         self.tokenizer: Any = None
         self.processor: Any = None
+        self.export_info: dict[str, Any] = {}  # set by save_export: recorded in the export's pwemoe.json
 
     @abstractmethod
     def load(self) -> None:
@@ -52,7 +53,8 @@ class Modality(ABC):
 
     @abstractmethod
     def save_export(self, plain: nn.Module, tasks: Sequence[Any], out: Path) -> dict[str, str]:
-        """Write plain Hugging Face directories under `out`; returns task name -> directory."""
+        """Write plain Hugging Face directories under `out`; returns task name -> directory. What else the export
+        should record in its pwemoe.json goes into `self.export_info` (a dict)."""
 
     def request_rows(self, task: Any, inputs: Sequence[Any]) -> dict[str, list]:
         """The column dict `task.encode` reads, from the inputs of a request (`PreferenceModel.predict`,

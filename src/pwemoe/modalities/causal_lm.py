@@ -62,13 +62,31 @@ class CausalLMModality(Modality):
     def plain_model(self, merge: Any) -> nn.Module:
         return merge(self.model)
 
-    def save_export(self, plain: nn.Module, tasks: Sequence[Any], out: Path) -> dict[str, str]:
-        """out/model: the plain *ForCausalLM for every task; out/adapter: the PEFT LoRA adapter (LoRA experts)."""
+    def save_export(
+        self, plain: nn.Module, tasks: Sequence[Any], out: Path, adapter_rank: int | None = None
+    ) -> dict[str, str]:
+        """out/model: the plain *ForCausalLM for every task; out/adapter: the PEFT LoRA adapter (LoRA experts), of
+        one rank `adapter_rank` for every layer when given (`export_info` then holds each layer's error)."""
+        info = getattr(self.model, "pwemoe_info", None) or getattr(self.backbone, "pwemoe_info", None)
+        lora = info is not None and info.expert_format == "lora"
+        if adapter_rank is not None and not lora:
+            raise ValueError(
+                "--adapter-rank compresses the adapter of a run over LoRA experts; this run's experts are dense"
+            )
         plain.save_pretrained(out / "model")
         self.tokenizer.save_pretrained(out / "model")
-        info = getattr(self.model, "pwemoe_info", None) or getattr(self.backbone, "pwemoe_info", None)
-        if info is not None and info.expert_format == "lora":
+        self.export_info = {}
+        if lora:
             from ..lora.export import save_lora_adapter
 
-            save_lora_adapter(self.model, out / "adapter", base_model_name_or_path=info.base_id or self.base)
+            errors: dict[str, float] = {}
+            save_lora_adapter(
+                self.model,
+                out / "adapter",
+                base_model_name_or_path=info.base_id or self.base,
+                rank=adapter_rank,
+                errors=errors,
+            )
+            if adapter_rank is not None:
+                self.export_info = {"adapter": {"rank": adapter_rank, "relative_frobenius_error": errors}}
         return {t.name: str(out / "model") for t in tasks}

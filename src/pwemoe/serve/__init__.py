@@ -29,6 +29,7 @@ def serve(
     port: int = 8000,
     public: bool = False,
     max_body_mb: float = 8.0,
+    model_name: str | None = None,
     **model_kwargs: Any,
 ) -> None:
     """Load the run and serve the explorer and the API until interrupted (uvicorn)."""
@@ -42,9 +43,12 @@ def serve(
     except ImportError as e:
         raise RuntimeError(f"pwemoe serve needs the serve extra: pip install 'pwemoe[serve]' ({e})") from None
     model = PreferenceModel(run, **model_kwargs)
-    app = create_app(model, max_body_bytes=int(max_body_mb * (1 << 20)))
+    app = create_app(model, max_body_bytes=int(max_body_mb * (1 << 20)), model_name=model_name)
     shown = f"[{host}]" if ":" in host else host
     print(f"pwemoe serve: {Path(run)} on http://{shown}:{port}/ (API: http://{shown}:{port}/api/run; Ctrl-C stops)")
+    if model.can_generate:
+        name = model_name or model.run.resolve().name
+        print(f"OpenAI-compatible API: base_url http://{shown}:{port}/v1, model {name!r} (or {name}@<preference>)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -10,6 +10,8 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
     POST /api/evaluate             {preference, wait} -> the results row (wait) or a job to poll
     GET  /api/jobs/{id}            an evaluation's progress and, when done, its row
     POST /api/export               {preference, name?, overwrite?} -> where the plain models were written
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
+                                   causal-LM runs: OpenAI-compatible generation at any preference (openai_api.py)
 
 Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job),
 409 (the run directory is in use), 413 (body or batch too large), 422 (malformed JSON or fields).
@@ -30,6 +32,7 @@ from ..baselines import describe_methods
 from ..files import RunDirInUse
 from ..report.interactive import front_figures, plotly_js_path
 from .model import PreferenceModel, TooLarge
+from .openai_api import add_openai_routes, openai_error_body
 
 STATIC = Path(__file__).parent / "static"
 
@@ -64,7 +67,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(self.limit)(scope, receive, send)
+            return await _too_large(self.limit, scope.get("path", ""))(scope, receive, send)
         seen, started = 0, False
 
         async def limited_receive() -> dict:
@@ -85,18 +88,17 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _too_large(self.limit)(scope, receive, send)
+                await _too_large(self.limit, scope.get("path", ""))(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(
-        {"error": f"request body larger than {limit} bytes; send fewer or smaller inputs (or raise --max-body-mb)"},
-        status_code=413,
-    )
+def _too_large(limit: int, path: str = "") -> JSONResponse:
+    msg = f"request body larger than {limit} bytes; send fewer or smaller inputs (or raise --max-body-mb)"
+    body = openai_error_body(413, msg) if path.startswith("/v1/") else {"error": msg}
+    return JSONResponse(body, status_code=413)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -140,10 +142,12 @@ class _Jobs:
         return dict(job)
 
 
-def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI:
-    """The FastAPI app serving `model` (interactive docs off: they load from a CDN)."""
+def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20, model_name: str | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (interactive docs off: they load from a CDN). For a causal-LM run it also
+    serves the OpenAI-compatible /v1 endpoints, under `model_name` (default: the run directory's name)."""
     app = FastAPI(title="pwemoe", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     jobs = _Jobs()
+    name = model_name or model.run.resolve().name
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -154,6 +158,8 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
         return JSONResponse({"error": str(exc)}, status_code=413)
 
     async def _bad(request: Request, exc: Exception) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(openai_error_body(400, str(exc)), status_code=400)
         return JSONResponse({"error": str(exc)}, status_code=400)
 
     for invalid in (ValueError, TypeError):  # the public API's errors for bad values
@@ -182,7 +188,7 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
 
     @app.get("/api/run")
     def run_info() -> dict:
-        return model.info()
+        return {**model.info(), "generation": model.can_generate, "model_name": name}
 
     @app.get("/api/results")
     def results() -> dict:
@@ -221,6 +227,8 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
     def export(body: ExportBody) -> dict:
         return model.export(body.preference, body.name, body.overwrite)
 
+    if model.can_generate:
+        add_openai_routes(app, model, name)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
 

@@ -116,7 +116,11 @@ class PreferenceModel:
         device / precision: override the run's own settings (e.g. serve a GPU-trained run on a CPU).
         cache_size: merged copies of the backbone kept (each costs one backbone's memory).
         max_test_samples: evaluate on the first N test examples per task (rows record this slice).
-        max_batch: the most inputs one `predict` call takes.
+        max_batch: the most inputs one `predict` call takes, and the most sequences decoded together
+            (causal-LM runs: `generate` batches concurrent requests, each at its own preference).
+        token_budget: causal-LM runs: the most tokens (prompt + max_new_tokens of every sequence) in the
+            decoding batch at once; a request that would exceed it waits for others to finish.
+        default_preference: the preference of a request that gives none (default: uniform, 1/k each).
 
     Thread-safe: every method may be called from several threads at once.
     """
@@ -129,9 +133,12 @@ class PreferenceModel:
         cache_size: int = 4,
         max_test_samples: int | None = None,
         max_batch: int = 64,
+        token_budget: int = 16384,
+        default_preference: PreferenceLike | None = None,
     ) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        for name, v in (("max_batch", max_batch), ("token_budget", token_budget)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if max_test_samples is not None and (
             isinstance(max_test_samples, bool) or not isinstance(max_test_samples, int) or max_test_samples < 1
         ):
@@ -142,7 +149,12 @@ class PreferenceModel:
         self.task_names = [t.name for t in self.wb.tasks]
         self.k = len(self.task_names)
         self.max_batch = max_batch
+        self.token_budget = token_budget
         self.max_test_samples = max_test_samples
+        self.default_preference = (
+            self.preference(default_preference) if default_preference is not None else [1.0 / self.k] * self.k
+        )
+        self._scheduler: Any = None  # generation (causal-LM runs), made on first use
         self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
@@ -252,6 +264,93 @@ class PreferenceModel:
                 f"{len(inputs)} inputs in one request; at most {self.max_batch} (split the batch, or raise --max-batch)"
             )
         return self.wb.modality.request_rows(t, inputs)
+
+    # --- generation (causal-LM runs) ----------------------------------------------------------------
+    @property
+    def can_generate(self) -> bool:
+        """Whether this run's model generates text (a causal-LM run)."""
+        return self.wb.modality.name == "causal_lm"
+
+    def scheduler(self) -> Any:
+        """The continuous-batching scheduler of this run's upcycled causal LM (`generation.Scheduler`)."""
+        if not self.can_generate:
+            types = sorted({t.cfg.type for t in self.wb.tasks})
+            raise ValueError(
+                f"generation needs a causal-LM run (tasks of type causal_lm or causal_lm_choice); {self.run} has "
+                f"{', '.join(types)} tasks"
+            )
+        if self._scheduler is not None:  # made once; not under the model's lock, which decoding steps hold
+            return self._scheduler
+        with self._lock:
+            if self._scheduler is None:
+                from ..generation import BatchDecoder, Scheduler
+
+                decoder = BatchDecoder(
+                    self.wb.modality.model, self.wb.modality.tokenizer, self.wb.device, self.wb.precision
+                )
+                self._scheduler = Scheduler(decoder, self.max_batch, self.token_budget, self._lock)
+            return self._scheduler
+
+    def submit(
+        self,
+        prompt: str | list[dict[str, Any]],
+        preference: PreferenceLike | None = None,
+        params: Any = None,
+        loop: Any = None,
+    ) -> Any:
+        """Queue one generation (a text prompt, or chat messages through the chat template) at `preference`
+        (default: `default_preference`); returns its `generation.Handle` (events as they come, `cancel()`)."""
+        from ..generation import SamplingParams, prompt_ids
+
+        sched = self.scheduler()
+        ids = prompt_ids(self.wb.modality.tokenizer, prompt)
+        pref = self.preference(self.default_preference if preference is None else preference)
+        return sched.submit(ids, pref, params or SamplingParams(), loop)
+
+    def generate(
+        self,
+        inputs: str | list[Any],
+        preference: PreferenceLike | Sequence[PreferenceLike] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Generate text at any preference; all inputs are decoded together, each at its own preference.
+
+        inputs: a prompt (str), chat messages (a list of {"role", "content"}), or a list of prompts / chats.
+        preference: one preference for all, one per input (a list of them), or None (`default_preference`).
+        temperature 0 (the default) decodes greedily, as `transformers` generate does without sampling.
+        Returns {text, finish_reason, usage, preference} (a list of them for a list of inputs).
+        """
+        from ..generation import SamplingParams
+
+        one = isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], dict))
+        items = [inputs] if one else inputs
+        if not isinstance(items, list) or not items:
+            raise TypeError("inputs must be a prompt, chat messages, or a non-empty list of prompts or chats")
+        per_input = (
+            preference.dim() == 2
+            if isinstance(preference, torch.Tensor)
+            else preference is not None and len(preference) > 0 and isinstance(preference[0], (list, tuple))
+        )
+        if not per_input:
+            prefs = [preference] * len(items)
+        else:
+            prefs = list(preference)
+            if len(prefs) != len(items):
+                raise ValueError(
+                    f"give one preference for all inputs or one per input ({len(items)}), got {len(prefs)}"
+                )
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, stops)
+        errors = params.errors()
+        if errors:
+            raise ValueError("; ".join(errors))
+        handles = [self.submit(x, r, params) for x, r in zip(items, prefs)]
+        out = [{**h.result(), "preference": h.seq.preference.tolist()} for h in handles]
+        return out[0] if one else out
 
     # --- evaluation and export ---------------------------------------------------------------------
     def evaluate(

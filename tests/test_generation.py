@@ -1,0 +1,507 @@
+"""Generation at any preference, per request: per-row preferences in the forward, batched decoding with requests
+joining mid-generation, the OpenAI-compatible endpoints (with the official `openai` client) and adapters of one rank.
+
+The reference for every generated token is `merge_and_unload(model, r)` with plain `transformers` generate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+import pwemoe
+from tests.fixtures import write_csv_splits
+from tests.serving import call, running
+
+peft = pytest.importorskip("peft")
+
+WORDS = ["good", "bad", "red", "blue", "film", "team", "the", "was", "very", "not", "sky", "sea", "tree", "song"]
+SPECIAL = ["<pad>", "<unk>", "<eos>"]
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+    "{% if add_generation_prompt %}answer :{% endif %}"
+)
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + [":", "?", "\n", "user", "system", "assistant", "answer"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = CHAT
+    return tok
+
+
+def _rows(n: int, rng: random.Random, words: list[str]) -> list[dict]:
+    out = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        text = [rng.choice(WORDS[4:]) for _ in range(rng.randint(2, 5))] + [words[y]]
+        out.append({"text": " ".join(text), "label": y})
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm_run(tmp_path_factory) -> Path:
+    """A causal-LM run over three random LoRA adapters on a tiny Llama (2 router steps), with a chat template."""
+    from pwemoe.recipes.train import train
+
+    root = tmp_path_factory.mktemp("gen")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=48,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.25,  # spread logits: greedy decoding that does not repeat one token
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    tasks = []
+    rng = random.Random(0)
+    specs = [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+        dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
+        dict(r=3, lora_alpha=3, target_modules=["v_proj", "gate_proj"]),
+    ]
+    for i, (name, words) in enumerate(
+        (("polarity", ["bad", "good"]), ("color", ["red", "blue"]), ("nature", ["sky", "sea"]))
+    ):
+        torch.manual_seed(100 + i)
+        pm = peft.get_peft_model(
+            AutoModelForCausalLM.from_pretrained(root / "base"),
+            peft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **specs[i]),
+        )
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.4)
+        pm.peft_config["default"].base_model_name_or_path = str(root / "base")
+        pm.save_pretrained(root / "experts" / name)
+        data = write_csv_splits(root, name, {"train": _rows(48, rng, words), "test": _rows(8, rng, words)})
+        tasks.append(
+            {
+                "name": name,
+                "type": "causal_lm_choice",
+                "expert": str(root / "experts" / name),
+                "max_length": 8,
+                "prompt_template": "{text} answer :",
+                "label_words": [" " + w for w in words],
+                "chat_template": False,
+                "data": data,
+            }
+        )
+    config = {
+        # routers start at lambda(r) = k c r (c = 0.5): each vertex is one adapter at 1.5, so preferences matter
+        "model": {"base": str(root / "base"), "init_lambda": 0.5, "router_init": "preference"},
+        "tasks": tasks,
+        "train": {"steps": 2, "lr": 0.5, "batch_size": 6, "save_interval": 2, "log_interval": 1, "seed": 0},
+        "eval": {"batch_size": 8, "grid": 2, "ta_scales": [], "bootstrap_resamples": 0},
+        "run_dir": str(root / "run"),
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    train(root / "config.yaml")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def served(llm_run):
+    """The run's PreferenceModel (decoding batches of up to 4) and its app on a real uvicorn server."""
+    from pwemoe.serve.app import create_app
+    from pwemoe.serve.model import PreferenceModel
+
+    pm = PreferenceModel(llm_run, max_batch=4, token_budget=160, max_test_samples=2)
+    with running(create_app(pm)) as url:
+        yield pm, url
+    pm.scheduler().close()
+
+
+def _reference(pm, prompt_ids: list[int], r: list[float], n: int) -> list[int]:
+    """Greedy tokens of `merge_and_unload(model, r)` with plain transformers generate (no padding, alone)."""
+    model = pm.wb.modality.model
+    plain = pwemoe.merge_and_unload(model, r).eval()
+    out = plain.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=pm.wb.modality.tokenizer.pad_token_id,
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def _wait_idle(sched, seconds: float = 20) -> None:
+    """Until the scheduler holds no sequence (a finished one leaves at the end of its step); fails after `seconds`."""
+    deadline = time.time() + seconds
+    while (sched.stats()["running"] or sched.stats()["waiting"]) and time.time() < deadline:
+        time.sleep(0.01)
+    assert sched.stats()["running"] == 0 and sched.stats()["waiting"] == 0, sched.stats()
+
+
+def _ids(pm, text: str) -> list[int]:
+    return pm.wb.modality.tokenizer(text)["input_ids"]
+
+
+def test_rows_with_their_own_preferences_equal_each_row_alone():
+    """One forward of rows at different preferences equals each row at its own preference: LoRA factors, dense
+    task vectors in MLP and attention (GPT-2: Conv1D with biases), and SVD-compressed ones with dense biases."""
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2], [3, 3, 8, 1, 0, 6], [4, 2, 2, 9, 1, 1]])
+    R = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+
+    def llama(seed: int) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=16,
+                hidden_size=16,
+                intermediate_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=16,
+            )
+        ).eval()
+
+    def gpt2(seed: int) -> GPT2LMHeadModel:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=16, n_positions=16)).eval()
+
+    def experts(make, k=3):
+        out = {}
+        for i in range(k):
+            e = make(0)
+            g = torch.Generator().manual_seed(10 + i)
+            with torch.no_grad():
+                for p in e.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            out[f"t{i}"] = e
+        return out
+
+    cases = {
+        "dense llama": pwemoe.upcycle(llama(0), experts(llama), include_attention=True),
+        "dense gpt2": pwemoe.upcycle(gpt2(0), experts(gpt2), include_attention=True),
+        "svd gpt2": pwemoe.upcycle(gpt2(0), experts(gpt2), include_attention=True, task_vector_rank=4),
+    }
+    for name, model in cases.items():
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".router." in f".{n}":
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            alone = []
+            for b in range(len(R)):
+                pwemoe.set_preference(model, R[b])
+                alone.append(model(input_ids=ids[b : b + 1]).logits)
+            with pwemoe.row_preferences(model, R):
+                mixed = model(input_ids=ids).logits
+            pwemoe.set_preference(model, R[0])
+            plain = model(input_ids=ids).logits  # rows back to one preference: the one-preference path
+        torch.testing.assert_close(mixed, torch.cat(alone), rtol=1e-5, atol=1e-5, msg=name)
+        assert not torch.allclose(alone[0], alone[1][:, :], atol=1e-3), name  # the preferences do differ
+        # after the block every row runs at the one preference again (row 1 then differs from its own preference)
+        torch.testing.assert_close(plain[0], alone[0][0], rtol=1e-5, atol=1e-5, msg=name)
+        assert not torch.allclose(plain[1], alone[1][0], atol=1e-3), name
+    with pytest.raises(ValueError, match="row 1: preference must be non-negative"):
+        pwemoe.set_row_preferences(cases["dense llama"], [[1, 1, 1], [1, -1, 1]])
+    with pytest.raises(ValueError, match="set them again for this batch"):
+        with pwemoe.row_preferences(cases["dense llama"], R[:2]), torch.no_grad():
+            cases["dense llama"](input_ids=ids)
+
+
+def test_mixed_preferences_padding_and_joins_are_token_identical_to_plain_generate(served):
+    """Greedy decoding of requests at different preferences and prompt lengths, some joining while others are
+    mid-generation, gives each request exactly the tokens of its own merged model generating alone."""
+    pm, _ = served
+    prompts = ["good film was", "the sky", "very bad team was not the", "song", "red blue sea tree film", "not"]
+    prefs = [[0.2, 0.3, 0.5], [1, 0, 0], [0, 0.5, 0.5], [0.1, 0.1, 0.8], [1, 0, 0], [0.6, 0.2, 0.2]]
+    sched = pm.scheduler()
+    from pwemoe.generation import SamplingParams
+
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    handles = [pm.submit(p, r, params) for p, r in zip(prompts[:3], prefs[:3])]
+    start = sched.steps
+    deadline = time.time() + 30
+    while sched.steps < start + 3 and time.time() < deadline:  # the first three are decoding
+        time.sleep(0.005)
+    handles += [pm.submit(p, r, params) for p, r in zip(prompts[3:], prefs[3:])]  # join mid-generation
+    outs = [h.result() for h in handles]
+    _wait_idle(sched)
+    distinct = set()
+    for p, r, h, out in zip(prompts, prefs, handles, outs):
+        ids = _ids(pm, p)
+        want = _reference(pm, ids, r, 10)
+        got = h.seq.tokens + ([pm.wb.modality.tokenizer.eos_token_id] if out["finish_reason"] == "stop" else [])
+        assert got == want[: len(got)] and (out["finish_reason"] == "stop" or len(got) == 10), (p, r, got, want)
+        assert out["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(h.seq.tokens),
+            "total_tokens": len(ids) + len(h.seq.tokens),
+        }
+        distinct.add(tuple(got))
+    assert len(distinct) >= 4  # the preferences give different continuations: the check has teeth
+
+
+def test_generate_api_and_sampling(served):
+    pm, _ = served
+    one = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=6)
+    assert set(one) >= {"text", "finish_reason", "usage", "preference"} and one["preference"] == [0.5, 0.25, 0.25]
+    many = pm.generate(
+        ["the good film", [{"role": "user", "content": "red sky"}]], [[1, 0, 0], [0, 0, 1]], max_new_tokens=6
+    )
+    assert len(many) == 2 and many[1]["preference"] == [0.0, 0.0, 1.0]
+    # sampling with a seed is reproducible whatever else runs beside it
+    a = pm.generate("the sea", [0.3, 0.3, 0.4], max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    b = pm.generate(["not good", "the sea"], [0.3, 0.3, 0.4], max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    assert a["text"] == b[1]["text"]
+    # a stop string ends the text before it
+    full = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=8)["text"]
+    word = full.split()[2]
+    cut = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=8, stop=[word])
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(word)]
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0; top_p"):
+        pm.generate("the", max_new_tokens=0, top_p=2)
+
+
+def test_generation_needs_a_causal_lm_run(text_setup, tmp_path):
+    from pwemoe.recipes.train import train
+    from pwemoe.serve.model import PreferenceModel
+
+    _, base_cfg = text_setup
+    cfg = {**base_cfg, "run_dir": str(tmp_path / "run"), "train": {**base_cfg["train"], "steps": 1}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    pm = PreferenceModel(train(tmp_path / "c.yaml", []), max_test_samples=2)
+    with pytest.raises(ValueError, match="generation needs a causal-LM run .* sequence_classification tasks"):
+        pm.generate("hello")
+
+
+def test_openai_client_chat_and_completions_streamed_and_not(served):
+    openai = pytest.importorskip("openai")
+    pm, url = served
+    name = pm.run.resolve().name
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [name]
+    messages = [{"role": "user", "content": "good red film ?"}]
+    chat = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=8, temperature=0, extra_body={"preference": [0.6, 0.2, 0.2]}
+    )
+    text = chat.choices[0].message.content
+    ids = pm.wb.modality.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = pm.wb.modality.tokenizer.decode(
+        _reference(pm, pm.wb.modality.tokenizer(ids, add_special_tokens=False)["input_ids"], [0.6, 0.2, 0.2], 8),
+        skip_special_tokens=True,
+    )
+    assert text == want and chat.usage.completion_tokens >= 1 and chat.choices[0].finish_reason in ("stop", "length")
+    # the preference in the model name: the same answer
+    by_name = client.chat.completions.create(
+        model=f"{name}@0.6,0.2,0.2", messages=messages, max_tokens=8, temperature=0
+    )
+    assert by_name.choices[0].message.content == text
+    stream = client.chat.completions.create(
+        model=f"{name}@3,1,1",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    # completions: a plain prompt
+    comp = client.completions.create(
+        model=name, prompt="the blue sea", max_tokens=6, temperature=0, extra_body={"preference": [0, 1, 0]}
+    )
+    streamed = client.completions.create(
+        model=name,
+        prompt="the blue sea",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        extra_body={"preference": [0, 1, 0]},
+    )
+    assert "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
+    ref = _reference(pm, _ids(pm, "the blue sea"), [0, 1, 0], 6)
+    assert comp.choices[0].text == pm.wb.modality.tokenizer.decode(ref, skip_special_tokens=True)
+    # another preference: the answer of its own merged model (vertices differ on this prompt)
+    answers = set()
+    for r in ([1, 0, 0], [0, 1, 0], [0, 0, 1]):
+        got = (
+            client.completions.create(
+                model=f"{name}@{','.join(map(str, r))}", prompt="good red film", max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .text
+        )
+        ref = _reference(pm, _ids(pm, "good red film"), r, 8)
+        assert got == pm.wb.modality.tokenizer.decode(ref, skip_special_tokens=True), r
+        answers.add(got)
+    assert len(answers) >= 2
+
+
+def test_openai_errors_are_error_objects_and_the_server_keeps_serving(served):
+    pm, url = served
+    name = pm.run.resolve().name
+    msgs = [{"role": "user", "content": "good"}]
+    long_prompt = " ".join(["film"] * 60)
+    cases = [
+        ({"model": name, "messages": msgs, "preference": [1, 1]}, 400, "preference"),
+        ({"model": name, "messages": msgs, "preference": [1, -1, 1]}, 400, "preference"),
+        ({"model": name, "messages": msgs, "preference": [0, 0, 0]}, 400, "preference"),
+        ({"model": f"{name}@1,x,1", "messages": msgs}, 400, "model"),
+        ({"model": name, "messages": msgs, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": name, "messages": msgs, "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": name, "messages": msgs, "max_tokens": 100}, 400, "max_tokens"),
+        ({"model": name, "messages": [{"role": "user", "content": long_prompt}]}, 400, "messages"),
+        ({"model": "gpt-4o", "messages": msgs}, 404, "model"),
+        ({"model": name, "messages": msgs, "n": 2}, 400, "n"),
+        ({"model": name, "messages": msgs, "tools": [{"type": "function"}]}, 400, "tools"),
+        ({"model": name, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+        ({"model": name, "messages": "hello"}, 400, "messages"),
+        ({"model": name}, 400, "messages"),
+        ({"model": name, "messages": msgs, "temperature": -1}, 400, "temperature"),
+    ]
+    for body, status, param in cases:
+        got, res = call(url + "/v1/chat/completions", body)
+        assert got == status, (body, got, res)
+        err = res["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"], (
+            body,
+            err,
+        )
+    got, res = call(
+        url + "/v1/chat/completions", raw=b'{"model": "%s", "messages": [], "preference": [NaN, 1, 1]}' % name.encode()
+    )
+    assert got == 400 and res["error"]["param"] in ("preference", "messages")
+    got, res = call(url + "/v1/chat/completions", raw=b"{not json")
+    assert got == 400 and "not valid JSON" in res["error"]["message"]
+    got, res = call(url + "/v1/completions", {"model": name, "prompt": long_prompt, "max_tokens": 2})
+    assert got == 400 and res["error"]["code"] == "context_length_exceeded"
+    got, res = call(url + "/v1/completions", {"model": name, "prompt": "good", "max_tokens": 3, "temperature": 0})
+    assert got == 200 and res["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
+    """A streaming client that goes away is cancelled: its request leaves (here before it is decoded, since the
+    model is held meanwhile) and the server goes on serving."""
+    pm, url = served
+    name = pm.run.resolve().name
+    host, port = url.removeprefix("http://").split(":")
+    sched = pm.scheduler()
+    before = sched.stats()["cancelled"]
+    body = json.dumps(
+        {"model": name, "messages": [{"role": "user", "content": "the"}], "max_tokens": 30, "stream": True}
+    ).encode()
+    with pm._lock:  # the scheduler cannot decode while the test holds the model
+        s = socket.create_connection((host, int(port)))
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        got = b""
+        while b"data: " not in got:  # the stream has started (its first chunk: the assistant's role)
+            got += s.recv(4096)
+        s.close()  # the client goes away mid-stream
+        time.sleep(0.3)  # the server notices
+    deadline = time.time() + 20
+    while sched.stats()["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.01)
+    assert sched.stats()["cancelled"] == before + 1
+    _wait_idle(sched)
+    got, res = call(url + "/v1/completions", {"model": name, "prompt": "good", "max_tokens": 2, "temperature": 0})
+    assert got == 200
+
+
+def test_concurrent_clients_each_get_their_own_preference(served):
+    """Eight threads at once, four preferences: each answer equals the same request made alone."""
+    pm, url = served
+    name = pm.run.resolve().name
+    prefs = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.4, 0.3, 0.3]] * 2
+    alone = [
+        call(
+            url + "/v1/completions",
+            {"model": name, "prompt": "very good", "max_tokens": 6, "temperature": 0, "preference": r},
+        )[1]["choices"][0]["text"]
+        for r in prefs[:4]
+    ]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = call(
+            url + "/v1/completions",
+            {"model": name, "prompt": "very good", "max_tokens": 6, "temperature": 0, "preference": prefs[i]},
+        )[1]["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(8)] == alone * 2
+
+
+def test_adapter_of_one_rank_loads_in_peft_and_its_error_falls_with_the_rank(llm_run, tmp_path):
+    from pwemoe.runs import export_run
+
+    base_dir = yaml.safe_load((llm_run / "config.yaml").read_text())["model"]["base"]
+    r = "0.5,0.3,0.2"
+    full = export_run(llm_run, r, tmp_path / "full")
+    errs = {}
+    for rank in (1, 3, 7):
+        out = export_run(llm_run, r, tmp_path / f"r{rank}", adapter_rank=rank)
+        info = json.loads((out / "pwemoe.json").read_text())["adapter"]
+        cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert info["rank"] == rank and cfg["r"] == rank and cfg["rank_pattern"] == {}
+        errs[rank] = max(info["relative_frobenius_error"].values())
+    assert errs[1] > errs[3] > errs[7] and errs[7] < 1e-6  # 7 = 4 + 3 on v_proj: every layer's whole rank
+    ids = torch.tensor([[3, 5, 7, 9, 4]])
+
+    def logits(folder: Path) -> torch.Tensor:
+        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder / "adapter").eval()
+        with torch.no_grad():
+            return pm(input_ids=ids).logits
+
+    torch.testing.assert_close(logits(tmp_path / "r7"), logits(full), rtol=1e-4, atol=1e-4)
+    assert (logits(tmp_path / "r1") - logits(full)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"adapter rank must be an integer in \[1, 7\]"):
+        export_run(llm_run, r, tmp_path / "r8", adapter_rank=8)
+    assert not (tmp_path / "r8").exists()
+
+
+def test_compress_lowrank_is_the_truncated_svd_of_the_product():
+    from pwemoe.lora.export import compress_lowrank
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(7, 40, generator=g), torch.randn(30, 7, generator=g)
+    dense = B.double() @ A.double()
+    s = torch.linalg.svdvals(dense)
+    for rank in (1, 3, 7):
+        a, b, err = compress_lowrank(A, B, rank)
+        assert a.shape == (rank, 40) and b.shape == (30, rank)
+        want = math.sqrt(float((s[rank:] ** 2).sum() / (s**2).sum()))
+        assert abs(err - want) < 1e-6
+        assert abs(float(torch.linalg.norm(dense - b.double() @ a.double()) / torch.linalg.norm(dense)) - want) < 1e-5
