@@ -21,6 +21,9 @@ from transformers import (
 
 torch.set_num_threads(2)
 
+# shared fixtures of other modules: `llm_run` (a causal-LM run over LoRA experts, for generation and serving)
+pytest_plugins = ["tests.llm_fixtures"]
+
 
 def tiny_clip_vision() -> CLIPVisionModel:
     torch.manual_seed(0)

@@ -161,3 +161,36 @@ def test_explorer_page_offline_pick_routing_evaluate_export(run3, browser, tmp_p
         assert shot.stat().st_size > 20_000
         if os.environ.get("PWEMOE_SCREENSHOT_DIR"):
             shutil.copy(shot, Path(os.environ["PWEMOE_SCREENSHOT_DIR"]) / "explorer.png")
+
+
+def test_chat_panel_streams_two_preferences_side_by_side(llm_run, browser):
+    """A causal-LM run's page has the chat panel: generating at the slider's preference and at another one
+    streams both answers, each equal to the API's answer for the same request."""
+    from pwemoe import PreferenceModel
+    from pwemoe.serve.app import create_app
+
+    model = PreferenceModel(llm_run, max_batch=4, max_test_samples=2)
+    try:
+        with running(create_app(model)) as url:
+            browser.get(url + "/")
+            _wait(browser, "return document.body.dataset.lambdaFor")
+            assert browser.find_element("id", "chat").is_displayed()
+            browser.find_element("id", "chat-prompt").send_keys("good red film ?")
+            browser.execute_script("document.getElementById('chat-max').value = '8'")
+            other = browser.find_element("id", "chat-other")
+            other.clear()
+            other.send_keys("0,0,1")
+            browser.find_element("id", "chat-go").click()
+            _wait(browser, "return document.getElementById('chat-a').dataset.finish")
+            _wait(browser, "return document.getElementById('chat-b').dataset.finish")
+            messages = [{"role": "user", "content": "good red film ?"}]
+            for box, r in (("chat-a", [1 / 3] * 3), ("chat-b", [0, 0, 1])):
+                _, res = call(
+                    url + "/v1/chat/completions",
+                    {"model": "run", "messages": messages, "max_tokens": 8, "temperature": 0, "preference": r},
+                )
+                assert browser.find_element("id", box).text == res["choices"][0]["message"]["content"].strip()
+            severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert not severe, severe
+    finally:
+        model.scheduler().close()

@@ -203,6 +203,61 @@ async function exportNow() {
   } catch (e) { status.textContent = ""; showError(e); }
 }
 
+// --- generation (causal-LM runs): two preferences side by side, streamed -----------------------
+function parsePreference(text) {
+  const r = text.split(/[\s,]+/).filter((x) => x).map(Number);
+  if (r.length !== state.k || r.some((x) => !Number.isFinite(x) || x < 0) || r.reduce((a, b) => a + b, 0) <= 0) {
+    throw new Error(`B: give ${state.k} non-negative weights, e.g. ${Array(state.k).fill(1).join(",")}`);
+  }
+  return r;
+}
+
+// One streamed chat completion into `box`: server-sent events from POST /v1/chat/completions.
+async function streamChat(preference, box) {
+  box.textContent = "";
+  const res = await fetch("/v1/chat/completions", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({
+      model: state.run.model_name, preference, stream: true,
+      messages: [{ role: "user", content: $("chat-prompt").value }],
+      max_tokens: parseInt($("chat-max").value, 10), temperature: parseFloat($("chat-temp").value),
+    }),
+  });
+  if (!res.ok) throw new Error((await res.json()).error.message);
+  const reader = res.body.getReader(), decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let at;
+    while ((at = buf.indexOf("\n\n")) >= 0) {
+      const line = buf.slice(0, at).trim();
+      buf = buf.slice(at + 2);
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const ev = JSON.parse(line.slice(6));
+      if (ev.error) throw new Error(ev.error.message);
+      const delta = ev.choices.length ? ev.choices[0].delta.content : null;
+      if (delta) box.textContent += delta;
+      if (ev.choices.length && ev.choices[0].finish_reason) box.dataset.finish = ev.choices[0].finish_reason;
+    }
+  }
+}
+
+async function generateNow() {
+  const button = $("chat-go");
+  button.disabled = true;
+  try {
+    const a = state.r.slice(), b = parsePreference($("chat-other").value || a.join(","));
+    $("chat-pref-a").textContent = "(" + a.map((x) => fmt(x, 2)).join(", ") + ")";
+    $("chat-pref-b").textContent = "(" + b.map((x) => fmt(x, 2)).join(", ") + ")";
+    ["chat-a", "chat-b"].forEach((id) => delete $(id).dataset.finish);
+    await Promise.all([streamChat(a, $("chat-a")), streamChat(b, $("chat-b"))]); // one batch on the server
+    showError(null);
+  } catch (e) { showError(e); }
+  button.disabled = false;
+}
+
 async function init() {
   try {
     state.run = await api("/api/run");
@@ -214,6 +269,11 @@ async function init() {
     buildSliders();
     $("evaluate").addEventListener("click", evaluateNow);
     $("export").addEventListener("click", exportNow);
+    if (state.run.generation) {
+      $("chat").hidden = false;
+      $("chat-go").addEventListener("click", generateNow);
+      $("chat-other").value = Array(state.k).fill(0).map((x, i) => (i === 0 ? 1 : 0)).join(",");
+    }
     state.r = Array(state.k).fill(1 / state.k);
     await loadResults();
     setPreference(state.r);
