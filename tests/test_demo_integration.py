@@ -80,8 +80,16 @@ def test_llm_demo_pipeline_on_real_data_slices(tmp_path, capsys):
     run = tmp_path / "llm" / "run"
     assert {"pwemoe", "pref_task_arithmetic", "average", "experts"} <= set(summary["methods"])
     assert summary["preferences"] == 3  # the vertices of the k = 3 simplex at M = 2
-    check = json.loads((tmp_path / "llm" / "demo_summary.json").read_text())["export_check"]
+    done = json.loads((tmp_path / "llm" / "demo_summary.json").read_text())
+    check = done["export_check"]
     assert check["match"] and check["exported"] == check["evaluated"] == check["adapter"]
+    # the adapter at one rank per layer, scored like the full one; generation at the vertices and the centre
+    ranks = {str(r["rank"]): r for r in done["adapter_ranks"]}
+    assert set(ranks) == {"8", "16", "full (24)"} and ranks["full (24)"]["accuracy"] == check["adapter"]
+    assert 0 < ranks["8"]["max_relative_error"] and set(ranks["8"]["accuracy"]) == set(check["adapter"])
+    prefs = [a["preference"] for a in done["generation"]]
+    assert prefs[:3] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] and len(prefs) == 4
+    assert all(a["text"].strip() for a in done["generation"])
     assert (tmp_path / "llm" / "export" / "adapter" / "adapter_model.safetensors").is_file()
     info = json.loads((tmp_path / "llm" / "experts" / "rt_sentiment" / "adapter_config.json").read_text())
     assert info["peft_type"] == "LORA" and info["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -134,14 +134,14 @@ def run_llm_demo(
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    print("[1/6] base model: SmolLM2-135M-Instruct from its GGUF file")
+    print("[1/7] base model: SmolLM2-135M-Instruct from its GGUF file")
     base_dir = converted_base()
     cfg = llm_demo_config(workdir, base_dir, overrides)
     cfg_path = workdir / "llm.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     parsed = read_config(cfg_path)
     hp = {**EXPERT_HP, **(expert_hp or {})}
-    print(f"[2/6] LoRA experts (r={LORA['r']} on {', '.join(LORA['targets'])}; cached in {workdir / 'experts'})")
+    print(f"[2/7] LoRA experts (r={LORA['r']} on {', '.join(LORA['targets'])}; cached in {workdir / 'experts'})")
     for t in cfg["tasks"]:
         want = finetune_provenance(parsed, t["name"], **hp, lora=LORA)
         info = Path(t["expert"]) / FINETUNE_INFO
@@ -153,21 +153,94 @@ def run_llm_demo(
             print(f"      {t['name']}: the cached adapter was trained on other data or settings; training anew")
         finetune_from_config(cfg_path, t["name"], t["expert"], overwrite=True, lora=LORA, **hp)
     run = Path(cfg["run_dir"])
-    print(f"[3/6] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
+    print(f"[3/7] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
     train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
-    print("[4/6] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
+    print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
     summary = evaluate_run(run, grid=grid)
-    print(f"[5/6] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
+    print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
     out = export_run(run, pref, workdir / "export", overwrite=True)
-    print("[6/6] reload both exports without pwemoe and check their accuracy")
+    print("[6/7] reload both exports without pwemoe and check their accuracy; adapters of one rank for serving engines")
     check = check_llm_export(out, run, parsed, pref, base_dir)
+    ranks = adapter_rank_table(out, run, parsed, pref, base_dir, check)
+    print("[7/7] generate at each vertex and the centre of the preference simplex, all in one batch")
+    answers = generate_at_vertices(run, GENERATION_PROMPT)
     elapsed = time.perf_counter() - t0
     _print_table(summary, check, elapsed, run)
-    atomic_write_json(workdir / "demo_summary.json", {"summary": summary, "export_check": check, "seconds": elapsed})
-    print(f"\nExplore the front in the browser:\n\n    pwemoe serve {run}\n")
+    _print_generation(answers, ranks, run)
+    atomic_write_json(
+        workdir / "demo_summary.json",
+        {"summary": summary, "export_check": check, "adapter_ranks": ranks, "generation": answers, "seconds": elapsed},
+    )
+    print(f"\nExplore the front and chat at any preference in the browser:\n\n    pwemoe serve {run}\n")
     return summary
+
+
+# One fixed request asked at every vertex and at the centre: each adapter's answer, and the mix.
+GENERATION_PROMPT = (
+    "Is this movie review positive or negative?\nA slow, muddled plot, but the actors are wonderful.\nAnswer:"
+)
+ADAPTER_RANKS = (8, 16)
+
+
+def generate_at_vertices(run: Path, prompt: str, max_new_tokens: int = 16) -> list[dict[str, Any]]:
+    """Greedy answers to `prompt` at each vertex of the simplex and at its centre, decoded in one batch (each row
+    at its own preference)."""
+    from ..serve.model import PreferenceModel
+
+    pm = PreferenceModel(run, max_test_samples=1, max_batch=8)
+    k = pm.k
+    prefs = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)] + [[1.0 / k] * k]
+    try:
+        outs = pm.generate([prompt] * len(prefs), prefs, max_new_tokens=max_new_tokens)
+    finally:
+        pm.scheduler().close()
+    return [
+        {"preference": pm.preference(r), "text": o["text"], "finish_reason": o["finish_reason"]}
+        for r, o in zip(prefs, outs)
+    ]
+
+
+def adapter_rank_table(out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path, full: dict) -> list[dict]:
+    """Accuracy of the exported preference's adapter at one rank R for every layer (ADAPTER_RANKS), against the full
+    adapter (rank sum_i r_i): what a serving engine with max_lora_rank R would run. Written under out/adapter-rR."""
+    from ..lora.export import save_lora_adapter
+    from ..runs import open_run
+
+    wb, _ = open_run(run, load_test=False)
+    rows = []
+    for rank in ADAPTER_RANKS:
+        errors: dict[str, float] = {}
+        folder = out.parent / f"{out.name}-adapter-r{rank}"
+        save_lora_adapter(wb.model, folder, pref, cfg.model.base, rank=rank, errors=errors, overwrite=True)
+        acc = adapter_accuracy(folder, cfg, base_dir, out / "model")
+        rows.append({"rank": rank, "accuracy": acc, "max_relative_error": max(errors.values()), "path": str(folder)})
+    total = max(int(json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]), 1)
+    rows.append({"rank": f"full ({total})", "accuracy": full.get("adapter"), "max_relative_error": 0.0})
+    return rows
+
+
+def _print_generation(answers: list[dict], ranks: list[dict], run: Path) -> None:
+    print("\nOne prompt at each vertex and at the centre (greedy, 16 tokens):")
+    print("    " + GENERATION_PROMPT.replace("\n", "\n    "))
+    for a in answers:
+        print(f"  r = {a['preference']}: {a['text'].strip()!r}")
+    print("\nThe exported preference's adapter at one rank per layer (engines' max_lora_rank), accuracy by task:")
+    for row in ranks:
+        acc = row["accuracy"] or {}
+        cells = ", ".join(f"{n} {v:.3f}" for n, v in acc.items())
+        print(f"  rank {row['rank']}: {cells} (largest relative error of a layer {row['max_relative_error']:.3f})")
+    name = run.resolve().name
+    print(
+        "\nAsk it anything at any preference through the OpenAI API (pwemoe serve "
+        f"{run}):\n\n    from openai import OpenAI\n"
+        '    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")\n'
+        f'    answer = client.chat.completions.create(\n        model="{name}",\n'
+        '        messages=[{"role": "user", "content": "Hi!"}],\n'
+        '        extra_body={"preference": [0.6, 0.2, 0.2]},\n    )\n'
+        "    print(answer.choices[0].message.content)"
+    )
 
 
 def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path) -> dict:
@@ -176,27 +249,47 @@ def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir
     Same prompts, label words and length-sorted batches as `evaluate`, with transformers' and peft's own
     modules only: the decoder, then the LM head at each row's last token.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..results import preference_key
-    from ..tasks.causal_lm import CausalLMChoiceTask
-    from ..tasks.data import first_n, load_split
-    from ..workbench import length_sorted_batches
 
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
     want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
-    tok = AutoTokenizer.from_pretrained(out / "model")
-    tok.padding_side = "right"  # as evaluate pads
-    models = {"dense": AutoModelForCausalLM.from_pretrained(out / "model").eval()}
-    adapter = out / "adapter"
-    if adapter.is_dir():
-        import peft
+    got = {"dense": _accuracy(AutoModelForCausalLM.from_pretrained(out / "model").eval(), cfg, out / "model")}
+    if (out / "adapter").is_dir():
+        got["adapter"] = adapter_accuracy(out / "adapter", cfg, base_dir, out / "model")
+    ok = want is not None and all(abs(got[k][n] - want[n]) < 1e-9 for k in got for n in got[k])
+    print(f"      exported {rn}: evaluate reported {want}")
+    for kind, acc in got.items():
+        print(f"      {kind} export reloaded: {acc}")
+    print(f"      {'MATCH' if ok else 'MISMATCH'}")
+    return {"preference": rn, "exported": got["dense"], "adapter": got.get("adapter"), "evaluated": want, "match": ok}
 
-        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
-        models["adapter"] = pm.merge_and_unload()  # peft's own merge of the exported factors
-    got: dict[str, dict[str, float]] = {k: {} for k in models}
+
+def adapter_accuracy(adapter: Path, cfg: Any, base_dir: Path, tokenizer_dir: Path) -> dict[str, float]:
+    """Test accuracy of a PEFT adapter loaded by peft on the base (peft's own merge of its factors)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    return _accuracy(pm.merge_and_unload(), cfg, tokenizer_dir)
+
+
+def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path) -> dict[str, float]:
+    """Test accuracy of a plain *ForCausalLM on every task, as `evaluate` scores it: same prompts, label words
+    and length-sorted batches, with transformers' own modules (the decoder, then the LM head at each row's last
+    token)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..tasks.causal_lm import CausalLMChoiceTask
+    from ..tasks.data import first_n, load_split
+    from ..workbench import length_sorted_batches
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.padding_side = "right"  # as evaluate pads
+    got: dict[str, float] = {}
     for t in cfg.tasks:
         task = CausalLMChoiceTask(t)
         task.tokenizer = tok
@@ -204,20 +297,14 @@ def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir
         task.label_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in task.label_words]
         ds = first_n(load_split(t.data, t.data.test_split, cfg.model.path_map), t.data.max_test_samples)
         feats = task.encode(ds[:])
-        for kind, model in models.items():
-            correct = 0
-            for idx in length_sorted_batches([len(f["input_ids"]) for f in feats], cfg.eval.batch_size):
-                batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
-                with torch.no_grad():
-                    h = model.model(**batch).last_hidden_state
-                    last = (torch.arange(h.shape[1]) * batch["attention_mask"]).argmax(-1)
-                    logits = model.lm_head(h[torch.arange(h.shape[0]), last])
-                pred = logits[:, [ids[0] for ids in task.label_ids]].argmax(-1)
-                correct += int((pred == torch.as_tensor(ds[idx][t.data.label_column])).sum())
-            got[kind][t.name] = correct / len(ds)
-    ok = want is not None and all(abs(got[k][n] - want[n]) < 1e-9 for k in got for n in got[k])
-    print(f"      exported {rn}: evaluate reported {want}")
-    for kind, acc in got.items():
-        print(f"      {kind} export reloaded: {acc}")
-    print(f"      {'MATCH' if ok else 'MISMATCH'}")
-    return {"preference": rn, "exported": got["dense"], "adapter": got.get("adapter"), "evaluated": want, "match": ok}
+        correct = 0
+        for idx in length_sorted_batches([len(f["input_ids"]) for f in feats], cfg.eval.batch_size):
+            batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
+            with torch.no_grad():
+                h = model.model(**batch).last_hidden_state
+                last = (torch.arange(h.shape[1]) * batch["attention_mask"]).argmax(-1)
+                logits = model.lm_head(h[torch.arange(h.shape[0]), last])
+            pred = logits[:, [ids[0] for ids in task.label_ids]].argmax(-1)
+            correct += int((pred == torch.as_tensor(ds[idx][t.data.label_column])).sum())
+        got[t.name] = correct / len(ds)
+    return got
