@@ -14,7 +14,7 @@ LAYERS = [
     ["core", "architectures", "files", "pareto", "devices", "intervals"],
     ["models", "objectives", "lora", "lora.adapter", "targets", "routing"],
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
-    ["tasks", "modalities", "baselines", "configfile"],
+    ["tasks", "modalities", "baselines", "merges", "configfile"],
     ["workbench", "results", "training"],
     ["runs", "report"],
     ["recipes"],

@@ -169,9 +169,7 @@ def require_run_dir(run: str | Path) -> Path:
     run = Path(run)
     if not (run / CONFIG).is_file():
         what = "does not exist" if not run.exists() else "is a file" if not run.is_dir() else f"has no {CONFIG}"
-        raise FileNotFoundError(
-            f"{run} is not a run directory ({what}); give the run_dir of a `pwemoe train` run"
-        )
+        raise FileNotFoundError(f"{run} is not a run directory ({what}); give the run_dir of a `pwemoe train` run")
     return run
 
 
