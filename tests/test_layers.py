@@ -16,7 +16,7 @@ LAYERS = [
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
     ["tasks", "modalities", "baselines", "merges", "configfile"],
     ["workbench", "results", "training"],
-    ["runs", "report"],
+    ["runs", "mergekit_export", "report"],
     ["recipes"],
     ["serve"],
     ["demo"],
