@@ -366,8 +366,8 @@ class EvalConfig(BaseModel):
     baselines: bool | list[str] = Field(
         True,
         description="true: task arithmetic, preference-weighted TA and simple averaging; false: none; or a list of "
-        "names, adding the standard merges computed by mergekit (extra 'mergekit'): ties, dare_ties, dare_linear, "
-        "breadcrumbs_ties, model_stock, slerp (2 tasks), pref_ties, pref_dare_ties, pref_dare_linear",
+        "names, which may add the standard merges computed by mergekit (extra 'mergekit'), e.g. [ties, pref_ties]; "
+        "the names: docs/guides/baselines.md (an unknown name is refused with the list)",
     )
     merge_grids: dict[str, dict[str, list[float]]] = Field(
         default_factory=dict,
