@@ -2,10 +2,13 @@
 
 A method says how it is named, labelled and drawn, which points it contributes for a preference grid
 (each point has the merge weights w of theta_0 + sum_i w_i tau_i over the whole backbone, or None for
-PWEMoE: the upcycled model's routers decide) and its role: the subject (PWEMoE), the reference it is
-compared with (preference-weighted task arithmetic) and the normaliser (the experts). Reports, plots,
-summaries, the explorer and the evaluate recipe read the registry and the roles; a new baseline is one
-entry here. Also the baselines' model banks (theta_0 + T).
+PWEMoE: the upcycled model's routers decide; or a mergekit merge, `merges.MergeSpec`) and its role: the
+subject (PWEMoE), the reference it is compared with (preference-weighted task arithmetic) and the normaliser
+(the experts). Reports, plots, summaries, the explorer and the evaluate recipe read the registry and the
+roles; a new baseline is one entry here. Also the baselines' model banks (theta_0 + T).
+
+The standard merges (TIES, DARE, breadcrumbs, model stock, SLERP and preference-weighted TIES and DARE) are
+computed by mergekit (`merges.py`); they are evaluated when `eval.baselines` names them.
 """
 
 from __future__ import annotations
@@ -20,16 +23,41 @@ from torch import nn
 
 from .core.merge import merge_weights
 from .core.task_vector import check_compatible
+from .merges import MERGES, MergeSpec, check_merge_settings, merge_specs
+
+# A results row's parameter: a float (task arithmetic's lambda, the scale c), or a merge's grid point by name.
+Param = float | dict[str, float] | None
 
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluated model: results row `method` (e.g. 'expert:rt'), its preference or parameter, weights."""
+    """One evaluated model: results row `method` (e.g. 'expert:rt'), its preference or parameter, weights.
+
+    weights: theta_0 + sum_i w_i tau_i; None with `merge` None: the PWEMoE model at `preference`.
+    merge: a merge computed by mergekit (weights is None then).
+    """
 
     method: str
     preference: list[float] | None
-    param: float | None
-    weights: list[float] | None  # None: the PWEMoE model at `preference`
+    param: Param
+    weights: list[float] | None
+    merge: MergeSpec | None = None
+
+
+def describe_param(param: Param) -> str:
+    """A row's parameter as reports show it: 'λ = 0.3', 'density = 0.5, lambda = 1', or ''."""
+    if param is None:
+        return ""
+    if isinstance(param, dict):
+        return ", ".join(f"{k} = {v:g}" for k, v in param.items())
+    return f"λ = {param:g}"
+
+
+def param_order(param: Param) -> tuple[float, ...]:
+    """A sort key of row parameters (a line through a method's points in parameter order)."""
+    if param is None:
+        return ()
+    return tuple(param.values()) if isinstance(param, dict) else (float(param),)
 
 
 @dataclass(frozen=True)
@@ -40,6 +68,8 @@ class EvalSettings:
     preferences: list[list[float]]  # normalised, rounded keys (see results.preference_key)
     ta_scales: list[float]
     pwta_scale: float
+    merge_grids: dict[str, dict[str, list[float]]] | None = None  # eval.merge_grids (defaults: merges.MERGES)
+    merge_seed: int = 0  # eval.merge_seed: the seed of every stochastic merge (DARE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,7 @@ class Method:
     name: the group key in summaries (rows of `expert:<task>` all belong to 'experts').
     order: how a 2-D plot joins the points into a line ('preference', 'param') or None (no line).
     baseline: evaluated only when baselines are requested (experts always are: they normalise).
+    default: a baseline evaluated with `eval.baselines: true` (the others only when eval.baselines names them).
     role: "subject" (the method evaluated), "reference" (the baseline it is compared with first),
     "normaliser" (each task's own model, which normalised values divide by), or None.
     """
@@ -61,6 +92,7 @@ class Method:
     baseline: bool = True
     short: str = ""
     role: str | None = None
+    default: bool = True
 
     def owns(self, row_method: str) -> bool:
         return row_method == self.name or (self.name == "experts" and row_method.startswith("expert:"))
@@ -89,6 +121,39 @@ def _experts(s: EvalSettings) -> list[Point]:
     k = len(s.task_names)
     eye = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)]
     return [Point(f"expert:{n}", eye[i], None, eye[i]) for i, n in enumerate(s.task_names)]
+
+
+def _merge(name: str) -> Callable[[EvalSettings], list[Point]]:
+    def points(s: EvalSettings) -> list[Point]:
+        specs = merge_specs(name, len(s.task_names), s.preferences, s.merge_grids, s.pwta_scale, s.merge_seed)
+        return [Point(name, pref, param, None, spec) for pref, param, spec in specs]
+
+    return points
+
+
+# How the standard merges are drawn (mergekit computes them; `merges.MERGES` holds their grids).
+_MERGE_STYLES = {
+    "ties": dict(color="C1", marker="v"),
+    "dare_ties": dict(color="C5", marker="<"),
+    "dare_linear": dict(color="C6", marker=">"),
+    "breadcrumbs_ties": dict(color="C7", marker="P"),
+    "model_stock": dict(color="C8", marker="X"),
+    "slerp": dict(color="C9", marker="h"),
+    "pref_ties": dict(color="#8c564b", marker="p"),
+    "pref_dare_ties": dict(color="#e377c2", marker="d"),
+    "pref_dare_linear": dict(color="#17becf", marker="8"),
+}
+_MERGE_SHORT = {
+    "ties": "TIES",
+    "dare_ties": "DARE-TIES",
+    "dare_linear": "DARE linear",
+    "breadcrumbs_ties": "breadcrumbs-TIES",
+    "model_stock": "model stock",
+    "slerp": "SLERP",
+    "pref_ties": "pref.-weighted TIES",
+    "pref_dare_ties": "pref.-weighted DARE-TIES",
+    "pref_dare_linear": "pref.-weighted DARE lin.",
+}
 
 
 METHODS: dict[str, Method] = {
@@ -131,8 +196,46 @@ METHODS: dict[str, Method] = {
             short="experts (each)",
             role="normaliser",
         ),
+        *(
+            Method(
+                n,
+                m.label + " (mergekit)",
+                dict(_MERGE_STYLES[n], zorder=3),
+                _merge(n),
+                order="preference" if m.preference else "param" if len(m.grid) == 1 else None,
+                short=_MERGE_SHORT[n],
+                default=False,
+            )
+            for n, m in MERGES.items()
+        ),
     )
 }
+
+
+def selected(method: Method, baselines: bool | Sequence[str]) -> bool:
+    """Whether `eval.baselines` (true, false, or a list of names) asks for `method`; the subject and the
+    normaliser are always evaluated."""
+    if not method.baseline:
+        return True
+    if isinstance(baselines, bool):
+        return baselines and method.default
+    return method.name in baselines
+
+
+def baseline_names() -> list[str]:
+    """The names `eval.baselines` may list."""
+    return [m.name for m in METHODS.values() if m.baseline]
+
+
+def check_baselines(baselines: bool | Sequence[str], grids: Any, k: int) -> list[str]:
+    """Every problem with eval.baselines and eval.merge_grids for k tasks (see `merges.check_merge_settings`)."""
+    names = [] if isinstance(baselines, bool) else list(baselines)
+    known = baseline_names()
+    errors = [f"eval.baselines: unknown baseline {n!r}; known: {known}" for n in names if n not in known]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        errors.append(f"eval.baselines: {dup} listed more than once")
+    return errors + check_merge_settings(names, grids if grids is not None else {}, k)
 
 
 ROLES = ("subject", "reference", "normaliser")

@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         help="LoRA-expert runs: one rank R for every layer of the exported adapter (for vLLM / TGI max_lora_rank)",
     )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's config)")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "mergekit"],
+        default="torch",
+        help="torch: rebuild the run and merge in memory; mergekit: out-of-core merge of dense causal-LM runs "
+        "(writes mergekit.yaml; extra 'mergekit')",
+    )
+    p.add_argument("--plan-only", action="store_true", help="--engine mergekit: write only OUT/mergekit.yaml")
 
     p = sub.add_parser(
         "serve",
@@ -248,6 +256,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "export":
         from .runs import export_run
 
+        if args.engine == "mergekit":
+            from .mergekit_export import export_mergekit
+
+            if args.adapter_rank is not None:
+                raise ValueError("--adapter-rank writes a LoRA adapter with the torch engine; drop --engine mergekit")
+            export_mergekit(args.run, args.preference, args.out, overwrite=args.overwrite, plan_only=args.plan_only)
+            return 0
+        if args.plan_only:
+            raise ValueError("--plan-only writes a mergekit plan: add --engine mergekit")
         export_run(
             args.run,
             args.preference,

