@@ -110,6 +110,29 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def native_bf16(device: torch.device) -> str | None:
+    """The instruction set that computes bf16 natively on `device`, or None (bf16 would then be emulated and
+    slower than fp32): a GPU of compute capability 8 or newer; on a CPU, AMX-BF16 or AVX512-BF16 (x86) or the
+    Arm BF16 extension, as /proc/cpuinfo lists them (Linux)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return f"CUDA compute capability {major}.x" if major >= 8 else None
+    if device.type != "cpu":
+        return None
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("bf16", "Arm BF16")):
+        if flag in flags:
+            return name
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -129,6 +152,7 @@ __all__ = [
     "grad_scaler",
     "local_rank",
     "move",
+    "native_bf16",
     "rank_and_world",
     "resolve_device",
     "synchronize",

@@ -156,16 +156,17 @@ def run_llm_demo(
     print(f"[3/7] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
     train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
-    summary = evaluate_run(run, grid=grid)
+    precision = eval_precision(parsed)
+    summary = evaluate_run(run, grid=grid, precision=precision)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
     out = export_run(run, pref, workdir / "export", overwrite=True)
     print("[6/7] reload both exports without pwemoe and check their accuracy; adapters of one rank for serving engines")
-    check = check_llm_export(out, run, parsed, pref, base_dir)
-    ranks = adapter_rank_table(out, run, parsed, pref, base_dir, check)
+    check = check_llm_export(out, run, parsed, pref, base_dir, precision)
+    ranks = adapter_rank_table(out, run, parsed, pref, base_dir, check, precision)
     print("[7/7] generate at each vertex and the centre of the preference simplex, all in one batch")
-    answers = generate_at_vertices(run, GENERATION_PROMPT)
+    answers = generate_at_vertices(run, GENERATION_PROMPT, precision=precision)
     elapsed = time.perf_counter() - t0
     _print_table(summary, check, elapsed, run)
     _print_generation(answers, ranks, run)
@@ -184,12 +185,24 @@ GENERATION_PROMPT = (
 ADAPTER_RANKS = (8, 16)
 
 
-def generate_at_vertices(run: Path, prompt: str, max_new_tokens: int = 16) -> list[dict[str, Any]]:
+def eval_precision(cfg: Any) -> str:
+    """bf16 where the device computes it natively (`devices.native_bf16`), else fp32: evaluation, the export checks
+    and generation of the demo run in it (training stays fp32). Printed, with the instruction set."""
+    from ..devices import native_bf16, resolve_device
+
+    native = native_bf16(resolve_device(cfg.device))
+    print(f"      precision of evaluation: {'bf16 (' + native + ')' if native else 'fp32 (no native bf16 here)'}")
+    return "bf16" if native else "fp32"
+
+
+def generate_at_vertices(
+    run: Path, prompt: str, max_new_tokens: int = 16, precision: str | None = None
+) -> list[dict[str, Any]]:
     """Greedy answers to `prompt` at each vertex of the simplex and at its centre, decoded in one batch (each row
     at its own preference)."""
     from ..serve.model import PreferenceModel
 
-    pm = PreferenceModel(run, max_test_samples=1, max_batch=8)
+    pm = PreferenceModel(run, max_test_samples=1, max_batch=8, precision=precision)
     k = pm.k
     prefs = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)] + [[1.0 / k] * k]
     try:
@@ -202,7 +215,9 @@ def generate_at_vertices(run: Path, prompt: str, max_new_tokens: int = 16) -> li
     ]
 
 
-def adapter_rank_table(out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path, full: dict) -> list[dict]:
+def adapter_rank_table(
+    out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path, full: dict, precision: str = "fp32"
+) -> list[dict]:
     """Accuracy of the exported preference's adapter at one rank R for every layer (ADAPTER_RANKS), against the full
     adapter (rank sum_i r_i): what a serving engine with max_lora_rank R would run. Written under out/adapter-rR."""
     from ..lora.export import save_lora_adapter
@@ -214,7 +229,7 @@ def adapter_rank_table(out: Path, run: Path, cfg: Any, pref: list[float], base_d
         errors: dict[str, float] = {}
         folder = out.parent / f"{out.name}-adapter-r{rank}"
         save_lora_adapter(wb.model, folder, pref, cfg.model.base, rank=rank, errors=errors, overwrite=True)
-        acc = adapter_accuracy(folder, cfg, base_dir, out / "model")
+        acc = adapter_accuracy(folder, cfg, base_dir, out / "model", precision)
         rows.append({"rank": rank, "accuracy": acc, "max_relative_error": max(errors.values()), "path": str(folder)})
     total = max(int(json.loads((out / "adapter" / "adapter_config.json").read_text())["r"]), 1)
     rows.append({"rank": f"full ({total})", "accuracy": full.get("adapter"), "max_relative_error": 0.0})
@@ -243,8 +258,11 @@ def _print_generation(answers: list[dict], ranks: list[dict], run: Path) -> None
     )
 
 
-def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path) -> dict:
-    """Accuracy of the dense export (AutoModelForCausalLM) and of the adapter (peft, on the base) against evaluate.
+def check_llm_export(
+    out: Path, run: Path, cfg: Any, pref: list[float], base_dir: Path, precision: str = "fp32"
+) -> dict:
+    """Accuracy of the dense export (AutoModelForCausalLM) and of the adapter (peft, on the base) against evaluate,
+    in the precision evaluate ran in.
 
     Same prompts, label words and length-sorted batches as `evaluate`, with transformers' and peft's own
     modules only: the decoder, then the LM head at each row's last token.
@@ -256,9 +274,10 @@ def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
     want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
-    got = {"dense": _accuracy(AutoModelForCausalLM.from_pretrained(out / "model").eval(), cfg, out / "model")}
+    dense = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    got = {"dense": _accuracy(dense, cfg, out / "model", precision)}
     if (out / "adapter").is_dir():
-        got["adapter"] = adapter_accuracy(out / "adapter", cfg, base_dir, out / "model")
+        got["adapter"] = adapter_accuracy(out / "adapter", cfg, base_dir, out / "model", precision)
     ok = want is not None and all(abs(got[k][n] - want[n]) < 1e-9 for k in got for n in got[k])
     print(f"      exported {rn}: evaluate reported {want}")
     for kind, acc in got.items():
@@ -267,22 +286,25 @@ def check_llm_export(out: Path, run: Path, cfg: Any, pref: list[float], base_dir
     return {"preference": rn, "exported": got["dense"], "adapter": got.get("adapter"), "evaluated": want, "match": ok}
 
 
-def adapter_accuracy(adapter: Path, cfg: Any, base_dir: Path, tokenizer_dir: Path) -> dict[str, float]:
+def adapter_accuracy(
+    adapter: Path, cfg: Any, base_dir: Path, tokenizer_dir: Path, precision: str = "fp32"
+) -> dict[str, float]:
     """Test accuracy of a PEFT adapter loaded by peft on the base (peft's own merge of its factors)."""
     import peft
     from transformers import AutoModelForCausalLM
 
     pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
-    return _accuracy(pm.merge_and_unload(), cfg, tokenizer_dir)
+    return _accuracy(pm.merge_and_unload(), cfg, tokenizer_dir, precision)
 
 
-def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path) -> dict[str, float]:
+def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path, precision: str = "fp32") -> dict[str, float]:
     """Test accuracy of a plain *ForCausalLM on every task, as `evaluate` scores it: same prompts, label words
     and length-sorted batches, with transformers' own modules (the decoder, then the LM head at each row's last
     token)."""
     import torch
     from transformers import AutoTokenizer
 
+    from ..devices import autocast
     from ..tasks.causal_lm import CausalLMChoiceTask
     from ..tasks.data import first_n, load_split
     from ..workbench import length_sorted_batches
@@ -300,7 +322,7 @@ def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path) -> dict[str, float]:
         correct = 0
         for idx in length_sorted_batches([len(f["input_ids"]) for f in feats], cfg.eval.batch_size):
             batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
-            with torch.no_grad():
+            with torch.no_grad(), autocast(torch.device("cpu"), precision):
                 h = model.model(**batch).last_hidden_state
                 last = (torch.arange(h.shape[1]) * batch["attention_mask"]).argmax(-1)
                 logits = model.lm_head(h[torch.arange(h.shape[0]), last])
