@@ -75,7 +75,7 @@ def test_contributing_examples_run_through_training_and_evaluate(registered, tex
 
     # the modality: its batches are padded to a multiple of 8 tokens, and the run evaluates
     run = _run(text_setup, tmp_path, "pad8", "sequence_classification_pad8")
-    wb = Workbench(read_config(run / "config.yaml"), load_train=False, upcycle=False)
+    wb = Workbench(read_config(run / "config.yaml"), load_train=False)
     t = wb.tasks[0]
     batch = wb.encode([(0, t.test_data[:5])])
     assert batch.inputs["input_ids"].shape[1] % 8 == 0 and type(wb.modality).__name__ == "PaddedTextModality"

@@ -405,3 +405,18 @@ def test_compress_lowrank_is_the_truncated_svd_of_the_product():
         want = math.sqrt(float((s[rank:] ** 2).sum() / (s**2).sum()))
         assert abs(err - want) < 1e-6
         assert abs(float(torch.linalg.norm(dense - b.double() @ a.double()) / torch.linalg.norm(dense)) - want) < 1e-5
+
+
+def test_generate_on_the_command_line(served, capsys):
+    from pwemoe.cli import main
+
+    pm, _ = served
+    want = pm.generate(["the good film", "red sky"], [0.2, 0.2, 0.6], max_new_tokens=6)
+    assert (
+        main(["generate", str(pm.run), "--preference", "1,1,3", "--max-new-tokens", "6", "the good film", "red sky"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out == f"--- the good film\n{want[0]['text']}\n--- red sky\n{want[1]['text']}\n"
+    assert main(["generate", str(pm.run), "--preference", "1,1", "good"]) == 2
+    assert "preference must have length k=3" in capsys.readouterr().err
