@@ -420,3 +420,32 @@ def test_generate_on_the_command_line(served, capsys):
     assert out == f"--- the good film\n{want[0]['text']}\n--- red sky\n{want[1]['text']}\n"
     assert main(["generate", str(pm.run), "--preference", "1,1", "good"]) == 2
     assert "preference must have length k=3" in capsys.readouterr().err
+
+
+def test_sliding_window_models_are_refused_not_mis_served():
+    """Left-padded batches and a cache that crops from the left do not mix: a clear error, before any request."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from pwemoe.generation import BatchDecoder
+
+    def mistral() -> MistralForCausalLM:
+        torch.manual_seed(0)
+        cfg = MistralConfig(
+            vocab_size=16,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=8,
+        )
+        return MistralForCausalLM(cfg).eval()
+
+    model = pwemoe.upcycle(mistral(), {"a": mistral(), "b": mistral()})
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        BatchDecoder(model, _tokenizer_stub(), torch.device("cpu"))
+
+
+class _tokenizer_stub:  # noqa: N801 - what BatchDecoder reads of a tokenizer
+    eos_token_id = 2
+    pad_token_id = 0

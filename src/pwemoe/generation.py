@@ -126,10 +126,10 @@ class BatchDecoder:
         self.eos = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self.max_positions = context_length(model)
-        sliding = getattr(model.config, "sliding_window", None) or any(
-            t != "full_attention" for t in (getattr(model.config, "layer_types", None) or [])
-        )
-        if sliding:
+        from transformers import DynamicCache
+
+        # a sliding-window layer crops its cache from the left, where this decoder pads: refused, not mis-served
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
             raise ValueError(
                 f"{type(model).__name__} uses sliding-window attention, whose cache pwemoe's batched decoding does "
                 "not pad; generation needs a model with full attention"
