@@ -17,7 +17,7 @@ LAYERS = [
     ["tasks", "modalities", "baselines", "configfile"],
     ["workbench", "results", "training"],
     ["runs", "report"],
-    ["recipes"],
+    ["recipes", "selection"],
     ["serve"],
     ["demo"],
     ["cli", "__main__"],

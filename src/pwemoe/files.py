@@ -25,6 +25,7 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CORRECT = "correct.json"  # per-example correctness of every results row (bootstrap intervals)
 BEST_ROUTERS = "routers_best_val.safetensors"  # train.select=best_val_hv: the selected routers
+SELECTIONS = "selections"  # `pwemoe select`'s records, <name>.json each
 LOCK = ".pwemoe.lock"
 
 
@@ -149,6 +150,7 @@ RUN_FILES = (
     CORRECT,
     BEST_ROUTERS,
     "validation",
+    SELECTIONS,
     "results.csv",
     "summary.json",
     "report.md",
@@ -169,9 +171,7 @@ def require_run_dir(run: str | Path) -> Path:
     run = Path(run)
     if not (run / CONFIG).is_file():
         what = "does not exist" if not run.exists() else "is a file" if not run.is_dir() else f"has no {CONFIG}"
-        raise FileNotFoundError(
-            f"{run} is not a run directory ({what}); give the run_dir of a `pwemoe train` run"
-        )
+        raise FileNotFoundError(f"{run} is not a run directory ({what}); give the run_dir of a `pwemoe train` run")
     return run
 
 
@@ -189,7 +189,7 @@ PLOT_KINDS = ("front", "planes", "front3d", "ternary", "parallel")
 # What `evaluate --split validation` writes under validation/ (besides its plots/)
 _EVAL_OUTPUTS = (RESULTS, CORRECT, "results.csv", "summary.json", "report.md", "report.html")
 # The files (not directories) of RUN_FILES, at the top of a run directory
-_RUN_OUTPUTS = tuple(n for n in RUN_FILES if n not in ("plots", "validation"))
+_RUN_OUTPUTS = tuple(n for n in RUN_FILES if n not in ("plots", "validation", SELECTIONS))
 
 
 def plot_file_name(kind: str, key: str, ext: str) -> str:
@@ -212,6 +212,8 @@ def _is_plot_file(name: str) -> bool:
 def _written_by_pwemoe(rel: tuple[str, ...]) -> bool:
     """Whether a path inside a run directory (its parts) is one of the files pwemoe writes there."""
     top = _RUN_OUTPUTS
+    if rel[0] == SELECTIONS:  # records of routers that `train --overwrite` replaces
+        return len(rel) == 2 and rel[1].endswith(".json")
     if rel[0] == "validation":
         rel, top = rel[1:], _EVAL_OUTPUTS
     if len(rel) == 1:

@@ -60,7 +60,6 @@ from ..workbench import Workbench
 log = logging.getLogger(__name__)
 
 
-
 def checkpoint_metadata(cfg: Config, wb: Workbench, step: int) -> dict[str, Any]:
     info = wb.info
     return {

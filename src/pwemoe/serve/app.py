@@ -10,6 +10,7 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
     POST /api/evaluate             {preference, wait} -> the results row (wait) or a job to poll
     GET  /api/jobs/{id}            an evaluation's progress and, when done, its row
     POST /api/export               {preference, name?, overwrite?} -> where the plain models were written
+    POST /api/select               {maximize | minimize, require, confidence?, budget?, ...} -> a certified choice
 
 Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job),
 409 (the run directory is in use), 413 (body or batch too large), 422 (malformed JSON or fields).
@@ -51,6 +52,19 @@ class EvaluateBody(PreferenceBody):
 class ExportBody(PreferenceBody):
     name: str | None = None
     overwrite: bool = False
+
+
+class SelectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    maximize: str | None = None
+    minimize: str | None = None
+    require: list[str] = []
+    confidence: float = 0.95
+    budget: int = 24
+    grid: int | None = None
+    seed: int = 0
+    certify_fraction: float = 0.5
+    name: str | None = None
 
 
 class BodyLimit:
@@ -220,6 +234,10 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20) -> FastAPI
     @app.post("/api/export")
     def export(body: ExportBody) -> dict:
         return model.export(body.preference, body.name, body.overwrite)
+
+    @app.post("/api/select")
+    def select(body: SelectBody) -> dict:
+        return model.select(**body.model_dump())
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app

@@ -163,6 +163,8 @@ class PreferenceModel:
                     "text_pair": len(t.input_columns()) == 2 and self.wb.modality.input_kind == "text",
                     "class_names": list(t.class_names),
                     "test_examples": len(t.test_data),
+                    "higher_is_better": t.higher_is_better,
+                    "validation": t.cfg.data.has_validation,
                 }
                 for t in self.wb.tasks
             ],
@@ -306,6 +308,42 @@ class PreferenceModel:
         import json
 
         return {"path": str(out.resolve()), **json.loads((out / "pwemoe.json").read_text())}
+
+    def select(
+        self,
+        maximize: str | None = None,
+        minimize: str | None = None,
+        require: Sequence[str] = (),
+        confidence: float = 0.95,
+        budget: int = 24,
+        grid: int | None = None,
+        seed: int = 0,
+        certify_fraction: float = 0.5,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Choose a preference by constraints, as `pwemoe select` does (see `pwemoe.selection`): search and
+        certificate on the validation data, then the chosen point's test values (not used for the choice).
+
+        Returns the record (also RUN/selections/<name>.json); `status` is "certified", "not_certified" or
+        "infeasible". Runs one at a time with `evaluate`; predictions go on meanwhile.
+        """
+        from ..selection import Settings, select_open
+
+        s = Settings(confidence, budget, grid, seed, certify_fraction)
+        with self._eval_lock, RunLock(self.run, "pwemoe serve (select)"):
+            return select_open(
+                self.wb,
+                self.meta,
+                self.run,
+                maximize,
+                minimize,
+                require,
+                s,
+                name,
+                test_samples=self.max_test_samples,
+                lock=self._lock,
+                workers=0,
+            )
 
     def results(self) -> dict[str, Any]:
         """The rows of results.json computed from this model's inputs, their summary (hypervolumes),
