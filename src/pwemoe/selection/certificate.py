@@ -45,7 +45,9 @@ def assess(
         if c.binary:
             v = np.asarray(values[c.task])[part[c.task]]
             bound = binomial_bound(int(v.sum()), len(v), confidence, c.side)
+            method = "exact binomial (Clopper-Pearson)"
         else:
+            method = "paired percentile bootstrap"
             tasks = q.tasks_of(c)
             data = {
                 t: np.stack([np.asarray(values[t])[part[t]]] + ([np.asarray(experts[t])[part[t]]] if t in e else []))
@@ -64,6 +66,7 @@ def assess(
                 "constraint": c.text,
                 "estimate": est,
                 "bound": bound,
+                "method": method,
                 **({"planned": judged} if margin else {}),
                 "threshold": c.value,
                 "met": c.met(judged),

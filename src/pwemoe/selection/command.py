@@ -325,9 +325,10 @@ def select_run(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    print_summary: bool = True,
 ) -> dict[str, Any]:
     """`pwemoe select`: every query and setting error before any model loads, then `select_open` under the
-    run lock, and a short summary printed. Returns the record; its `status` is "certified",
+    run lock, and a short summary printed (`summary_lines`). Returns the record; its `status` is "certified",
     "not_certified" or "infeasible" (only a certified point is exported)."""
     run = require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, precision)
@@ -354,7 +355,8 @@ def select_run(
             export=export,
             overwrite=overwrite,
         )
-    print("\n".join(summary_lines(record)))
+    if print_summary:
+        print("\n".join(summary_lines(record)))
     return record
 
 
@@ -375,9 +377,11 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     if record["status"] == "infeasible":
         b, c = record["binding"], record["closest"]
         out += [
-            f"  INFEASIBLE: no evaluated preference meets every constraint with {conf} confidence on the search part",
-            f"  closest: r = {r(c['preference'])}; binding: {b['constraint']}: the best bound reached is "
-            f"{b['best_bound']:.4f} (estimate {b['best_estimate']:.4f}) at r = {r(b['at'])}",
+            "  INFEASIBLE: no evaluated preference meets every constraint on the search part (its estimate "
+            f"must clear the constraint by the widths of both {conf} bounds, the search part's and the "
+            "certification part's)",
+            f"  closest: r = {r(c['preference'])}; binding: {b['constraint']}: at best {b['best']:.4f} "
+            f"(estimate {b['estimate']:.4f}, bound {b['bound']:.4f}) at r = {r(b['at'])}",
         ]
     else:
         ch, cert = record["chosen"], record["certification"]

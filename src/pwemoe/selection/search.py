@@ -50,12 +50,13 @@ def initial_grid(k: int, budget: int, grid: int | None, run_grid: int) -> int:
     return m
 
 
-def neighbours(center: Sequence[float], step: float) -> list[list[float]]:
+def neighbours(center: Sequence[float], step: float, first: int | None = None) -> list[list[float]]:
     """The compass directions on the simplex from `center`: r + step (e_i - e_j) for every i != j, kept
-    where every weight stays >= 0 (preference keys, in (i, j) order)."""
+    where every weight stays >= 0 (preference keys). Those that move weight to task `first` (the objective's)
+    come first, since a small budget may evaluate only some of them; then (i, j) order."""
     k = len(center)
     out = []
-    for i in range(k):
+    for i in sorted(range(k), key=lambda i: i != first):
         for j in range(k):
             if i == j or center[j] < step - 1e-9:
                 continue
@@ -88,8 +89,9 @@ def search(
 
     add([preference_key(r, k) for r in simplex_grid(k, m)], 0)
     center, step, rnd = best(q, cands), 1.0 / (m - 1) / 2, 1
+    first = list(q.metrics).index(q.target) if q.target in q.metrics else None
     while len(cands) < budget and step >= MIN_STEP:
-        if add(neighbours(center["preference"], step), rnd):
+        if add(neighbours(center["preference"], step, first), rnd):
             rnd += 1
             now = best(q, cands)
             if now is not center:
@@ -100,18 +102,25 @@ def search(
 
 
 def binding(q: Query, cands: list[dict[str, Any]], closest: dict[str, Any]) -> dict[str, Any]:
-    """The constraint that binds at the closest point (its largest relative shortfall), with the best
-    bound and estimate any candidate reached for it on the search part, and where."""
+    """The constraint that binds at the closest point (its largest relative shortfall), with the best value
+    any candidate reached for it on the search part (the value feasibility is judged on: `planned`, else
+    the bound), its estimate and bound there, and where."""
     rows = closest["search"]["constraints"]
     j = max(range(len(rows)), key=lambda i: rows[i]["relative_shortfall"])
     c = q.constraints[j]
     sign = 1 if c.op == ">=" else -1
-    top = max(cands, key=lambda x: sign * x["search"]["constraints"][j]["bound"])
+
+    def judged(x: dict[str, Any]) -> float:
+        row = x["search"]["constraints"][j]
+        return row.get("planned", row["bound"])
+
+    top = max(cands, key=lambda x: sign * judged(x))
     r = top["search"]["constraints"][j]
     return {
         "constraint": c.text,
         "threshold": c.value,
-        "best_bound": r["bound"],
-        "best_estimate": max(sign * x["search"]["constraints"][j]["estimate"] for x in cands) * sign,
+        "best": judged(top),
+        "estimate": r["estimate"],
+        "bound": r["bound"],
         "at": top["preference"],
     }
