@@ -236,18 +236,10 @@ def test_certification_split_is_stratified_seeded_and_disjoint():
 # --- on a tiny trained run --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def val_run(text_setup, tmp_path_factory) -> Path:
-    """A tiny trained run whose tasks have validation data (30% of their training data, carved)."""
-    from pwemoe.recipes.train import train
+    """A tiny trained run whose tasks have validation data."""
+    from tests.fixtures import train_validation_run
 
-    root, base = text_setup
-    tmp = tmp_path_factory.mktemp("selectrun")
-    names = {"polarity": ["class_0", "class_1"], "color": ["class_0", "class_1", "class_2"]}
-    tasks = [
-        {**t, "class_names": names[t["name"]], "data": {**t["data"], "validation_fraction": 0.3}} for t in base["tasks"]
-    ]
-    cfg = {**base, "tasks": tasks, "run_dir": str(tmp / "run"), "train": {**base["train"], "steps": 10, "lr": 0.2}}
-    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
-    return Path(train(tmp / "c.yaml", [], verbose=-1))
+    return train_validation_run(text_setup[1], tmp_path_factory.mktemp("selectrun"))
 
 
 QUERY = ["--maximize", "color", "--require", "polarity >= 0.9 expert", "--budget", "6"]

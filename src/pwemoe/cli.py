@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve",
         help="the Pareto explorer in the browser and a JSON inference API taking a preference per request",
         epilog="API: GET /api/run, GET /api/results, POST /api/routing_weights, /api/predict, /api/evaluate, "
-        "/api/export (see the README for curl examples).",
+        "/api/export, /api/select (see the README for curl examples).",
     )
     p.add_argument("run")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
