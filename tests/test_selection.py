@@ -358,6 +358,25 @@ def test_infeasible_and_malformed_queries(val_run, tmp_path, monkeypatch, capsys
     assert "need validation data; tasks ['color']" in capsys.readouterr().err
 
 
+def test_records_replace_only_what_select_wrote(val_run, tmp_path):
+    import shutil
+
+    from pwemoe.recipes.train import train
+    from pwemoe.selection import Settings, select_run
+
+    run = Path(shutil.copytree(val_run, tmp_path / "run"))
+    (run / "selections").mkdir(exist_ok=True)
+    (run / "selections" / "notes.json").write_text('{"mine": true}')
+    args = ("color", None, ["polarity >= 0.5"], Settings(budget=4))
+    with pytest.raises(ValueError, match="not a pwemoe selection record"):
+        select_run(run, *args, name="notes", report_test=False)
+    select_run(run, *args, name="mine", report_test=False)
+    select_run(run, *args, name="mine", report_test=False)  # its own record is replaced
+    train(run / "config.yaml", [f"run_dir={run}"], overwrite=True, verbose=-1)  # new routers: old records go
+    assert [p.name for p in (run / "selections").iterdir()] == ["notes.json"]
+    assert json.loads((run / "selections" / "notes.json").read_text()) == {"mine": True}
+
+
 def test_select_through_the_python_api_and_http(val_run):
     from pwemoe import PreferenceModel
     from pwemoe.selection import Settings, select_run

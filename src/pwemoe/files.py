@@ -209,16 +209,25 @@ def _is_plot_file(name: str) -> bool:
         return False
 
 
-def _written_by_pwemoe(rel: tuple[str, ...]) -> bool:
+def _written_by_pwemoe(run: Path, rel: tuple[str, ...]) -> bool:
     """Whether a path inside a run directory (its parts) is one of the files pwemoe writes there."""
     top = _RUN_OUTPUTS
-    if rel[0] == SELECTIONS:  # records of routers that `train --overwrite` replaces
-        return len(rel) == 2 and rel[1].endswith(".json")
+    if rel[0] == SELECTIONS:  # `pwemoe select`'s records (of routers that `train --overwrite` replaces), by content
+        return len(rel) == 2 and rel[1].endswith(".json") and is_selection_record(run.joinpath(*rel))
     if rel[0] == "validation":
         rel, top = rel[1:], _EVAL_OUTPUTS
     if len(rel) == 1:
         return rel[0] in top
     return len(rel) == 2 and rel[0] == "plots" and _is_plot_file(rel[1])
+
+
+def is_selection_record(path: Path) -> bool:
+    """A JSON file that `pwemoe select` wrote (it carries the key `pwemoe_selection`)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and "pwemoe_selection" in obj
 
 
 def clear_run_dir(path: str | Path) -> list[str]:
@@ -238,7 +247,7 @@ def clear_run_dir(path: str | Path) -> list[str]:
             removed.append(name)
         elif p.is_dir():
             files = [f for f in p.rglob("*") if (f.is_file() or f.is_symlink())]
-            ours = [f for f in files if _written_by_pwemoe(f.relative_to(path).parts)]
+            ours = [f for f in files if _written_by_pwemoe(path, f.relative_to(path).parts)]
             for f in ours:
                 f.unlink()
             for d in sorted((d for d in p.rglob("*") if d.is_dir() and not d.is_symlink()), reverse=True) + [p]:

@@ -17,7 +17,7 @@ import torch
 from ..baselines import METHODS, EvalSettings, Point
 from ..config import Config
 from ..configfile import read_config
-from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, read_json, require_run_dir
+from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, is_selection_record, require_run_dir
 from ..recipes.evaluate import PointRows
 from ..results import ResultStore, digest, row_inputs
 from ..routing import routing_weights
@@ -95,13 +95,8 @@ def record_path(run: Path, name: str) -> Path:
             f"selection name must be 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-', got {name!r}"
         )
     path = run / SELECTIONS / f"{name}.json"
-    if path.exists():
-        try:
-            old = read_json(path, "selection record")
-        except ValueError:
-            old = None
-        if not isinstance(old, dict) or "pwemoe_selection" not in old:
-            raise ValueError(f"{path} exists and is not a pwemoe selection record; choose another --name or move it")
+    if path.exists() and not is_selection_record(path):
+        raise ValueError(f"{path} exists and is not a pwemoe selection record; choose another --name or move it")
     return path
 
 
