@@ -143,6 +143,9 @@ class PreferenceModel:
         self.k = len(self.task_names)
         self.max_batch = max_batch
         self.max_test_samples = max_test_samples
+        self.test_examples = {
+            t.name: len(t.test_data) for t in self.wb.tasks
+        }  # `select` switches to validation a while
         self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
@@ -162,7 +165,7 @@ class PreferenceModel:
                     "input": self.wb.modality.input_kind,
                     "text_pair": len(t.input_columns()) == 2 and self.wb.modality.input_kind == "text",
                     "class_names": list(t.class_names),
-                    "test_examples": len(t.test_data),
+                    "test_examples": self.test_examples[t.name],
                     "higher_is_better": t.higher_is_better,
                     "validation": t.cfg.data.has_validation,
                 }
