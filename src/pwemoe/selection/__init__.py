@@ -10,7 +10,8 @@ the experts) and any number of constraints in a small language (`parse_query`): 
    `pwemoe evaluate --split validation` (rows and per-example values in RUN/validation/, keyed by the
    router file's hash), and scored on the search part only: a simplex grid, then a compass search around
    the best candidate, within a budget of candidates. A candidate is feasible when every constraint's
-   one-sided confidence bound on the search part meets it; the best feasible objective wins.
+   estimate clears it by the widths of two one-sided bounds (the search part's, and the certification
+   part's still to come); the best feasible objective wins.
 3. Certificate: the chosen r on the certification part, which the search never looked at: one-sided
    bounds at the requested confidence (exact binomial for an accuracy threshold; the paired bootstrap for
    a share of, or difference from, the expert, for the mean share and for losses). "certified" only when
