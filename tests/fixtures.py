@@ -129,3 +129,17 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return config
+
+
+def train_validation_run(base: dict, tmp: Path, steps: int = 10) -> Path:
+    """Train a tiny run on `build_text_setup`'s config whose tasks have validation data (30% of their training
+    data, carved): what `pwemoe select` searches and certifies on. Returns the run directory."""
+    from pwemoe.recipes.train import train
+
+    names = {"polarity": ["class_0", "class_1"], "color": ["class_0", "class_1", "class_2"]}
+    tasks = [
+        {**t, "class_names": names[t["name"]], "data": {**t["data"], "validation_fraction": 0.3}} for t in base["tasks"]
+    ]
+    cfg = {**base, "tasks": tasks, "run_dir": str(tmp / "run"), "train": {**base["train"], "steps": steps, "lr": 0.2}}
+    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return Path(train(tmp / "c.yaml", [], verbose=-1))

@@ -194,3 +194,43 @@ def test_chat_panel_streams_two_preferences_side_by_side(llm_run, browser):
             assert not severe, severe
     finally:
         model.scheduler().close()
+
+
+def test_constraints_panel_finds_a_certified_preference_and_moves_the_sliders(text_setup, tmp_path, browser):
+    from pwemoe import PreferenceModel
+    from pwemoe.serve.app import create_app
+    from tests.fixtures import train_validation_run
+
+    run = train_validation_run(text_setup[1], tmp_path)
+    model = PreferenceModel(run, cache_size=1)
+    with running(create_app(model)) as url:
+        browser.get(url + "/")
+        _wait(browser, "return document.body.dataset.lambdaFor")
+        assert browser.find_element("id", "sel-objective").get_attribute("value") == "maximize:polarity"
+        browser.execute_script(
+            "const s = document.getElementById('sel-objective'); s.value = 'maximize:color';"
+            "document.getElementById('sel-min-0').value = '0.9';"  # polarity >= 0.9 x expert
+            "document.getElementById('sel-budget').value = '6';"
+            "document.getElementById('sel-confidence').value = '0.95';"
+        )
+        browser.find_element("id", "select").click()
+        status = _wait(browser, "return document.getElementById('select-status').dataset.status", timeout=120)
+        rec = json.loads(next((run / "selections").glob("*.json")).read_text())
+        assert status == rec["status"] == "certified"
+        assert rec["query"]["require"] == ["polarity >= 0.9 expert"] and rec["query"]["objective"] == "maximize color"
+        chosen = rec["chosen"]["preference"]
+        shown = browser.execute_script("return document.getElementById('select-status').dataset.preference")
+        assert [float(x) for x in shown.split(",")] == chosen
+        # the sliders moved to the answer: lambda(r) is shown for the chosen r
+        _wait(
+            browser,
+            f"const v = document.body.dataset.lambdaFor.split(',').map(Number), w = {chosen};"
+            "return v.length === w.length && v.every((x, i) => x === w[i])",
+        )
+        assert [float(browser.find_element("id", f"rn-{i}").get_attribute("value")) for i in range(2)] == [
+            round(x, 2) for x in chosen
+        ]
+        assert "certified at 95%" in browser.find_element("id", "select-status").text
+        assert "polarity >= 0.9 expert" in browser.find_element("id", "select-result").text
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe

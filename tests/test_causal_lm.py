@@ -365,3 +365,41 @@ def test_adapter_export_never_overwrites_a_foreign_folder(causal_setup, tmp_path
     write_lora_adapter(out, layers, "base", overwrite=True)  # replaces only what pwemoe writes; keeps the rest
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "adapter_config.json").is_file() and not list(tmp_path.glob(".*pwemoe-tmp"))
+
+
+def test_select_follows_a_loss_tasks_direction(causal_setup, tmp_path):
+    """`pwemoe select` on a run with a loss task (lower is better) and a choice task, LoRA experts: the loss is
+    minimised, its constraints take upper bounds, its expert's rows come from the upcycled model."""
+    from pwemoe.cli import main
+    from pwemoe.recipes.train import train
+    from pwemoe.results import unpack_correct
+    from pwemoe.selection import Settings, select_run
+
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    t0 = cfg["tasks"][0]
+    t0["type"] = "causal_lm"
+    for key in ("prompt_template", "label_words"):
+        t0.pop(key)
+    for t in cfg["tasks"]:
+        t["data"]["validation_fraction"] = 0.25
+    cfg["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = train(tmp_path / "c.yaml", ["train.steps=4"], verbose=-1)
+    assert main(["select", str(run), "--maximize", "polarity"]) == 2  # a loss is minimised
+    rec = select_run(run, None, "polarity", ["color >= 0.3", "polarity <= 1.5 expert"], Settings(budget=5), name="loss")
+    assert rec["query"]["metrics"]["polarity"] == {"metric": "loss", "higher_is_better": False}
+    assert rec["split"]["stratified_by"] == {"polarity": None, "color": "label"}
+    correct = json.loads((run / "validation" / "correct.json").read_text())
+    cert = np.array(rec["split"]["certification_indices"]["polarity"])
+    for c in rec["candidates"]:
+        key = "pwemoe|" + ",".join(f"{x:.6f}" for x in c["preference"]) + "|"
+        loss = unpack_correct(correct[key]["tasks"]["polarity"])
+        assert c["objective"] == pytest.approx(np.delete(loss, cert).mean(), rel=1e-6)  # the search part's mean loss
+        share = c["constraints"][1]
+        assert share["bound"] >= share["estimate"]  # an upper bound on loss / expert's loss
+    feasible = [c["objective"] for c in rec["candidates"] if c["feasible"]]
+    assert rec["status"] == "certified" and rec["chosen"]["search"]["objective"] == min(feasible)
+    row = rec["certification"]["constraints"][1]
+    assert row["method"] == "paired percentile bootstrap" and row["met"] == (row["bound"] <= 1.5)
+    assert rec["test"]["values"]["polarity"] > 0
+    assert rec["evaluation"]["experts"] == ["polarity"]

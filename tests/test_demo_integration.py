@@ -25,6 +25,7 @@ def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch, capsys):
     for i in range(3):
         overrides[f"tasks.{i}.data.max_train_samples"] = 64
         overrides[f"tasks.{i}.data.max_test_samples"] = 48
+        overrides[f"tasks.{i}.data.max_validation_samples"] = 40
         overrides[f"tasks.{i}.max_length"] = 32
     summary = run_demo(tmp_path / "demo", overrides=overrides, finetune_epochs=1.0, grid=3)
     run = tmp_path / "demo" / "run"
@@ -35,8 +36,14 @@ def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch, capsys):
     pw = {tuple(r["preference"]) for r in rows if r["method"] == "pwemoe"}
     assert len(pw) == simplex_grid_size(3, 3) == 6
     assert summary["preferences"] == 6 and "pwemoe" in summary["methods"]
-    check = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["export_check"]
+    demo_summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    check = demo_summary["export_check"]
     assert check["match"] and check["exported"] == check["evaluated"]
+    # the demo ends with a constrained choice on the validation data (20 + 20 examples per task here: any
+    # answer, certified or not, is recorded with its candidates)
+    choice = json.loads((run / "selections" / "demo.json").read_text())
+    assert demo_summary["selection"]["status"] == choice["status"] in ("certified", "not_certified", "infeasible")
+    assert len(choice["candidates"]) == 8 and choice["split"]["sizes"]["rt_sentiment"]["certification"] == 20
     cfg = yaml.safe_load((tmp_path / "demo" / "demo.yaml").read_text())
     assert [t["name"] for t in cfg["tasks"]] == ["rt_sentiment", "bbc_news", "tweet_sentiment"]
     assert (run / "report.html").stat().st_size > 1_000_000

@@ -17,7 +17,7 @@ LAYERS = [
     ["tasks", "modalities", "baselines", "merges", "configfile"],
     ["workbench", "results", "training", "generation"],
     ["runs", "mergekit_export", "report"],
-    ["recipes"],
+    ["recipes", "selection"],
     ["serve"],
     ["demo"],
     ["cli", "__main__"],

@@ -1,10 +1,11 @@
-"""`pwemoe finetune | train | evaluate | export | serve | demo | config`."""
+"""`pwemoe finetune | train | evaluate | select | export | serve | demo | config`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any
 
 
 def _setup_logging(verbose: int) -> None:
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _placement(p)
 
+    _select_parser(sub)
+
     p = sub.add_parser("export", help="write a plain Hugging Face model for one preference")
     p.add_argument("run")
     p.add_argument("--preference", required=True, help="e.g. 0.2,0.8")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve",
         help="the Pareto explorer in the browser and a JSON inference API taking a preference per request",
         epilog="API: GET /api/run, GET /api/results, POST /api/routing_weights, /api/predict, /api/evaluate, "
-        "/api/export (see the README for curl examples).",
+        "/api/export, /api/select (see the README for curl examples).",
     )
     p.add_argument("run")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -192,6 +195,56 @@ def _preference_arg(text: str | None) -> list[float] | None:
     return parse_preference(text)
 
 
+def _select_parser(sub: Any) -> None:
+    from .selection import QUERY_FORMS, Settings
+
+    d = Settings()
+    p = sub.add_parser(
+        "select",
+        help="choose a preference by constraints, certified on validation data the search did not see",
+        epilog=f"Constraints: {QUERY_FORMS}. Exit status 0: certified; 1: not certified or infeasible "
+        "(nothing exported); 2: an error.",
+    )
+    p.add_argument("run")
+    p.add_argument("--maximize", metavar="TASK", help="the task whose metric to maximise, or mean (share of experts)")
+    p.add_argument("--minimize", metavar="TASK", help="a lower-is-better task (a causal LM's loss) to minimise")
+    p.add_argument("--require", action="append", default=[], metavar="C", help='e.g. "rt >= 0.95 expert" (repeat)')
+    p.add_argument("--confidence", type=float, default=d.confidence, help="of every one-sided bound")
+    p.add_argument("--budget", type=int, default=d.budget, help="preferences evaluated at most")
+    p.add_argument("--grid", type=int, help="levels of the starting simplex grid (default: from the budget)")
+    p.add_argument("--seed", type=int, default=d.seed, help="of the search/certification split and the bootstrap")
+    p.add_argument(
+        "--certify-fraction", type=float, default=d.certify_fraction, help="share of validation data held out"
+    )
+    p.add_argument("--name", help="the record's name: RUN/selections/NAME.json (default: from the query)")
+    p.add_argument("--export", metavar="OUT", help="export a certified choice to this directory")
+    p.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --export")
+    p.add_argument("--no-test", action="store_true", help="do not report the chosen point's test-split values")
+    p.add_argument("--batch-size", type=int)
+    _placement(p)
+
+
+def _select(args: argparse.Namespace) -> int:
+    from .selection import Settings, select_run
+
+    s = Settings(args.confidence, args.budget, args.grid, args.seed, args.certify_fraction)
+    record = select_run(
+        args.run,
+        args.maximize,
+        args.minimize,
+        args.require,
+        s,
+        name=args.name,
+        export=args.export,
+        overwrite=args.overwrite,
+        report_test=not args.no_test,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+    )
+    return 0 if record["status"] == "certified" else 1
+
+
 def _placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's)")
     from .devices import PRECISIONS
@@ -253,6 +306,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             split=args.split,
         )
         return 0
+    if args.cmd == "select":
+        return _select(args)
     if args.cmd == "export":
         from .runs import export_run
 

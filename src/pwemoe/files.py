@@ -25,6 +25,7 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CORRECT = "correct.json"  # per-example correctness of every results row (bootstrap intervals)
 BEST_ROUTERS = "routers_best_val.safetensors"  # train.select=best_val_hv: the selected routers
+SELECTIONS = "selections"  # `pwemoe select`'s records, <name>.json each
 LOCK = ".pwemoe.lock"
 
 
@@ -149,6 +150,7 @@ RUN_FILES = (
     CORRECT,
     BEST_ROUTERS,
     "validation",
+    SELECTIONS,
     "results.csv",
     "summary.json",
     "report.md",
@@ -187,7 +189,7 @@ PLOT_KINDS = ("front", "planes", "front3d", "ternary", "parallel")
 # What `evaluate --split validation` writes under validation/ (besides its plots/)
 _EVAL_OUTPUTS = (RESULTS, CORRECT, "results.csv", "summary.json", "report.md", "report.html")
 # The files (not directories) of RUN_FILES, at the top of a run directory
-_RUN_OUTPUTS = tuple(n for n in RUN_FILES if n not in ("plots", "validation"))
+_RUN_OUTPUTS = tuple(n for n in RUN_FILES if n not in ("plots", "validation", SELECTIONS))
 
 
 def plot_file_name(kind: str, key: str, ext: str) -> str:
@@ -207,14 +209,25 @@ def _is_plot_file(name: str) -> bool:
         return False
 
 
-def _written_by_pwemoe(rel: tuple[str, ...]) -> bool:
+def _written_by_pwemoe(run: Path, rel: tuple[str, ...]) -> bool:
     """Whether a path inside a run directory (its parts) is one of the files pwemoe writes there."""
     top = _RUN_OUTPUTS
+    if rel[0] == SELECTIONS:  # `pwemoe select`'s records (of routers that `train --overwrite` replaces), by content
+        return len(rel) == 2 and rel[1].endswith(".json") and is_selection_record(run.joinpath(*rel))
     if rel[0] == "validation":
         rel, top = rel[1:], _EVAL_OUTPUTS
     if len(rel) == 1:
         return rel[0] in top
     return len(rel) == 2 and rel[0] == "plots" and _is_plot_file(rel[1])
+
+
+def is_selection_record(path: Path) -> bool:
+    """A JSON file that `pwemoe select` wrote (it carries the key `pwemoe_selection`)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and "pwemoe_selection" in obj
 
 
 def clear_run_dir(path: str | Path) -> list[str]:
@@ -234,7 +247,7 @@ def clear_run_dir(path: str | Path) -> list[str]:
             removed.append(name)
         elif p.is_dir():
             files = [f for f in p.rglob("*") if (f.is_file() or f.is_symlink())]
-            ours = [f for f in files if _written_by_pwemoe(f.relative_to(path).parts)]
+            ours = [f for f in files if _written_by_pwemoe(path, f.relative_to(path).parts)]
             for f in ours:
                 f.unlink()
             for d in sorted((d for d in p.rglob("*") if d.is_dir() and not d.is_symlink()), reverse=True) + [p]:

@@ -85,6 +85,7 @@ class Workbench:
             raise ValueError(f"eval_split must be test or validation, got {eval_split!r}")
         self.cfg = cfg
         self.eval_split = eval_split  # what `test_data` holds: the test split, or the validation data
+        self.max_test_samples = max_test_samples
         try:  # a GPU that is not there is a config error, found before any model loads
             self.device = resolve_device(cfg.device)
         except ValueError as e:
@@ -117,6 +118,20 @@ class Workbench:
             t.to(self.device)
             if self.info is not None:  # a changed head must change the run's provenance too
                 self.info.hashes[f"{t.name}:head"] = t.head_fingerprint()
+
+    def set_eval_split(self, split: str, max_samples: int | None = None) -> None:
+        """Make `test_data` hold `split` ("test" or "validation"; its first `max_samples` per task): an open
+        run then evaluates on the other data without loading any model again (validation to choose,
+        test to report). The encoded-batch caches are keyed by split, so nothing of one is used for the other.
+        """
+        if split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be test or validation, got {split!r}")
+        if (split, max_samples) == (self.eval_split, self.max_test_samples) and all(
+            t.test_data is not None for t in self.tasks
+        ):
+            return
+        self.eval_split, self.max_test_samples = split, max_samples
+        self._load_data(False, True, max_samples)
 
     def resolve(self, path: str) -> str:
         """Map hub ids to local mirrors (model.path_map), for offline use and tests."""
@@ -247,7 +262,7 @@ class Workbench:
 
     def eval_batches(self, task: Task, batch_size: int) -> list[list[int]]:
         """Index batches of the task's test split, sorted by input length (less padding); cached."""
-        key = (task.name, batch_size, len(task.test_data))
+        key = (task.name, self.eval_split, batch_size, len(task.test_data))
         if key not in self._eval_batches:
             lengths = self.modality.lengths(task, task.test_data)
             self._eval_batches[key] = length_sorted_batches(lengths, batch_size)
@@ -260,7 +275,7 @@ class Workbench:
         Encoded batches are kept for the next model of a sweep (`encoded`: all tasks within one byte budget);
         token ids always fit, images of a large test set do not and are encoded again, prefetched.
         """
-        key = (task.name, batch_size, len(task.test_data))
+        key = (task.name, self.eval_split, batch_size, len(task.test_data))
         kept = self.encoded.get(key)
         if kept is not None:
             yield from kept

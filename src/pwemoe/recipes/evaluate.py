@@ -265,23 +265,29 @@ def _evaluate_method(
 
 
 def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
-    """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device."""
-    if p.merge is not None:
-        if state["merges"] is None:  # theta_0 and the experts' backbones as folders for mergekit, streamed
-            state["merges"] = MergekitBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
-        model = state["merges"].model(p.merge)
-    elif p.weights is None:
-        model = state["plain"].at(p.preference)
-    else:
-        if state["bank"] is None:
-            lora = wb.info is not None and wb.info.expert_format == "lora"
-            state["bank"] = (
-                UpcycledBank(wb.backbone)
-                if lora
-                else TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
-            )
-        model = state["bank"].model(p.weights)
-    return {t.name: wb.correct(t, bs, backbone=model) for t in wb.tasks}
+    """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device.
+
+    state: the plain copy and the baselines' banks, plus optional `lock` (held while a merge changes the
+    upcycled model's preference state, which a server's other threads read too) and `workers` (loader
+    processes; 0 in a threaded server)."""
+    with state.get("lock") or contextlib.nullcontext():
+        if p.merge is not None:
+            if state["merges"] is None:  # theta_0 and the experts' backbones as folders for mergekit, streamed
+                state["merges"] = MergekitBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+            model = state["merges"].model(p.merge)
+        elif p.weights is None:
+            model = state["plain"].at(p.preference)
+        else:
+            if state["bank"] is None:
+                lora = wb.info is not None and wb.info.expert_format == "lora"
+                state["bank"] = (
+                    UpcycledBank(wb.backbone)
+                    if lora
+                    else TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
+                )
+            model = state["bank"].model(p.weights)
+    workers = state.get("workers")
+    return {t.name: wb.correct(t, bs, model, wb.eval_data(t, bs, workers)) for t in wb.tasks}
 
 
 def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> tuple[dict, dict]:
@@ -289,3 +295,49 @@ def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -
     correct = _correct(wb, p, state, bs)
     acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
     return make_row(p.method, p.preference, p.param, acc, inputs), {n: pack_correct(c) for n, c in correct.items()}
+
+
+class PointRows:
+    """Results rows of single points on demand (PWEMoE at a preference, or merge weights such as an expert's),
+    through `store`: a row computed from the same `inputs` is reused, any other is computed as `pwemoe
+    evaluate` computes it and stored with its per-example correctness. What `pwemoe select` evaluates with.
+
+    inputs: `row_inputs` of the workbench's current evaluation split. lock / workers: see `_correct`.
+    """
+
+    def __init__(
+        self,
+        wb: Workbench,
+        store: ResultStore,
+        inputs: dict[str, str],
+        batch_size: int,
+        lock: Any = None,
+        workers: int | None = None,
+    ) -> None:
+        self.wb, self.store, self.inputs, self.batch_size = wb, store, inputs, batch_size
+        self.state: dict[str, Any] = {
+            "plain": PlainCopy(wb.backbone),
+            "bank": None,
+            "merges": None,
+            "lock": lock,
+            "workers": workers,
+        }
+
+    def __call__(self, points: list[Point]) -> list[dict]:
+        rows = []
+        for p in points:
+            key = point_inputs(self.inputs, p)
+            row = self.store.get(p.method, p.preference, p.param, key)
+            if row is None:
+                row, correct = _row(p, key, self.wb, self.state, self.batch_size)
+                self.store.add(row, correct)
+            rows.append(row)
+        return rows
+
+    def release(self) -> None:
+        """Free the plain copy and the baselines' banks (the mergekit bank's temporary folders too)."""
+        self.state["plain"].release()
+        self.state["bank"] = None
+        if self.state["merges"] is not None:
+            self.state["merges"].close()
+            self.state["merges"] = None

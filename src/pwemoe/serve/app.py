@@ -10,6 +10,7 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
     POST /api/evaluate             {preference, wait} -> the results row (wait) or a job to poll
     GET  /api/jobs/{id}            an evaluation's progress and, when done, its row
     POST /api/export               {preference, name?, overwrite?} -> where the plain models were written
+    POST /api/select               {maximize | minimize, require, confidence?, budget?, ...} -> a certified choice
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
                                    causal-LM runs: OpenAI-compatible generation at any preference (openai_api.py)
 
@@ -54,6 +55,19 @@ class EvaluateBody(PreferenceBody):
 class ExportBody(PreferenceBody):
     name: str | None = None
     overwrite: bool = False
+
+
+class SelectBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    maximize: str | None = None
+    minimize: str | None = None
+    require: list[str] = []
+    confidence: float = 0.95
+    budget: int = 24
+    grid: int | None = None
+    seed: int = 0
+    certify_fraction: float = 0.5
+    name: str | None = None
 
 
 class BodyLimit:
@@ -226,6 +240,10 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20, model_name
     @app.post("/api/export")
     def export(body: ExportBody) -> dict:
         return model.export(body.preference, body.name, body.overwrite)
+
+    @app.post("/api/select")
+    def select(body: SelectBody) -> dict:
+        return model.select(**body.model_dump())
 
     if model.can_generate:
         add_openai_routes(app, model, name)

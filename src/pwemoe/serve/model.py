@@ -156,6 +156,9 @@ class PreferenceModel:
             self.preference(default_preference) if default_preference is not None else [1.0 / self.k] * self.k
         )
         self._scheduler: Any = None  # generation (causal-LM runs), made on first use
+        self.test_examples = {
+            t.name: len(t.test_data) for t in self.wb.tasks
+        }  # `select` switches to validation a while
         self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
@@ -175,7 +178,9 @@ class PreferenceModel:
                     "input": self.wb.modality.input_kind,
                     "text_pair": len(t.input_columns()) == 2 and self.wb.modality.input_kind == "text",
                     "class_names": list(t.class_names),
-                    "test_examples": len(t.test_data),
+                    "test_examples": self.test_examples[t.name],
+                    "higher_is_better": t.higher_is_better,
+                    "validation": t.cfg.data.has_validation,
                 }
                 for t in self.wb.tasks
             ],
@@ -406,6 +411,42 @@ class PreferenceModel:
         import json
 
         return {"path": str(out.resolve()), **json.loads((out / "pwemoe.json").read_text())}
+
+    def select(
+        self,
+        maximize: str | None = None,
+        minimize: str | None = None,
+        require: Sequence[str] = (),
+        confidence: float = 0.95,
+        budget: int = 24,
+        grid: int | None = None,
+        seed: int = 0,
+        certify_fraction: float = 0.5,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Choose a preference by constraints, as `pwemoe select` does (see `pwemoe.selection`): search and
+        certificate on the validation data, then the chosen point's test values (not used for the choice).
+
+        Returns the record (also RUN/selections/<name>.json); `status` is "certified", "not_certified" or
+        "infeasible". Runs one at a time with `evaluate`; predictions go on meanwhile.
+        """
+        from ..selection import Settings, select_open
+
+        s = Settings(confidence, budget, grid, seed, certify_fraction)
+        with self._eval_lock, RunLock(self.run, "pwemoe serve (select)"):
+            return select_open(
+                self.wb,
+                self.meta,
+                self.run,
+                maximize,
+                minimize,
+                require,
+                s,
+                name,
+                test_samples=self.max_test_samples,
+                lock=self._lock,
+                workers=0,
+            )
 
     def results(self) -> dict[str, Any]:
         """The rows of results.json computed from this model's inputs, their summary (hypervolumes),

@@ -1,5 +1,6 @@
 // pwemoe explorer: pick a preference r on the simplex, see lambda(r), the nearest measured
-// results, evaluate r now, export it. Talks only to this server's JSON API (no network).
+// results, evaluate r now, export it, or let constraints choose it (a certified selection).
+// Talks only to this server's JSON API (no network).
 "use strict";
 
 const state = { run: null, k: 0, names: [], r: [], rows: [], pending: null, lambdaFor: "" };
@@ -258,6 +259,67 @@ async function generateNow() {
   button.disabled = false;
 }
 
+// --- choose by constraints (POST /api/select) ------------------------------------------------
+function buildSelectPanel() {
+  const tasks = state.run.tasks;
+  const sense = (t) => (t.higher_is_better ? "maximize" : "minimize");
+  $("sel-objective").innerHTML = tasks.map((t) => `<option value="${sense(t)}:${t.name}">${sense(t)} ${t.name}</option>`)
+    .join("") + '<option value="maximize:mean">maximize the mean share of the experts</option>';
+  $("sel-constraints").innerHTML = tasks.map((t, i) => '<div class="constraint">' +
+    `<label for="sel-min-${i}">${t.name} ${t.higher_is_better ? "≥" : "≤"}</label>` +
+    `<input type="number" id="sel-min-${i}" min="0" step="0.01" placeholder="none">` +
+    `<select id="sel-unit-${i}" aria-label="${t.name} unit"><option value="expert">× expert</option>` +
+    '<option value="absolute">absolute</option></select></div>').join("");
+  $("select").addEventListener("click", selectNow);
+  const missing = tasks.filter((t) => !t.validation).map((t) => t.name);
+  if (missing.length) {
+    $("select").disabled = true;
+    $("select-status").textContent = `needs validation data for every task (none for ${missing.join(", ")})`;
+  }
+}
+
+function selectQuery() {
+  const [sense, target] = $("sel-objective").value.split(":");
+  const require = [];
+  state.run.tasks.forEach((t, i) => {
+    const v = $(`sel-min-${i}`).value.trim();
+    if (v !== "") require.push(`${t.name} ${t.higher_is_better ? ">=" : "<="} ${v}` +
+      ($(`sel-unit-${i}`).value === "expert" ? " expert" : ""));
+  });
+  return { [sense]: target, require, confidence: parseFloat($("sel-confidence").value),
+    budget: parseInt($("sel-budget").value, 10) };
+}
+
+async function selectNow() {
+  const status = $("select-status"), button = $("select");
+  button.disabled = true;
+  status.textContent = "searching on the validation data…";
+  delete status.dataset.status;
+  try {
+    const rec = await api("/api/select", selectQuery());
+    const point = rec.chosen || rec.closest;
+    setPreference(point.preference);
+    const verdict = { certified: "certified", not_certified: "NOT certified", infeasible: "infeasible" }[rec.status];
+    const pct = `${Math.round(100 * rec.confidence)}%`;
+    status.textContent = rec.status === "infeasible"
+      ? `infeasible: ${rec.binding.constraint} reaches at best ${fmt(rec.binding.best, 4)}; the sliders show the closest point`
+      : `${verdict} at ${pct}: r = (${point.preference.map((x) => fmt(x)).join(", ")}), ` +
+        `${rec.evaluation.candidates} preferences evaluated`;
+    const rows = rec.certification ? rec.certification.constraints : point.search.constraints;
+    const test = rec.test ? rec.test.constraints : [];
+    $("select-result").innerHTML = "<tr><th>constraint</th><th>estimate</th><th>bound</th><th></th><th>test</th></tr>" +
+      rows.map((c, j) => `<tr><td>${c.constraint}</td><td>${fmt(c.estimate, 4)}</td><td>${fmt(c.bound, 4)}</td>` +
+        `<td>${c.met ? "✓" : "✗"}</td><td>${test[j] ? fmt(test[j].value, 4) : ""}</td></tr>`).join("") +
+      `<tr><td colspan="5" class="hint">${rec.certification ? "certification part" : "search part"}; ` +
+      "test: the test split, not used for the choice</td></tr>";
+    status.dataset.status = rec.status;
+    status.dataset.preference = point.preference.join(",");
+    showError(null);
+    await loadResults();
+  } catch (e) { status.textContent = ""; showError(e); }
+  button.disabled = false;
+}
+
 async function init() {
   try {
     state.run = await api("/api/run");
@@ -267,6 +329,7 @@ async function init() {
       ` · step ${state.run.step} · ${state.run.device}`;
     if (state.k !== 3) $("simplex").hidden = true;
     buildSliders();
+    buildSelectPanel();
     $("evaluate").addEventListener("click", evaluateNow);
     $("export").addEventListener("click", exportNow);
     if (state.run.generation) {
