@@ -274,13 +274,27 @@ class FactoredEnsemblingModule(EnsemblingModule):
         with self._full_precision():
             params = self._theta0()
             dense = {n: merge_weights(lam, params[n], self.dense_task_vector(n)) for n in self._dense}
+        return self._hooked_forward(lam, dense, args, kwargs)
+
+    def _hooked_forward(
+        self,
+        lam: torch.Tensor,
+        dense: dict[str, torch.Tensor],
+        args: tuple,
+        kwargs: dict,
+        rows: Any = None,
+        shifts: dict[str, torch.Tensor] | None = None,
+    ) -> Any:
+        """base_layer's forward with `dense` merged parameters swapped in and each factored layer's low-rank term
+        added by a hook that lives for this forward only: lam Tensor[k] (one preference), or Tensor[B, k] with
+        `rows` (a preference per row; `shifts`: a factored layer's per-row bias delta)."""
         handles = []
         try:
             for p in self._paths:
                 A, B = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
                 cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
-                child = self.base_layer.get_submodule(p)
-                handles.append(child.register_forward_hook(_adder(A, B, cols), with_kwargs=True))
+                hook = _adder(A, B, cols) if rows is None else _row_adder(A, B, cols, (shifts or {}).get(p), rows)
+                handles.append(self.base_layer.get_submodule(p).register_forward_hook(hook, with_kwargs=True))
             if dense:
                 return self._call_base(dense, args, kwargs)
             return self.base_layer(*args, **kwargs)
@@ -310,21 +324,7 @@ class FactoredEnsemblingModule(EnsemblingModule):
                 for n in self._dense
                 if n in biases
             }
-        handles = []
-        try:
-            for p in self._paths:
-                A, B = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
-                cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
-                child = self.base_layer.get_submodule(p)
-                handles.append(
-                    child.register_forward_hook(_row_adder(A, B, cols, shifts.get(p), rows), with_kwargs=True)
-                )
-            if dense:
-                return self._call_base(dense, args, kwargs)
-            return self.base_layer(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        return self._hooked_forward(lam, dense, args, kwargs, rows, shifts)
 
     def extra_repr(self) -> str:
         ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
