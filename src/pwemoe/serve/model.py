@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.preference import PreferenceLike, normalize_preference
-from ..export import merge_and_unload, merge_into
+from ..export import PlainCopy
 from ..files import RESULTS, RunLock
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
 from ..routing import routing_weights
@@ -37,15 +37,15 @@ class TooLarge(ValueError):
 
 @dataclass
 class _Entry:
-    model: nn.Module
+    copy: PlainCopy  # one plain copy of the backbone, re-merged when the entry is reused for another preference
     users: int = 0
 
 
 class MergeCache:
     """Plain merged backbones theta(r), keyed by the normalised preference, least recently used out first.
 
-    A miss re-merges into the least recently used copy that no caller is using (`merge_into`, no new
-    allocation); only while the cache is filling is a new copy made (`merge_and_unload`), and when
+    A miss re-merges into the least recently used copy that no caller is using (`PlainCopy.at`: no new
+    allocation); only while the cache is filling is a new copy made, and when
     every copy is in use the caller waits for one. A copy is never re-merged while a caller holds it
     (`lease`), so concurrent callers with different preferences never see each other's weights.
     Merges run under `lock`, the lock that guards the upcycled model's preference state.
@@ -76,12 +76,13 @@ class MergeCache:
                     break
                 hit = False
                 if len(self.entries) < self.size:
-                    e = _Entry(merge_and_unload(self.backbone, list(key)).eval().requires_grad_(False))
+                    e = _Entry(PlainCopy(self.backbone))
+                    e.copy.at(list(key)).requires_grad_(False)
                     break
                 free = next((k for k, v in self.entries.items() if v.users == 0), None)
                 if free is not None:
                     e = self.entries.pop(free)
-                    merge_into(self.backbone, e.model, list(key))
+                    e.copy.at(list(key))
                     self.reused += 1
                     break
                 self.waits += 1
@@ -91,7 +92,7 @@ class MergeCache:
                 self.entries[key] = e
             e.users += 1
         try:
-            yield e.model, hit
+            yield e.copy.plain, hit
         finally:
             with self.lock:
                 e.users -= 1
