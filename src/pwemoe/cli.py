@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-batch", type=int, default=64, help="most inputs one /api/predict request may carry")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument(
+        "--eval-queue",
+        type=int,
+        default=8,
+        help="asynchronous evaluations that may wait behind the running one (more are answered 429)",
+    )
     p.add_argument("--max-test-samples", type=int, help="'evaluate now' uses the first N test examples per task")
     _placement(p)
 
@@ -215,6 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             port=args.port,
             public=args.public,
             max_body_mb=args.max_body_mb,
+            eval_queue=args.eval_queue,
             cache_size=args.cache_size,
             max_batch=args.max_batch,
             max_test_samples=args.max_test_samples,
