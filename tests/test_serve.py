@@ -415,7 +415,7 @@ def _evaluate_with_headers(url: str, body: dict) -> tuple[int, dict, Any]:
 
 
 def test_asynchronous_evaluations_wait_in_a_bounded_queue(model, monkeypatch):
-    """One worker thread runs the evaluations in order; `eval_queue` may wait behind it, more get 429."""
+    """One worker thread runs the evaluations in order; `eval_queue` (8) may wait behind it, more get 429."""
     import threading
     import time
 
@@ -432,11 +432,11 @@ def test_asynchronous_evaluations_wait_in_a_bounded_queue(model, monkeypatch):
 
     monkeypatch.setattr(model, "evaluate", slow)
     before = workers()  # other apps' idle workers
-    with running(create_app(model, eval_queue=2)) as url:
-        jobs = [_evaluate_with_headers(url, {"preference": [0.5, 0.5]}) for _ in range(3)]  # 1 runs, 2 wait
-        assert [j[0] for j in jobs] == [200, 200, 200]
+    with running(create_app(model)) as url:  # --eval-queue 8 by default
+        jobs = [_evaluate_with_headers(url, {"preference": [0.5, 0.5]}) for _ in range(9)]  # 1 runs, 8 wait
+        assert [j[0] for j in jobs] == [200] * 9
         status, res, headers = _evaluate_with_headers(url, {"preference": [0.5, 0.5]})
-        assert status == 429 and "2 evaluations are waiting" in res["error"] and int(headers["Retry-After"]) >= 1
+        assert status == 429 and "8 evaluations are waiting" in res["error"] and int(headers["Retry-After"]) >= 1
         assert workers() == before + 1  # one thread for all of them
         gate.set()
         for _, job, _ in jobs:
