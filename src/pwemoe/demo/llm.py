@@ -85,7 +85,9 @@ def converted_base(cache: Path | None = None) -> Path:
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     plain.load_state_dict(model.state_dict())
     if out.is_dir() and not (out / MANIFEST).is_file():  # converted before outputs listed their files: all ours
-        atomic_write_json(out / MANIFEST, {"files": [p.relative_to(out).as_posix() for p in out.rglob("*")]})
+        atomic_write_json(
+            out / MANIFEST, {"files": [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]}
+        )
     with staged_dir(out, True, "LLM demo base") as tmp:  # an outdated conversion is replaced whole
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
