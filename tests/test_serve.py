@@ -6,6 +6,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -389,3 +390,93 @@ def test_body_limit_counts_streamed_bodies_without_a_length():
 
     assert run([b"x" * 60, b"x" * 30]) == 200 and seen == [90]
     assert run([b"x" * 60, b"x" * 60, b"x" * 60]) == 413 and seen == [90]  # the app never got the body
+
+
+def test_serve_options_are_checked_before_the_run_loads(tmp_path, capsys):
+    from pwemoe.cli import main
+
+    args = ["--max-body-mb", "-1", "--cache-size", "0", "--max-batch", "0", "--eval-queue", "0"]
+    assert main(["serve", str(tmp_path / "no-run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert all(f"{k} must be" in err for k in args[::2]) and "no-run" not in err, err  # before the run is read
+
+
+def _evaluate_with_headers(url: str, body: dict) -> tuple[int, dict, Any]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/api/evaluate", json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, json.loads(res.read()), res.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def test_asynchronous_evaluations_wait_in_a_bounded_queue(model, monkeypatch):
+    """One worker thread runs the evaluations in order; `eval_queue` (8) may wait behind it, more get 429."""
+    import threading
+    import time
+
+    from pwemoe.serve.app import create_app
+
+    gate = threading.Event()
+
+    def slow(preference, progress=None, store=True):
+        gate.wait(60)
+        return {"preference": preference, "reused": False}
+
+    def workers() -> int:
+        return sum(t.name == "pwemoe-evaluate" for t in threading.enumerate())
+
+    monkeypatch.setattr(model, "evaluate", slow)
+    before = workers()  # other apps' idle workers
+    with running(create_app(model)) as url:  # --eval-queue 8 by default
+        jobs = [_evaluate_with_headers(url, {"preference": [0.5, 0.5]}) for _ in range(9)]  # 1 runs, 8 wait
+        assert [j[0] for j in jobs] == [200] * 9
+        status, res, headers = _evaluate_with_headers(url, {"preference": [0.5, 0.5]})
+        assert status == 429 and "8 evaluations are waiting" in res["error"] and int(headers["Retry-After"]) >= 1
+        assert workers() == before + 1  # one thread for all of them
+        gate.set()
+        for _, job, _ in jobs:
+            for _ in range(600):
+                if call(url + f"/api/jobs/{job['id']}")[1]["status"] == "done":
+                    break
+                time.sleep(0.02)
+            assert call(url + f"/api/jobs/{job['id']}")[1]["status"] == "done"
+        assert _evaluate_with_headers(url, {"preference": [0.5, 0.5]})[0] == 200  # room again
+
+
+def _post_chunked(url: str, path: str, chunks: list[bytes]) -> tuple[int, dict]:
+    """POST a body with Transfer-Encoding: chunked (no Content-Length); (status, parsed JSON)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        head = f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+        head += "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        # all in one send: the server reads it at once, so its early answer is not cut by a reset
+        s.sendall(head.encode() + b"".join(f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in chunks) + b"0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_every_4xx_has_an_error_and_a_streamed_body_over_the_limit_is_413(model):
+    from pwemoe.serve.app import create_app
+
+    with running(create_app(model, max_body_bytes=1000)) as url:
+        body = json.dumps({"preference": [1, 1], "task": "color", "inputs": ["a " * 500]}).encode()
+        status, res = _post_chunked(url, "/api/predict", [body[:600], body[600:]])
+        assert status == 413 and "larger than 1000 bytes" in res["error"], res
+        small = json.dumps({"preference": [1, 1], "task": "color", "inputs": ["good"]}).encode()
+        status, res = _post_chunked(url, "/api/predict", [small[:20], small[20:]])
+        assert status == 200 and len(res["predictions"]) == 1  # a small streamed body is read as usual
+        for path, method_body, want in [("/api/nope", None, 404), ("/api/predict", None, 405)]:
+            status, res = call(url + path, method_body)
+            assert status == want and "error" in res and path in res["error"], res
+        assert call(url + "/api/run")[0] == 200

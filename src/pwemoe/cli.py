@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "--served-model-name", help="causal-LM runs: the model name of the /v1 API (default: the run's name)"
     )
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument(
+        "--eval-queue",
+        type=int,
+        default=8,
+        help="asynchronous evaluations that may wait behind the running one (more are answered 429)",
+    )
     p.add_argument("--max-test-samples", type=int, help="'evaluate now' uses the first N test examples per task")
     _placement(p)
 
@@ -339,6 +345,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             public=args.public,
             max_body_mb=args.max_body_mb,
             model_name=args.served_model_name,
+            eval_queue=args.eval_queue,
             cache_size=args.cache_size,
             max_batch=args.max_batch,
             token_budget=args.token_budget,

@@ -73,6 +73,7 @@ class Registries:
     """What the layers above know: task type -> its config model, and objective name -> a checker of its arguments.
 
     `check_objective(name, args, k)` returns None when the objective can be built for k tasks, else the reason.
+    `check_adapter(path, trust_remote_code)` returns None when a data adapter may be used, else the reason.
     """
 
     task_configs: Mapping[str, type[BaseModel]] = field(default_factory=dict)
@@ -80,6 +81,7 @@ class Registries:
     check_objective: Callable[[str, dict[str, Any], int], str | None] | None = None
     # (eval.baselines, eval.merge_grids, k) -> every problem, each starting with its key
     check_baselines: Callable[[Any, Any, int], list[str]] | None = None
+    check_adapter: Callable[[str, bool], str | None] | None = None
 
     @property
     def task_types(self) -> tuple[str, ...]:
@@ -100,7 +102,7 @@ def _key_error(key: str, why: str) -> PydanticCustomError:
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
 # A plain name: used as a directory name on export, so no separators, no '..', no leading dot.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # matched whole (fullmatch)
 
 
 class DataConfig(BaseModel):
@@ -108,7 +110,14 @@ class DataConfig(BaseModel):
 
     model_config = _STRICT
     source: str = Field("hub", description="hub | csv | json | parquet | imagefolder | adapter")
-    path: str = Field("", description="dataset id, file, directory or glob; for source=adapter 'module:function'")
+    path: str = Field(
+        "", description="dataset id, file, directory or glob; for source=adapter a registered name or 'module:function'"
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="source=adapter: allow a 'module:function' that no installed package registered as a data "
+        "adapter (pwemoe imports and runs that code, as transformers does with trust_remote_code)",
+    )
     name: str | None = Field(None, description="the hub dataset's configuration name")
     files: dict[str, str] | None = Field(None, description="split -> file, instead of `path` (local sources)")
     train_split: str = Field("train", description="split the routers (and finetune) train on")
@@ -141,9 +150,14 @@ class DataConfig(BaseModel):
         return _one_of(v, ("hub", "csv", "json", "parquet", "imagefolder", "adapter"))
 
     @model_validator(mode="after")
-    def _where(self) -> DataConfig:
+    def _where(self, info: ValidationInfo) -> DataConfig:
         if not self.path and not self.files:
             raise _key_error("path", "required (dataset id, file, or adapter 'module:function')")
+        reg = (info.context or {}).get("registries")
+        if self.source == "adapter" and reg is not None and reg.check_adapter is not None:
+            why = reg.check_adapter(self.path, self.trust_remote_code)
+            if why:
+                raise _key_error("path", why)
         if self.validation_split and self.validation_fraction:
             raise _key_error(
                 "validation_fraction", "give validation_split or validation_fraction, not both (one validation set)"
@@ -205,7 +219,7 @@ class TaskConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not _NAME.match(v) or ".." in v:
+        if not _NAME.fullmatch(v) or ".." in v:
             raise ValueError(f"must be a plain name (letters, digits, '_', '.', '-'; no path separators), got {v!r}")
         return v
 
@@ -538,6 +552,22 @@ _EXPECTED = {
 }
 
 
+_EXPONENT = re.compile(r"\s*([-+]?[0-9]+)(?:\.([0-9]*))?[eE]([-+]?)([0-9]+)\s*")
+
+
+def _number_hint(typ: str, inp: Any) -> str:
+    """YAML 1.1 reads 1e-3 and 1.0e30 as text (a float needs a dot and a signed exponent: 1.0e-3, 1.0e+30);
+    say how to write the number that was meant."""
+    m = _EXPONENT.fullmatch(inp) if isinstance(inp, str) and typ in ("float_type", "int_type") else None
+    if m is None:
+        return ""
+    value = float(inp)
+    if typ == "int_type":
+        return f" (YAML reads {inp.strip()} as text; write the integer {int(value)})" if value.is_integer() else ""
+    fixed = f"{m[1]}.{m[2] or 0}e{m[3] or '+'}{m[4]}"
+    return f" (YAML reads {inp.strip()} as text; write {fixed}, with a dot and a signed exponent)"
+
+
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -600,7 +630,7 @@ def _message(err: Mapping[str, Any], registries: Registries | None = None) -> st
     if typ == "missing":
         return f"{_path(loc)}: required" + (f" ({f.description})" if f is not None and f.description else "")
     if typ in _EXPECTED:
-        return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}"
+        return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}" + _number_hint(typ, inp)
     if typ == "pwemoe_key":
         return f"{_path(loc + (err['ctx']['key'],))}: {err['ctx']['why']}"
     if typ == "pwemoe_keys":  # several errors found by one validator, each with its key
@@ -638,9 +668,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, An
                 continue
             key, raw = o.split("=", 1)
             try:
-                val = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                errors.append(f"override {o!r}: the value is not valid YAML ({e.__class__.__name__})")
+                val = load_yaml(raw, f"override {o!r}")
+            except ConfigError as e:
+                errors += e.errors
                 continue
             items.append((key, o, val))
     for key, o, val in items:
@@ -674,16 +704,89 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, An
     return data
 
 
+# A config is a few kilobytes with hundreds of values; these bounds refuse a hostile document (a "billion laughs"
+# of nested aliases, a huge file) before it is expanded, instead of hanging the parser.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, counted with every alias expanded
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load (no tags are executed) within MAX_YAML_BYTES and MAX_YAML_VALUES; ConfigError naming
+    `where` for a malformed, too large, too deeply nested or self-referencing document."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError([f"{where}: {len(text)} characters, more than a config may have ({MAX_YAML_BYTES})"])
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_values(node, MAX_YAML_VALUES)
+        if n is None:
+            raise ConfigError([f"{where}: an alias refers to the value that contains it (*name inside &name)"])
+        if n > MAX_YAML_VALUES:
+            raise ConfigError(
+                [
+                    f"{where}: more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded; a "
+                    "config has hundreds: write the values out, or use fewer nested aliases"
+                ]
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{where}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{where}: nested too deeply to be a config"]) from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_values(root: yaml.Node, limit: int) -> int | None:
+    """How many values the document holds with every alias expanded (counting stops past `limit`), or None
+    when an alias refers to a value that contains it. Linear in the document's size: shared nodes are
+    counted once and their size reused."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(n: yaml.Node) -> int | None:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in open_:
+            return None
+        open_.add(id(n))
+        kids = n.value if isinstance(n, yaml.SequenceNode) else []
+        if isinstance(n, yaml.MappingNode):
+            kids = [x for kv in n.value for x in kv]
+        total = 1
+        for c in kids:
+            k = size(c)
+            if k is None:
+                return None
+            total += k
+            if total > limit:
+                break
+        open_.discard(id(n))
+        sizes[id(n)] = min(total, limit + 1)
+        return sizes[id(n)]
+
+    return size(root)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file, with one-line errors for a missing, unreadable or malformed file."""
+    """The mapping in a YAML file, with one-line errors for a missing, unreadable, malformed or hostile file."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "config.yaml"
+        raise FileNotFoundError(
+            f"config file {path} is a directory; give the YAML file"
+            + (f" ({inside}, if that is a run's config)" if inside.is_file() else "")
+        )
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError([f"{path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
-    data = data or {}
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not valid YAML (not UTF-8 text: {e.reason} at byte {e.start})"]) from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError([f"<root>: expected a mapping at the top of {path}, got {type(data).__name__}"])
     return data

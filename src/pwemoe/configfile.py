@@ -13,15 +13,17 @@ from .baselines import check_baselines
 from .config import Config, Registries, config_from_dict, load_config
 from .objectives import OBJECTIVES, check_objective_args
 from .tasks import TASK_TYPES
+from .tasks.data import adapter_problem
 
 
 def registries() -> Registries:
-    """The names a config may use, checked in the same pass as every other config error."""
+    """The names a config may use (and the code it may run), checked in the same pass as every other config error."""
     return Registries(
         task_configs={name: cls.config_class for name, cls in TASK_TYPES.items()},
         objectives=tuple(OBJECTIVES),
         check_objective=check_objective_args,
         check_baselines=check_baselines,
+        check_adapter=adapter_problem,
     )
 
 

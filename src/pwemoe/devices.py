@@ -15,12 +15,12 @@ import torch
 
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")  # matched whole (fullmatch)
 
 
 def check_device_spec(spec: str) -> str | None:
     """None when `spec` is a well-formed device setting, else what is wrong (no hardware is probed)."""
-    if not isinstance(spec, str) or not _DEVICE.match(spec):
+    if not isinstance(spec, str) or not _DEVICE.fullmatch(spec):
         return f"must be {DEVICE_CHOICES}, got {spec!r}"
     return None
 

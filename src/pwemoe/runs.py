@@ -13,7 +13,16 @@ from .config import Config
 from .configfile import build_config, read_config
 from .core.preference import PreferenceLike, normalize_preference, parse_preference
 from .export import merge_and_unload
-from .files import BEST_ROUTERS, CONFIG, ROUTERS, atomic_write_json, file_sha256, require_run_dir, staged_dir
+from .files import (
+    BEST_ROUTERS,
+    CONFIG,
+    ROUTERS,
+    atomic_write_json,
+    file_sha256,
+    prepare_output,
+    require_run_dir,
+    staged_dir,
+)
 from .routing import load_router_state_dict, routing_weights, set_preference
 from .workbench import Workbench
 
@@ -78,12 +87,13 @@ def export_run(
 ) -> Path:
     """Write plain Hugging Face model directories for one preference, plus pwemoe.json.
 
-    `out` must be new or empty unless `overwrite`, which replaces only what a previous export wrote.
+    `out` must be new or empty unless `overwrite`, which replaces a previous export as a whole (files of
+    others in it are kept: `files.publish_dir`).
     adapter_rank: runs over LoRA experts: the exported adapter has this one rank in every layer (each layer's
     best approximation; the errors are recorded in pwemoe.json).
     """
-    run, out = Path(run), Path(out)
-    check_export_dir(out, overwrite)  # refuse before loading any model
+    run = Path(run)
+    out = prepare_output(out, overwrite, "export")  # refuse before loading any model
     require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
     r = parse_preference_arg(preference, len(cfg.tasks))
@@ -95,17 +105,6 @@ def export_run(
     out = write_export(wb, meta, run, r, out, overwrite, adapter_rank)
     print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
     return out
-
-
-def check_export_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory unless `overwrite` (checked before any model loads)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export: {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"export: {out} is not empty; choose a new directory, or pass --overwrite to replace "
-            "what pwemoe wrote there before (other files are kept)"
-        )
 
 
 def write_export(
@@ -123,7 +122,7 @@ def write_export(
     preference, routing weights and provenance). Sets the model's preference to r.
     """
     run, out = Path(run), Path(out)
-    check_export_dir(out, overwrite)
+    prepare_output(out, overwrite, "export")
     set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}
     with staged_dir(out, overwrite, "export") as tmp:
@@ -148,4 +147,4 @@ def write_export(
     return out
 
 
-__all__ = ["check_export_dir", "export_run", "open_run", "parse_preference_arg", "write_export"]
+__all__ = ["export_run", "open_run", "parse_preference_arg", "write_export"]

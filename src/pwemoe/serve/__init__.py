@@ -30,20 +30,24 @@ def serve(
     public: bool = False,
     max_body_mb: float = 8.0,
     model_name: str | None = None,
+    eval_queue: int = 8,
     **model_kwargs: Any,
 ) -> None:
-    """Load the run and serve the explorer and the API until interrupted (uvicorn)."""
+    """Load the run and serve the explorer and the API until interrupted (uvicorn). The limits are checked
+    before the run loads; `eval_queue`: asynchronous evaluations that may wait behind the running one."""
     check_host(host, public)
     if not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import check_options, create_app
     except ImportError as e:
         raise RuntimeError(f"pwemoe serve needs the serve extra: pip install 'pwemoe[serve]' ({e})") from None
+    limits = {k: model_kwargs[k] for k in ("cache_size", "max_batch", "token_budget") if k in model_kwargs}
+    check_options(max_body_mb, eval_queue=eval_queue, **limits)
     model = PreferenceModel(run, **model_kwargs)
-    app = create_app(model, max_body_bytes=int(max_body_mb * (1 << 20)), model_name=model_name)
+    app = create_app(model, max_body_bytes=int(max_body_mb * (1 << 20)), eval_queue=eval_queue, model_name=model_name)
     shown = f"[{host}]" if ":" in host else host
     print(f"pwemoe serve: {Path(run)} on http://{shown}:{port}/ (API: http://{shown}:{port}/api/run; Ctrl-C stops)")
     if model.can_generate:

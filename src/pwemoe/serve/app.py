@@ -14,13 +14,18 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
                                    causal-LM runs: OpenAI-compatible generation at any preference (openai_api.py)
 
-Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job),
-409 (the run directory is in use), 413 (body or batch too large), 422 (malformed JSON or fields).
-A failure of the computation itself (e.g. CUDA out of memory) is a 500 whose `error` names it.
+Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job or
+path), 405 (wrong method), 409 (the run directory is in use), 413 (body or batch too large, with or
+without a Content-Length), 422 (malformed JSON or fields), 429 (the evaluation queue is full; Retry-After
+says when to ask again). A failure of the computation itself (e.g. CUDA out of memory) is a 500 whose
+`error` names it.
 """
 
 import itertools
+import math
+import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
 
 from ..baselines import describe_methods
 from ..files import RunDirInUse
@@ -89,8 +95,8 @@ class BodyLimit:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
+                if seen > self.limit:  # an HTTPException, so that FastAPI's body parsing passes it on as it is
+                    raise _BodyTooLarge(413, _too_large_message(self.limit))
             return msg
 
         async def tracking_send(msg: dict) -> None:
@@ -105,14 +111,21 @@ class BodyLimit:
                 await _too_large(self.limit, scope.get("path", ""))(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLarge(HTTPException):
     pass
 
 
+def _too_large_message(limit: int) -> str:
+    return f"request body larger than {limit} bytes; send fewer or smaller inputs (or raise --max-body-mb)"
+
+
 def _too_large(limit: int, path: str = "") -> JSONResponse:
-    msg = f"request body larger than {limit} bytes; send fewer or smaller inputs (or raise --max-body-mb)"
-    body = openai_error_body(413, msg) if path.startswith("/v1/") else {"error": msg}
-    return JSONResponse(body, status_code=413)
+    return JSONResponse(_error_body(path, _too_large_message(limit)), status_code=413)
+
+
+def _error_body(path: str, msg: str) -> dict[str, Any]:
+    """{"error": msg}, or for the OpenAI-compatible /v1 paths an OpenAI error object."""
+    return openai_error_body(0, msg) if path.startswith("/v1/") else {"error": msg}
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -124,18 +137,63 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) + ". Expected JSON such as " + '{"preference": [0.5, 0.5], ...}'
 
 
-class _Jobs:
-    """Evaluations run in background threads, one at a time (the model serialises them); polled by id."""
+def check_options(
+    max_body_mb: float = 8.0, cache_size: int = 4, max_batch: int = 64, eval_queue: int = 8, token_budget: int = 16384
+) -> None:
+    """The server's limits, checked at start-up before the run loads; every problem in one ConfigError."""
+    from ..config import ConfigError
 
-    def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.ids = itertools.count(1)
-        self.lock = threading.Lock()
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    errors = [
+        f"--{k} must be an integer >= 1, got {v!r}"
+        for k, v in (
+            ("cache-size", cache_size),
+            ("max-batch", max_batch),
+            ("eval-queue", eval_queue),
+            ("token-budget", token_budget),
+        )
+        if not count(v)
+    ]
+    if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb < math.inf:
+        errors.insert(0, f"--max-body-mb must be a number > 0 (megabytes), got {max_body_mb!r}")
+    if errors:
+        raise ConfigError(errors)
+
+
+class QueueFull(Exception):
+    """Too many evaluations wait already (the server answers 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Jobs:
+    """Asynchronous evaluations, polled by id: one worker thread runs them in order (the model serialises
+    evaluations anyway), and at most `max_queued` wait behind the running one; more are refused (QueueFull)."""
 
     KEEP = 1000  # finished jobs kept for polling; older ones are forgotten (memory stays bounded)
 
+    def __init__(self, max_queued: int = 8) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+        self.max_queued, self.pending, self.last_seconds = max_queued, 0, 1.0
+        self.queue: queue.Queue = queue.Queue()
+        self.worker: threading.Thread | None = None  # a daemon: a stopped server does not wait for the queue
+
     def start(self, model: PreferenceModel, preference: list[float]) -> dict[str, Any]:
         with self.lock:
+            if self.pending > self.max_queued:  # one running, max_queued waiting
+                retry = min(600, max(1, math.ceil(self.last_seconds * self.pending)))
+                raise QueueFull(
+                    f"{self.pending - 1} evaluations are waiting already (at most {self.max_queued}, "
+                    f"--eval-queue); ask again in about {retry} s",
+                    retry,
+                )
+            self.pending += 1
             job = {"id": str(next(self.ids)), "status": "running", "done": 0, "total": None, "preference": preference}
             self.jobs[job["id"]] = job
             finished = [k for k, v in self.jobs.items() if v["status"] != "running"]
@@ -146,22 +204,48 @@ class _Jobs:
             job["done"], job["total"] = done, total
 
         def work() -> None:
+            t0 = time.perf_counter()
             try:
                 job["row"] = model.evaluate(preference, progress)
                 job["status"] = "done"
             except Exception as e:  # noqa: BLE001 - reported to the poller
                 job["status"], job["error"] = "failed", str(e) or type(e).__name__
+            finally:
+                with self.lock:
+                    self.pending -= 1
+                    self.last_seconds = time.perf_counter() - t0
 
-        threading.Thread(target=work, daemon=True, name=f"pwemoe-evaluate-{job['id']}").start()
+        self.queue.put(work)
+        with self.lock:
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._run, daemon=True, name="pwemoe-evaluate")
+                self.worker.start()
         return dict(job)
 
+    def _run(self) -> None:
+        while True:
+            self.queue.get()()
 
-def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving `model` (interactive docs off: they load from a CDN). For a causal-LM run it also
-    serves the OpenAI-compatible /v1 endpoints, under `model_name` (default: the run directory's name)."""
+
+def create_app(
+    model: PreferenceModel, max_body_bytes: int = 8 << 20, eval_queue: int = 8, model_name: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving `model` (interactive docs off: they load from a CDN). `eval_queue`: how many
+    asynchronous evaluations may wait behind the running one. For a causal-LM run it also serves the
+    OpenAI-compatible /v1 endpoints, under `model_name` (default: the run directory's name)."""
+    check_options(max_body_bytes / (1 << 20), eval_queue=eval_queue)
     app = FastAPI(title="pwemoe", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
-    jobs = _Jobs()
+    jobs = _Jobs(eval_queue)
     name = model_name or model.run.resolve().name
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405, 413 of a streamed body
+        msg = exc.detail if exc.status_code == 413 else f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse(_error_body(request.url.path, msg), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -172,9 +256,7 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20, model_name
         return JSONResponse({"error": str(exc)}, status_code=413)
 
     async def _bad(request: Request, exc: Exception) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):
-            return JSONResponse(openai_error_body(400, str(exc)), status_code=400)
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(_error_body(request.url.path, str(exc)), status_code=400)
 
     for invalid in (ValueError, TypeError):  # the public API's errors for bad values
         app.add_exception_handler(invalid, _bad)
@@ -251,7 +333,7 @@ def create_app(model: PreferenceModel, max_body_bytes: int = 8 << 20, model_name
     return app
 
 
-__all__ = ["create_app"]
+__all__ = ["QueueFull", "check_options", "create_app"]
 
 
 def _dirs(res: dict[str, Any]) -> dict[str, str] | None:

@@ -22,13 +22,13 @@ from torch import nn
 
 from ..core.preference import PreferenceLike, normalize_preference
 from ..export import PlainCopy
-from ..files import RESULTS, RunLock
+from ..files import RESULTS, RunLock, subdir
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
 from ..routing import routing_weights
 from ..runs import open_run, write_export
 
 Key = tuple[float, ...]
-EXPORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name (fullmatch)
 
 
 class TooLarge(ValueError):
@@ -401,13 +401,13 @@ class PreferenceModel:
         """Write the plain models for r under RUN/exports/<name> (default: from r); returns pwemoe.json."""
         key = self.preference(r)
         name = name or "r-" + "-".join(f"{x:.3f}" for x in key)
-        if not isinstance(name, str) or not EXPORT_NAME.match(name):
+        if not isinstance(name, str) or not EXPORT_NAME.fullmatch(name):
             raise ValueError(
                 f"export name must be 1-100 letters, digits, '.', '_' or '-' (a folder under "
                 f"{self.run / 'exports'}), not starting with '.' or '-', got {name!r}"
             )
-        out = self.run / "exports" / name
         with self._lock:
+            out = subdir(self.run, "exports") / name  # a link planted as exports/ is refused
             write_export(self.wb, self.meta, self.run, torch.tensor(key), out, overwrite)
         import json
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..config import TaskConfig
@@ -37,6 +38,28 @@ class CausalLMChoiceConfig(CausalLMConfig):
     label_words: list[str] | None = Field(
         None, description="each class's answer, e.g. [' negative', ' positive'] (default: ' ' + name)"
     )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:  # a lone '{' or '}'
+            raise ValueError(f"{e} in {v!r}; write a literal brace as {{{{ or }}}}") from None
+        bad = [f for f, spec, conv in fields if f not in ("text", "text_pair") or spec or conv]
+        if bad or "text" not in [f for f, _, _ in fields]:
+            raise ValueError(
+                f"must hold {{text}} (and may hold {{text_pair}}), with no other fields or format specs, got {v!r}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> CausalLMChoiceConfig:
+        if self.prompt_template and "{text_pair}" in self.prompt_template and not self.data.text_pair_column:
+            raise ValueError("prompt_template uses {text_pair} but data.text_pair_column is not set; set it")
+        return self
 
 
 def load_causal_expert(path: str, task: str) -> Any:
@@ -268,7 +291,14 @@ class CausalLMChoiceTask(_CausalTask):
     def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
         out = []
         per = self.rows_per_example
-        for ids in self._prompt_ids(self.prompts(rows)):
+        prompts = self._prompt_ids(self.prompts(rows))
+        empty = sum(not ids for ids in prompts)
+        if empty:  # the answer is scored from the position before it: there must be one
+            raise ValueError(
+                f"task {self.name!r}: {empty} prompt(s) encode to no tokens; give a prompt_template with visible "
+                "text around {text}, or drop the examples whose text the tokenizer drops"
+            )
+        for ids in prompts:
             for c in range(per):
                 seq = ids + (self.label_ids[c] if per > 1 else [])
                 out.append({"input_ids": seq, "attention_mask": [1] * len(seq)})
@@ -324,6 +354,12 @@ class CausalLMTask(_CausalTask):
                 )
             return self._fits(out)
         enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+        short = sum(len(ids) < 2 for ids in enc["input_ids"])
+        if short:  # the first token is never predicted: a loss needs a second one
+            raise ValueError(
+                f"task {self.name!r}: {short} text(s) encode to fewer than 2 tokens, which leaves no token to "
+                "predict; drop them, or raise tasks[].max_length if it cut them"
+            )
         return self._fits(
             [
                 {"input_ids": ids, "attention_mask": [1] * len(ids), "pwemoe_scored": [0] + [1] * (len(ids) - 1)}

@@ -1,4 +1,5 @@
-"""Task data through `datasets`: hub ids, local files, or adapters addressed by import path; seeded streams."""
+"""Task data through `datasets`: hub ids, local files, or adapters (registered names, or trusted import
+paths); seeded streams."""
 
 from __future__ import annotations
 
@@ -13,16 +14,46 @@ from ..config import DataConfig
 from ..files import cache_dir
 
 # An adapter is a function(cache_dir: Path) -> {split: datasets.Dataset}, addressed in a config as
-# `data: {source: adapter, path: "package.module:function"}`, or by a short name that a package
-# declares in the entry-point group below (pwemoe's own demo adapters are declared there).
+# `data: {source: adapter, path: NAME}`, a short name that a package declares in the entry-point group below
+# (pwemoe's own demo adapters are declared there), or as "package.module:function". The latter runs whatever
+# code it names, so, as with transformers' trust_remote_code, it needs `data.trust_remote_code: true` unless
+# an installed package registered that function as an adapter.
 ADAPTER_GROUP = "pwemoe.data_adapters"
 Adapter = Callable[[Path], dict[str, Any]]
 
 
-def resolve_adapter(spec: str) -> Adapter:
-    """The adapter function for 'module:function' or an entry-point name; a clear error otherwise."""
+def registered_adapters() -> dict[str, str]:
+    """The installed data adapters: entry-point name -> 'module:function'."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ADAPTER_GROUP)}
+
+
+def adapter_problem(spec: str, trust_remote_code: bool = False) -> str | None:
+    """Why the adapter `spec` may not be used (None: it may): an unknown name, or a 'module:function' that is
+    not a registered adapter, given without trust_remote_code."""
+    registered = registered_adapters()
+    if ":" not in spec:
+        if spec in registered:
+            return None
+        return f"unknown data adapter {spec!r}; installed adapters are {sorted(registered)} (or 'module:function')"
+    if trust_remote_code or spec.strip() in registered.values():
+        return None
+    return (
+        f"{spec!r} names Python code that pwemoe would import and run; if you trust it, set "
+        "trust_remote_code: true beside this path (tasks[i].data.trust_remote_code), or use a registered "
+        f"adapter: {sorted(registered)}"
+    )
+
+
+def resolve_adapter(spec: str, trust_remote_code: bool = False) -> Adapter:
+    """The adapter function for an entry-point name or 'module:function' (the latter only when registered by
+    a package or trusted, `adapter_problem`); a clear error otherwise."""
+    why = adapter_problem(spec, trust_remote_code)
+    if why:
+        raise ValueError(why)
     if ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
+        mod_name, _, fn_name = spec.strip().partition(":")
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
@@ -33,12 +64,7 @@ def resolve_adapter(spec: str) -> Adapter:
         return fn
     from importlib.metadata import entry_points
 
-    eps = {ep.name: ep for ep in entry_points(group=ADAPTER_GROUP)}
-    if spec not in eps:
-        raise ValueError(
-            f"unknown data adapter {spec!r}; give 'module:function', or one of the installed names {sorted(eps)}"
-        )
-    return eps[spec].load()
+    return next(ep for ep in entry_points(group=ADAPTER_GROUP) if ep.name == spec).load()
 
 
 def load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = None) -> Any:
@@ -90,7 +116,7 @@ def _load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = 
         return datasets.load_dataset(local, data.name, split=split)
 
     if data.source == "adapter":
-        splits = resolve_adapter(data.path)(cache_dir())
+        splits = resolve_adapter(data.path, data.trust_remote_code)(cache_dir())
         if split not in splits:
             raise ValueError(f"adapter {data.path!r} has splits {sorted(splits)}, not {split!r}")
         return splits[split]
@@ -101,7 +127,16 @@ def _load_split(data: DataConfig, split: str, path_map: dict[str, str] | None = 
     files = data.files or {split: data.path}
     if split not in files:
         raise ValueError(f"no file for split {split!r}; data.files has {sorted(files)}")
-    return datasets.load_dataset(data.source, data_files={split: files[split]}, split=split)
+    try:
+        return datasets.load_dataset(data.source, data_files={split: files[split]}, split=split)
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):  # datasets' words for a split without examples
+            raise
+        raise ValueError(
+            f"{data.source} file {files[split]} for split {split!r} has no examples"
+            + (" (only a header line)" if data.source == "csv" else "")
+            + "; give a file with at least one row"
+        ) from None
 
 
 ROLES = ("train", "validation", "test")
