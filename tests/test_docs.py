@@ -46,8 +46,8 @@ def sandbox(text_setup, llm_run, tmp_path_factory):
     shutil.copytree(root / "base", box / "models" / "base")
     for src, name in (("polarity", "sentiment"), ("color", "topic")):
         shutil.copytree(root / "experts" / src, box / "models" / "experts" / name)
-    polarity, color = base_cfg["tasks"]
-    tasks = [
+    polarity, color = ({**t, "data": {**t["data"], "validation_fraction": 0.3}} for t in base_cfg["tasks"])
+    tasks = [  # with validation data, as the demo's (pwemoe select needs it)
         {**polarity, "name": "rt_sentiment"},
         {**color, "name": "bbc_news"},
         {**polarity, "name": "tweet_sentiment"},

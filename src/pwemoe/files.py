@@ -310,7 +310,7 @@ def remove_leftovers(run: str | Path) -> list[str]:
         for f in where.iterdir():
             m = _TEMP.fullmatch(f.name)
             rel = (*Path(d).parts, m[1]) if m else ()
-            if m and f.is_file() and not f.is_symlink() and (rel == (LOCK,) or _written_by_pwemoe(rel)):
+            if m and f.is_file() and not f.is_symlink() and (rel == (LOCK,) or _written_by_pwemoe(run, rel)):
                 f.unlink()
                 removed.append(f.relative_to(run).as_posix())
     return removed

@@ -18,9 +18,17 @@ import torch
 from .checkpoint import load_routers
 from .configfile import read_config
 from .core.router import Router
-from .files import CONFIG, atomic_write_json, atomic_write_text, file_sha256, require_run_dir, staged_dir
+from .files import (
+    CONFIG,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    prepare_output,
+    require_run_dir,
+    staged_dir,
+)
 from .merges import require_mergekit, run_mergekit
-from .runs import check_export_dir, parse_preference_arg, routers_path
+from .runs import parse_preference_arg, routers_path
 
 ENGINES = ("torch", "mergekit")
 
@@ -110,7 +118,7 @@ def export_mergekit(
     from .tasks import TASK_TYPES
 
     run, out = Path(run), Path(out)
-    check_export_dir(out, overwrite)  # refuse before anything is read
+    out = prepare_output(out, overwrite, "export")  # refuse before anything is read
     require_run_dir(run)
     cfg = read_config(run / CONFIG)
     r = parse_preference_arg(preference, len(cfg.tasks))

@@ -17,11 +17,19 @@ import torch
 from ..baselines import METHODS, EvalSettings, Point
 from ..config import Config
 from ..configfile import read_config
-from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, is_selection_record, require_run_dir
+from ..files import (
+    CONFIG,
+    SELECTIONS,
+    RunLock,
+    atomic_write_json,
+    is_selection_record,
+    prepare_output,
+    require_run_dir,
+)
 from ..recipes.evaluate import PointRows
 from ..results import ResultStore, digest, row_inputs
 from ..routing import routing_weights
-from ..runs import check_export_dir, open_run, with_placement, write_export
+from ..runs import open_run, with_placement, write_export
 from ..workbench import Workbench
 from .certificate import assess, certification_split, fallback
 from .query import Query, objective, parse_query, statistic, task_metrics
@@ -135,7 +143,7 @@ def select_open(
     q, m = check_request(wb.cfg, maximize, minimize, require, s)
     path = record_path(run, name or default_name(q, s))
     if export is not None:
-        check_export_dir(Path(export), overwrite)
+        prepare_output(export, overwrite, "export")
     before = (wb.eval_split, wb.max_test_samples)
     try:
         record = _choose(wb, meta, run, q, s, m, batch_size or wb.cfg.eval.batch_size, lock, workers)
@@ -333,7 +341,7 @@ def select_run(
         raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     record_path(run, name or default_name(q, s))
     if export is not None:
-        check_export_dir(Path(export), overwrite)
+        prepare_output(export, overwrite, "export")
     with RunLock(run, "pwemoe select"):
         wb, meta = open_run(run, True, None, device=device, precision=precision, eval_split="validation")
         record = select_open(
