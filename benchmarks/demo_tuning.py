@@ -25,9 +25,11 @@ def run_variant(name: str, overrides: dict, root: Path, grid: int = 6, llm: bool
     from pwemoe.recipes.train import train
 
     if llm:
-        from pwemoe.demo.llm import converted_base, llm_demo_config
+        from pwemoe.configfile import build_config
+        from pwemoe.demo.llm import converted_base, demo_precision, llm_demo_config
 
         cfg = llm_demo_config(Path("demo_runs_llm").resolve(), converted_base(), overrides)
+        cfg.setdefault("precision", demo_precision(build_config(cfg)))  # as the demo trains and evaluates
     else:
         from pwemoe.demo.offline import demo_config
 

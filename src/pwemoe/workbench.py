@@ -226,7 +226,7 @@ class Workbench:
         inputs = move(batch.inputs, self.device)
         model_inputs = {k: v for k, v in inputs.items() if not k.startswith(HEAD_ONLY_PREFIX)}
         with autocast(self.device, self.precision):
-            out = (backbone or self.backbone)(**model_inputs)
+            out = self.modality.run(backbone or self.backbone, model_inputs, inputs)
             logits, start = [], 0
             for i, n in zip((i for i, _ in batch.segments), segment_rows(batch)):
                 sl = slice(start, start + n)

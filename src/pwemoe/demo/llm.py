@@ -122,7 +122,7 @@ def run_llm_demo(
 ) -> dict:
     """The whole LLM pipeline; returns the evaluation summary. Experts are cached in workdir/experts."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..configfile import read_config
+    from ..configfile import build_config, read_config
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
     from ..recipes.train import train
@@ -135,9 +135,12 @@ def run_llm_demo(
     print("[1/7] base model: SmolLM2-135M-Instruct from its GGUF file")
     base_dir = converted_base()
     cfg = llm_demo_config(workdir, base_dir, overrides)
+    if "precision" not in (overrides or {}):  # bf16 where it is native: experts, routers and evaluation
+        cfg["precision"] = demo_precision(build_config(cfg))
     cfg_path = workdir / "llm.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
     parsed = read_config(cfg_path)
+    precision = parsed.precision
     hp = {**EXPERT_HP, **(expert_hp or {})}
     print(f"[2/7] LoRA experts (r={LORA['r']} on {', '.join(LORA['targets'])}; cached in {workdir / 'experts'})")
     for t in cfg["tasks"]:
@@ -154,8 +157,7 @@ def run_llm_demo(
     print(f"[3/7] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
     train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
-    precision = eval_precision(parsed)
-    summary = evaluate_run(run, grid=grid, precision=precision)
+    summary = evaluate_run(run, grid=grid)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
@@ -183,13 +185,14 @@ GENERATION_PROMPT = (
 ADAPTER_RANKS = (8, 16)
 
 
-def eval_precision(cfg: Any) -> str:
-    """bf16 where the device computes it natively (`devices.native_bf16`), else fp32: evaluation, the export checks
-    and generation of the demo run in it (training stays fp32). Printed, with the instruction set."""
+def demo_precision(cfg: Any) -> str:
+    """bf16 where the device computes it natively (`devices.native_bf16`), else fp32: the experts' fine-tuning, the
+    routers' training, evaluation, the export checks and generation all run in it. Printed, with the instruction
+    set."""
     from ..devices import native_bf16, resolve_device
 
     native = native_bf16(resolve_device(cfg.device))
-    print(f"      precision of evaluation: {'bf16 (' + native + ')' if native else 'fp32 (no native bf16 here)'}")
+    print(f"      precision: {'bf16 (' + native + ')' if native else 'fp32 (no native bf16 here)'}")
     return "bf16" if native else "fp32"
 
 
@@ -303,6 +306,7 @@ def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path, precision: str = "fp32"
     from transformers import AutoTokenizer
 
     from ..devices import autocast
+    from ..modalities.causal_lm import MIN_SHARED, prefix_shared_forward, shared_prefix
     from ..tasks.causal_lm import CausalLMChoiceTask
     from ..tasks.data import first_n, load_split
     from ..workbench import length_sorted_batches
@@ -320,8 +324,14 @@ def _accuracy(model: Any, cfg: Any, tokenizer_dir: Path, precision: str = "fp32"
         correct = 0
         for idx in length_sorted_batches([len(f["input_ids"]) for f in feats], cfg.eval.batch_size):
             batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
+            # the template prefix every row shares computed once, as evaluate does (the same numbers in bf16)
+            shared = shared_prefix([feats[i]["input_ids"] for i in idx])
             with torch.no_grad(), autocast(torch.device("cpu"), precision):
-                h = model.model(**batch).last_hidden_state
+                if shared >= MIN_SHARED:
+                    h = prefix_shared_forward(model.model, batch["input_ids"], batch["attention_mask"], shared)
+                    h = h.last_hidden_state
+                else:
+                    h = model.model(**batch).last_hidden_state
                 last = (torch.arange(h.shape[1]) * batch["attention_mask"]).argmax(-1)
                 logits = model.lm_head(h[torch.arange(h.shape[0]), last])
             pred = logits[:, [ids[0] for ids in task.label_ids]].argmax(-1)

@@ -43,6 +43,11 @@ class Modality(ABC):
     def collate(self, feats: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad / stack per-example features (`Task.encode`) into one batch of tensors."""
 
+    def run(self, backbone: nn.Module, model_inputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> Any:
+        """The backbone's outputs for a collated batch (`inputs`: everything `collate` made, `model_inputs`: what
+        the model takes). A modality may compute a batch more cheaply here (a causal LM: a prefix the rows share)."""
+        return backbone(**model_inputs)
+
     def lengths(self, task: Any, dataset: Any) -> list[int]:
         """Per-example cost for length-sorted evaluation batches (0 when all inputs are equal size)."""
         return [0] * len(dataset)

@@ -20,6 +20,44 @@ from .text import load_tokenizer
 
 # Keys a task may add to its features for its head only (masks); collated, but not given to the model.
 HEAD_ONLY_PREFIX = "pwemoe_"
+SHARED = HEAD_ONLY_PREFIX + "shared"  # per row: the length of the token prefix every row of the batch starts with
+MIN_SHARED = 4  # shorter shared prefixes are computed with the rest (one more forward would not pay)
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """The length of the longest token prefix all rows start with, leaving each row at least one token."""
+    if not rows:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for j in range(max(n, 0)):
+        if any(r[j] != first[j] for r in rows):
+            return j
+    return max(n, 0)
+
+
+@torch.no_grad()
+def prefix_shared_forward(
+    decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int
+) -> Any:
+    """The decoder's outputs for right-padded rows that all start with the same `shared` tokens, that prefix
+    computed once: its keys and values (a `DynamicCache`) are repeated for every row and the rest of each row
+    attends to them. Equal to one forward of the whole rows, up to float rounding; returns `last_hidden_state`
+    Tensor[B, L, H] for every position, the prefix's repeated. Used only without autograd (evaluation)."""
+    from transformers import DynamicCache
+
+    B, L = input_ids.shape
+    cache = DynamicCache(config=decoder.config)
+    pre = decoder(
+        input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared], cache=cache, use_cache=True
+    )
+    cache.batch_repeat_interleave(B)
+    pos = torch.arange(shared, L, device=input_ids.device).expand(B, -1)
+    rest = decoder(
+        input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=pos, cache=cache, use_cache=True
+    )
+    hidden = torch.cat([pre.last_hidden_state.expand(B, -1, -1), rest.last_hidden_state], dim=1)
+    return type(rest)(last_hidden_state=hidden)
 
 
 class CausalLMModality(Modality):
@@ -42,8 +80,17 @@ class CausalLMModality(Modality):
 
         return AutoModelForCausalLM.from_pretrained(self.base).eval().base_model
 
+    def run(self, backbone: nn.Module, model_inputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> Any:
+        """Without autograd, rows that share a prompt prefix (a task's template) compute it once
+        (`prefix_shared_forward`); training and anything else run the whole rows."""
+        shared = int(inputs[SHARED][0]) if SHARED in inputs and len(inputs[SHARED]) else 0
+        if torch.is_grad_enabled() or shared < MIN_SHARED or set(model_inputs) != {"input_ids", "attention_mask"}:
+            return backbone(**model_inputs)
+        return prefix_shared_forward(backbone, model_inputs["input_ids"], model_inputs["attention_mask"], shared)
+
     def collate(self, feats: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad every key (input_ids with the pad token, masks with 0) to the longest row."""
+        """Right-pad every key (input_ids with the pad token, masks with 0) to the longest row; `pwemoe_shared`
+        records the prompt prefix all rows share (`run` computes it once)."""
         n = max(len(f["input_ids"]) for f in feats)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         keys = list(dict.fromkeys(k for f in feats for k in f))  # tasks of one forward may add different masks
@@ -52,6 +99,7 @@ class CausalLMModality(Modality):
             fill = pad if key == "input_ids" else 0
             rows = [list(f.get(key, [0] * len(f["input_ids"]))) for f in feats]
             out[key] = torch.tensor([r + [fill] * (n - len(r)) for r in rows], dtype=torch.long)
+        out[SHARED] = torch.full((len(feats),), shared_prefix([f["input_ids"] for f in feats]), dtype=torch.long)
         return out
 
     def lengths(self, task: Any, dataset: Any) -> list[int]:

@@ -57,6 +57,8 @@ def finetune_provenance(
         "batch_size": batch_size,
         "seed": seed,
     }
+    if cfg.precision != "fp32":  # an expert trained under autocast is another expert (fp32 keys stay as they were)
+        out["precision"] = cfg.precision
     out.update(TASK_TYPES[tcfg.type](tcfg).expert_provenance({"lora": lora}))
     return out
 
