@@ -228,3 +228,39 @@ def test_preference_key_keys_to_itself():
             key = preference_key(r, k)
             assert preference_key(key, k) == key and abs(sum(key) - 1) <= k * 1e-6
     assert preference_key([1, 1, 1], 3) == [0.333333] * 3 and preference_key([2, 8], 2) == [0.2, 0.8]
+
+
+def test_a_model_a_sweep_evaluated_once_is_not_evaluated_again(llm_run, tmp_path):
+    """With c = 1, preference-weighted task arithmetic's vertices are the experts themselves (theta_0 + tau_i):
+    their rows are computed once, and the experts' rows carry the same accuracy and per-example correctness."""
+    import shutil
+
+    from pwemoe.recipes.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(llm_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["eval"]["pwta_scale"] = 1.0
+    cfg["run_dir"] = str(run)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for f in ("results.json", "correct.json"):
+        (run / f).unlink(missing_ok=True)
+    summary = evaluate_run(run, grid=2)
+    assert summary["rows_computed"] == 3 + 3 + 1  # PWEMoE, pref.-weighted TA and the average; not the experts
+    rows = json.loads((run / "results.json").read_text())
+    correct = json.loads((run / "correct.json").read_text())
+    pwta = {tuple(r["preference"]): r for r in rows if r["method"] == "pref_task_arithmetic"}
+    for i, name in enumerate(cfg["tasks"]):
+        expert = next(r for r in rows if r["method"] == f"expert:{name['name']}")
+        vertex = pwta[tuple(1.0 if j == i else 0.0 for j in range(3))]
+        assert expert["accuracy"] == vertex["accuracy"]
+        ek = next(k for k in correct if k.startswith(f"expert:{name['name']}|"))
+        vk = next(
+            k
+            for k in correct
+            if k.startswith("pref_task_arithmetic|")
+            and k.split("|")[1] == ",".join(f"{x:.6f}" for x in vertex["preference"])
+        )
+        assert {t: v for t, v in correct[ek].items() if t != "inputs"} == {
+            t: v for t, v in correct[vk].items() if t != "inputs"
+        }

@@ -127,9 +127,10 @@ class ResultStore:
             return row
         return None
 
-    def add(self, row: dict[str, Any], correct: dict[str, str]) -> None:
+    def add(self, row: dict[str, Any], correct: dict[str, str], computed: bool = True) -> None:
         """Store a row and its packed per-example correctness {task: bits}; correctness first, so a
-        row in results.json always has it (a kill in between leaves an unused entry, recomputed later)."""
+        row in results.json always has it (a kill in between leaves an unused entry, recomputed later).
+        computed=False: the row copies another just computed from the same model (counted as reused)."""
         key = _key(row["method"], row["preference"], row["param"])
         self.correct[key] = {"inputs": row["inputs"], "tasks": correct}
         atomic_write_json(self.correct_path, self.correct)
@@ -139,7 +140,10 @@ class ResultStore:
             self.replaced += 1
         self.rows.append(row)
         self.index[key] = row
-        self.computed += 1
+        if computed:
+            self.computed += 1
+        else:
+            self.reused += 1
         atomic_write_json(self.path, self.rows)
 
     def correctness(self, rows: list[dict], names: list[str]) -> dict[str, np.ndarray] | None:

@@ -210,8 +210,10 @@ def _evaluate(
     rewritten after each row), so an interrupted multi-rank sweep resumes from the last round.
     """
     rows: list[dict] = []
-    # PWEMoE: one plain copy re-merged per preference; baselines: theta_0 + T
-    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None, "merges": None}
+    # PWEMoE: one plain copy re-merged per preference; baselines: theta_0 + T; "same": the accuracy and packed
+    # correctness of the baseline models computed in this sweep, by their merge weights (the experts are
+    # preference-weighted task arithmetic's vertices when c = 1, the average its centre: evaluated once)
+    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None, "merges": None, "same": {}}
     try:
         for method in METHODS.values():
             if selected(method, baselines):
@@ -240,6 +242,12 @@ def _evaluate_method(
     points = method.points(s)
     keys = [point_inputs(inputs, p) for p in points]
     found = [store.get(p.method, p.preference, p.param, key) for p, key in zip(points, keys)]
+    for j, (p, key) in enumerate(zip(points, keys)):  # a model this sweep has already evaluated: its results again
+        same = state["same"].get(_weights_key(p))
+        if found[j] is None and same is not None:
+            found[j] = make_row(p.method, p.preference, p.param, same[0], key)
+            if rank == 0:
+                store.add(found[j], same[1], computed=False)
     todo = [j for j, row in enumerate(found) if row is None]
     bar = tqdm(
         total=len(todo),
@@ -256,6 +264,8 @@ def _evaluate_method(
             torch.distributed.all_gather_object(got, row)
         for j, (r, c) in zip(todo[start : start + world], got):
             found[j] = r
+            if _weights_key(points[j]) is not None:
+                state["same"][_weights_key(points[j])] = (r["accuracy"], c)
             if rank == 0:
                 store.add(r, c)
         bar.update(len(todo[start : start + world]))
@@ -263,6 +273,14 @@ def _evaluate_method(
     if method.name == "pwemoe":
         state["plain"].release()  # free the copy before the baselines' bank is built
     return found
+
+
+def _weights_key(p: Point) -> tuple | None:
+    """What makes a baseline's model: its merge weights (theta_0 + sum_i w_i tau_i); None for PWEMoE and for the
+    mergekit merges (their models depend on more than weights)."""
+    if p.weights is None or p.merge is not None:
+        return None
+    return tuple(round(float(w), 12) for w in p.weights)
 
 
 def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
