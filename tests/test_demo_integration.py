@@ -48,6 +48,15 @@ def test_demo_pipeline_on_real_data_slices(tmp_path, monkeypatch, capsys):
     assert [t["name"] for t in cfg["tasks"]] == ["rt_sentiment", "bbc_news", "tweet_sentiment"]
     assert (run / "report.html").stat().st_size > 1_000_000
     assert capsys.readouterr().out.rstrip().endswith(f"pwemoe serve {run}")  # the demo ends with the serve command
+    # a second `make demo` keeps this run only for the very same config, with its last step saved
+    from pwemoe.demo.offline import finished_run
+
+    assert finished_run(run, tmp_path / "demo" / "demo.yaml")
+    cfg["train"]["steps"] = 7
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))
+    assert not finished_run(run, tmp_path / "other.yaml")
+    (run / "routers.safetensors").write_bytes(b"damaged")
+    assert not finished_run(run, tmp_path / "demo" / "demo.yaml")
 
 
 @pytest.mark.skipif(bool(needs), reason=f"demo packages not installed: {needs}")

@@ -127,7 +127,7 @@ def run_llm_demo(
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
     from ..recipes.train import train
     from ..runs import export_run
-    from .offline import _print_table
+    from .offline import _print_table, finished_run
 
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -142,6 +142,7 @@ def run_llm_demo(
     parsed = read_config(cfg_path)
     precision = parsed.precision
     hp = {**EXPERT_HP, **(expert_hp or {})}
+    trained = False
     print(f"[2/7] LoRA experts (r={LORA['r']} on {', '.join(LORA['targets'])}; cached in {workdir / 'experts'})")
     for t in cfg["tasks"]:
         want = finetune_provenance(parsed, t["name"], **hp, lora=LORA)
@@ -153,9 +154,13 @@ def run_llm_demo(
         if have is not None:
             print(f"      {t['name']}: the cached adapter was trained on other data or settings; training anew")
         finetune_from_config(cfg_path, t["name"], t["expert"], overwrite=True, lora=LORA, **hp)
+        trained = True
     run = Path(cfg["run_dir"])
     print(f"[3/7] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
-    train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
+    if fresh_run and not trained and finished_run(run, cfg_path):
+        print(f"      reusing {run}: trained with this config and these experts")
+    else:
+        train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
     summary = evaluate_run(run, grid=grid)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
@@ -166,7 +171,7 @@ def run_llm_demo(
     check = check_llm_export(out, run, parsed, pref, base_dir, precision)
     ranks = adapter_rank_table(out, run, parsed, pref, base_dir, check, precision)
     print("[7/7] generate at each vertex and the centre of the preference simplex, all in one batch")
-    answers = generate_at_vertices(run, GENERATION_PROMPT, precision=precision)
+    answers = generate_at_vertices(run, GENERATION_PROMPT, GENERATION_TOKENS, precision=precision)
     elapsed = time.perf_counter() - t0
     _print_table(summary, check, elapsed, run)
     _print_generation(answers, ranks, run)
@@ -178,10 +183,10 @@ def run_llm_demo(
     return summary
 
 
-# One fixed request asked at every vertex and at the centre: each adapter's answer, and the mix.
-GENERATION_PROMPT = (
-    "Is this movie review positive or negative?\nA slow, muddled plot, but the actors are wonderful.\nAnswer:"
-)
+# One fixed request asked at every vertex and at the centre: each expert answers in its own task's label words
+# (sentiment for the reviews and the tweets, a topic for the news), so the vertices visibly differ.
+GENERATION_PROMPT = "The striker scored twice and the fans loved every minute of it.\nAnswer:"
+GENERATION_TOKENS = 4
 ADAPTER_RANKS = (8, 16)
 
 
@@ -238,7 +243,7 @@ def adapter_rank_table(
 
 
 def _print_generation(answers: list[dict], ranks: list[dict], run: Path) -> None:
-    print("\nOne prompt at each vertex and at the centre (greedy, 16 tokens):")
+    print(f"\nOne prompt at each vertex and at the centre (greedy, {GENERATION_TOKENS} tokens):")
     print("    " + GENERATION_PROMPT.replace("\n", "\n    "))
     for a in answers:
         print(f"  r = {a['preference']}: {a['text'].strip()!r}")

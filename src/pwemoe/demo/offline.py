@@ -27,6 +27,25 @@ SELECT: dict[str, Any] = {
 }
 
 
+def finished_run(run: Path, cfg_path: Path) -> bool:
+    """Whether `run` already holds a finished training of exactly the config at `cfg_path` (the same config, its
+    last step saved). The demos then keep it, and `pwemoe evaluate` reuses its results rows, whose digests
+    still match: a second `make demo` recomputes nothing. Changed experts are caught by the hashes in the
+    checkpoint, so callers keep a run only when no expert was trained anew."""
+    from ..checkpoint import load_routers
+    from ..configfile import read_config
+    from ..files import CONFIG, ROUTERS
+
+    if not (run / CONFIG).is_file() or not (run / ROUTERS).is_file():
+        return False
+    try:
+        old, new = read_config(run / CONFIG).to_dict(), read_config(cfg_path).to_dict()
+        _, meta = load_routers(run / ROUTERS)
+    except (OSError, ValueError, TypeError):
+        return False  # unreadable or damaged: train anew (only pwemoe's own files are replaced)
+    return old == new and meta.get("step") == new["train"]["steps"]
+
+
 def template() -> dict[str, Any]:
     """The demo config shipped inside the package (package data, so an installed wheel has it)."""
     return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text())
@@ -95,6 +114,7 @@ def run_demo(
     from ..recipes.finetune import FINETUNE_INFO, finetune_provenance
 
     parsed = read_config(cfg_path)
+    trained = False
     for t in cfg["tasks"]:
         hp = {"epochs": finetune_epochs, "lr": 1e-4, "batch_size": 32, "seed": 0}
         want = finetune_provenance(parsed, t["name"], **hp)
@@ -107,9 +127,13 @@ def run_demo(
             # trained on other data or settings (e.g. before the validation carve): never reuse it
             print(f"      {t['name']}: the cached expert was trained on other data or settings; fine-tuning anew")
         finetune_from_config(cfg_path, t["name"], t["expert"], overwrite=True, **hp)
+        trained = True
     run = Path(cfg["run_dir"])
     print(f"[2/6] train routers ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
-    train(cfg_path, [], overwrite=fresh_run, verbose=verbose)  # replaces only the previous demo run's files
+    if fresh_run and not trained and finished_run(run, cfg_path):
+        print(f"      reusing {run}: trained with this config and these experts")
+    else:
+        train(cfg_path, [], overwrite=fresh_run, verbose=verbose)  # replaces only the previous demo run's files
     print("[3/6] evaluate on the preference grid, with baselines")
     summary = evaluate_run(run, grid=grid)
     print(f"[4/6] report: {run / 'report.md'}")
