@@ -11,6 +11,13 @@ source tree (the script uses only functions both have):
 
     .venv/bin/python benchmarks/causal_eval_speed.py demo_runs_llm/run --precisions fp32 bf16 --models 4
     PYTHONPATH=/path/to/old/src .venv/bin/python benchmarks/causal_eval_speed.py demo_runs_llm/run --precisions fp32
+
+`--whole-rows` also measures every precision with each row's whole sequence in one forward (no prompt or template
+computed once), and `--label-suffix " sentiment"` appends those tokens to every label word of every task, so each
+label is several tokens and each example runs one row per label (what a task with multi-token label words does):
+
+    .venv/bin/python benchmarks/causal_eval_speed.py demo_runs_llm/run --precisions bf16 --whole-rows \
+        --label-suffix " label"
 """
 
 from __future__ import annotations
@@ -30,12 +37,20 @@ def _merge_fns():
     return merge_and_unload, merge_into
 
 
-def measure(run: str, precision: str, models: int, batch_size: int | None) -> dict:
+def measure(
+    run: str, precision: str, models: int, batch_size: int | None, whole: bool = False, suffix: str | None = None
+) -> dict:
     from pwemoe.core.preference import simplex_grid
     from pwemoe.runs import open_run
 
     merge_and_unload, merge_into = _merge_fns()
     wb, _ = open_run(run, True, precision=precision)
+    if suffix:  # every label word gains these tokens: several tokens per label, one row per label
+        for t in wb.tasks:
+            extra = t.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            t.label_ids = [ids + extra for ids in t.label_ids]
+    if whole:  # each row's whole sequence in one forward: nothing computed once for several rows
+        wb.modality.run = lambda backbone, model_inputs, inputs: backbone(**model_inputs)
     bs = batch_size or wb.cfg.eval.batch_size
     prefs = simplex_grid(len(wb.tasks), 4)[:models]
     plain = None
@@ -54,6 +69,8 @@ def measure(run: str, precision: str, models: int, batch_size: int | None) -> di
     seconds = time.perf_counter() - t0
     return {
         "precision": precision,
+        "path": "whole rows" if whole else "shared",
+        "label_suffix": suffix,
         "models": len(prefs),
         "examples": n_examples,
         "seconds": seconds,
@@ -68,16 +85,30 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--models", type=int, default=4)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--whole-rows", action="store_true", help="also measure whole-row forwards (no shared prompt)")
+    ap.add_argument("--label-suffix", help="text appended to every label word (multi-token labels)")
     ap.add_argument("--json", help="write the results (predictions included) to this file")
     args = ap.parse_args()
-    out = [measure(args.run, p, args.models, args.batch_size) for p in args.precisions]
-    for m in out:
-        print(
-            f"{m['precision']}: {m['examples']} examples ({m['models']} models) in {m['seconds']:.1f} s = "
-            f"{m['examples_per_s']:.1f} examples/s",
-            flush=True,
-        )
-    if len(out) == 2:
+    out = []
+    for p in args.precisions:
+        for whole in (False, True) if args.whole_rows else (False,):
+            m = measure(args.run, p, args.models, args.batch_size, whole, args.label_suffix)
+            out.append(m)
+            print(
+                f"{m['precision']} ({m['path']}): {m['examples']} examples ({m['models']} models) in "
+                f"{m['seconds']:.1f} s = {m['examples_per_s']:.1f} examples/s",
+                flush=True,
+            )
+    if args.whole_rows:
+        for a, b in zip(out[::2], out[1::2]):
+            pa, pb = a["predictions"], b["predictions"]
+            same = sum(x == y for t in pa for ma, mb in zip(pa[t], pb[t]) for x, y in zip(ma, mb))
+            total = sum(len(m) for t in pa for m in pa[t])
+            print(
+                f"{a['precision']}: shared / whole rows = {a['examples_per_s'] / b['examples_per_s']:.2f}x; "
+                f"the same prediction on {same} of {total} ({100 * same / total:.2f}%)"
+            )
+    elif len(out) == 2:
         a, b = out[0]["predictions"], out[1]["predictions"]
         same = sum(x == y for t in a for ma, mb in zip(a[t], b[t]) for x, y in zip(ma, mb))
         total = sum(len(m) for t in a for m in a[t])

@@ -403,3 +403,90 @@ def test_select_follows_a_loss_tasks_direction(causal_setup, tmp_path):
     assert row["method"] == "paired percentile bootstrap" and row["met"] == (row["bound"] <= 1.5)
     assert rec["test"]["values"]["polarity"] > 0
     assert rec["evaluation"]["experts"] == ["polarity"]
+
+
+def _decoder(causal_setup):
+    return AutoModelForCausalLM.from_pretrained(causal_setup["config"]["model"]["base"]).eval().base_model
+
+
+def test_prompt_shared_forward_equals_whole_rows(causal_setup):
+    """Each example's prompt computed once for its label rows (left-padded prompts, their cache selected per row)
+    gives the whole rows' hidden states at every real token, for prompts and labels of different lengths, and
+    two consecutive examples with the same prompt (one group)."""
+    from pwemoe.modalities.causal_lm import prompt_shared_forward
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 16, (n,), generator=g).tolist() for n in (5, 2, 7, 7)]
+    prompts[3] = prompts[2]  # the same prompt twice in a row
+    labels = [[4], [5, 6, 7], [8, 9]]
+    rows = [(p, lab) for p in prompts for lab in labels]
+    L = max(len(p) + len(lab) for p, lab in rows)
+    ids = torch.zeros((len(rows), L), dtype=torch.long)
+    mask, lmask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for j, (p, lab) in enumerate(rows):
+        ids[j, : len(p) + len(lab)] = torch.tensor(p + lab)
+        mask[j, : len(p) + len(lab)] = 1
+        lmask[j, len(p) : len(p) + len(lab)] = 1
+    dec = _decoder(causal_setup)
+    with torch.no_grad():
+        want = dec(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = prompt_shared_forward(dec, ids, mask, lmask).last_hidden_state
+    assert got.shape == want.shape
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_shared_forward_equals_whole_rows(causal_setup):
+    from pwemoe.modalities.causal_lm import prefix_shared_forward, shared_prefix
+
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(3, 16, (6,), generator=g).tolist()
+    seqs = [head + torch.randint(3, 16, (n,), generator=g).tolist() for n in (1, 4, 2)]
+    assert shared_prefix(seqs) == 6
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    dec = _decoder(causal_setup)
+    with torch.no_grad():
+        want = dec(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = prefix_shared_forward(dec, ids, mask, 6).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_takes_the_shared_paths_and_scores_as_the_plain_model(causal_setup, monkeypatch):
+    """Multi-token labels: the prompt once per example; one-token labels under a long template: the template once
+    per batch. Both score as the plain model does, row by row; with autograd (training) whole rows run."""
+    import pwemoe.modalities.causal_lm as cl
+
+    calls = {"prompt": 0, "prefix": 0}
+    for name, key in (("prompt_shared_forward", "prompt"), ("prefix_shared_forward", "prefix")):
+        real = getattr(cl, name)
+
+        def spy(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(cl, name, spy)
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["tasks"][0]["label_words"] = [" very bad", " not very good"]
+    cfg["tasks"][1]["prompt_template"] = "the review was very : {text} answer :"  # 6 shared tokens
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    plain = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"]).eval()
+    for t, key in zip(wb.tasks, ("prompt", "prefix")):
+        rows = t.test_data[:4]
+        before = dict(calls)
+        with torch.no_grad():  # as evaluation runs
+            scores = wb.logits([(t, rows)])[0]
+        assert calls[key] == before[key] + 1, (t.name, calls)
+        for j, p in enumerate(t.prompts(rows)):
+            prompt = t.tokenizer(p)["input_ids"]
+            for c, w in enumerate(t.label_words):
+                lab = t.tokenizer(w, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logp = torch.log_softmax(plain(input_ids=torch.tensor([prompt + lab])).logits[0], -1)
+                want = sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(lab))
+                torch.testing.assert_close(scores[j, c], want, rtol=1e-5, atol=1e-5)
+    before = dict(calls)
+    with torch.enable_grad():
+        wb.logits([(wb.tasks[0], wb.tasks[0].test_data[:2])])
+    assert calls == before

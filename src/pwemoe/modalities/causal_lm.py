@@ -21,6 +21,7 @@ from .text import load_tokenizer
 # Keys a task may add to its features for its head only (masks); collated, but not given to the model.
 HEAD_ONLY_PREFIX = "pwemoe_"
 SHARED = HEAD_ONLY_PREFIX + "shared"  # per row: the length of the token prefix every row of the batch starts with
+LABEL = HEAD_ONLY_PREFIX + "label"  # per token: 1 on the label tokens that end a multi-token choice row
 MIN_SHARED = 4  # shorter shared prefixes are computed with the rest (one more forward would not pay)
 
 
@@ -60,6 +61,71 @@ def prefix_shared_forward(
     return type(rest)(last_hidden_state=hidden)
 
 
+@torch.no_grad()
+def prompt_shared_forward(
+    decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor
+) -> Any:
+    """The decoder's outputs for right-padded rows `prompt + label`, where consecutive rows with the same prompt
+    (one example's C label rows of a multi-token choice task) compute that prompt once.
+
+    The distinct prompts run left-padded in one forward; its keys and values (a `DynamicCache`) are selected
+    for every row, and each row's label tokens attend to them at the positions that follow its prompt. Equal
+    to one forward of the whole rows, up to float rounding, for C times fewer prompt tokens. Returns
+    `last_hidden_state` Tensor[B, L, H] in the rows' own right-padded layout (zeros at padding). Used only
+    without autograd (evaluation).
+
+    input_ids, attention_mask, label_mask: LongTensor[B, L]; label_mask is 1 on each row's label tokens.
+    """
+    from transformers import DynamicCache
+
+    B, L = input_ids.shape
+    cont = label_mask.bool() & attention_mask.bool()
+    plen, clen = (attention_mask.bool() & ~cont).sum(1), cont.sum(1)
+    opens = torch.ones(B, dtype=torch.bool)  # row j opens a group unless it repeats row j-1's prompt
+    for j in range(1, B):
+        n = int(plen[j])
+        opens[j] = n != int(plen[j - 1]) or not torch.equal(input_ids[j, :n], input_ids[j - 1, :n])
+    group = (opens.cumsum(0) - 1).to(input_ids.device)  # LongTensor[B]: each row's prompt
+    starts = opens.nonzero().flatten().tolist()
+    P, M = int(plen.max()), int(clen.max())
+    # left padding: every prompt ends at column P - 1, where the label tokens go on
+    pid = input_ids.new_zeros((len(starts), P))
+    pmask = attention_mask.new_zeros((len(starts), P))
+    for g, j in enumerate(starts):
+        n = int(plen[j])
+        pid[g, P - n :], pmask[g, P - n :] = input_ids[j, :n], 1
+    cache = DynamicCache(config=decoder.config)
+    pos = (pmask.cumsum(1) - 1).clamp(min=0)
+    pre = decoder(input_ids=pid, attention_mask=pmask, position_ids=pos, cache=cache, use_cache=True)
+    cache.batch_select_indices(group)
+    cols = torch.arange(M, device=input_ids.device)
+    take = plen[:, None].to(cols.device) + cols[None, :]  # LongTensor[B, M]: each row's label columns
+    cid = input_ids.gather(1, take.clamp(max=L - 1))
+    cmask = (cols[None, :] < clen[:, None].to(cols.device)).to(attention_mask.dtype)
+    rest = decoder(
+        input_ids=cid * cmask,
+        attention_mask=torch.cat([pmask[group], cmask], 1),
+        position_ids=take,
+        cache=cache,
+        use_cache=True,
+    )
+    hp, hc = pre.last_hidden_state, rest.last_hidden_state
+    hidden = hc.new_zeros((B, L, hc.shape[-1]))
+    for j in range(B):  # back to the rows' own layout: prompt (from its group), then the label tokens
+        n, m, g = int(plen[j]), int(clen[j]), int(group[j])
+        hidden[j, :n] = hp[g, P - n :]
+        hidden[j, n : n + m] = hc[j, :m]
+    return type(rest)(last_hidden_state=hidden)
+
+
+def _sliding_window(decoder: nn.Module) -> bool:
+    """Whether the decoder's cache has sliding-window layers (they crop keys from the left, where the shared
+    prefix and the left-padded prompts are: those models compute whole rows)."""
+    from transformers import DynamicCache
+
+    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=decoder.config).layers)
+
+
 class CausalLMModality(Modality):
     name = "causal_lm"
 
@@ -81,12 +147,18 @@ class CausalLMModality(Modality):
         return AutoModelForCausalLM.from_pretrained(self.base).eval().base_model
 
     def run(self, backbone: nn.Module, model_inputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> Any:
-        """Without autograd, rows that share a prompt prefix (a task's template) compute it once
-        (`prefix_shared_forward`); training and anything else run the whole rows."""
-        shared = int(inputs[SHARED][0]) if SHARED in inputs and len(inputs[SHARED]) else 0
-        if torch.is_grad_enabled() or shared < MIN_SHARED or set(model_inputs) != {"input_ids", "attention_mask"}:
+        """Without autograd, the rows of a multi-token choice task compute each example's prompt once for all its
+        labels (`prompt_shared_forward`), and other rows that share a prompt prefix (a task's template) compute
+        it once (`prefix_shared_forward`); training, sliding-window models and anything else run whole rows."""
+        if torch.is_grad_enabled() or set(model_inputs) != {"input_ids", "attention_mask"}:
             return backbone(**model_inputs)
-        return prefix_shared_forward(backbone, model_inputs["input_ids"], model_inputs["attention_mask"], shared)
+        ids, mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        if LABEL in inputs and bool(((inputs[LABEL] * mask).sum(1) > 0).all()) and not _sliding_window(backbone):
+            return prompt_shared_forward(backbone, ids, mask, inputs[LABEL])
+        shared = int(inputs[SHARED][0]) if SHARED in inputs and len(inputs[SHARED]) else 0
+        if shared < MIN_SHARED or _sliding_window(backbone):
+            return backbone(**model_inputs)
+        return prefix_shared_forward(backbone, ids, mask, shared)
 
     def collate(self, feats: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad every key (input_ids with the pad token, masks with 0) to the longest row; `pwemoe_shared`

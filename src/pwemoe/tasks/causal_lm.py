@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..config import TaskConfig
+from ..modalities.causal_lm import LABEL
 from .base import Finetuning, Task, max_positions
 
 
@@ -299,9 +300,12 @@ class CausalLMChoiceTask(_CausalTask):
                 "text around {text}, or drop the examples whose text the tokenizer drops"
             )
         for ids in prompts:
-            for c in range(per):
-                seq = ids + (self.label_ids[c] if per > 1 else [])
-                out.append({"input_ids": seq, "attention_mask": [1] * len(seq)})
+            if per == 1:
+                out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+                continue
+            for lab in self.label_ids:  # the label tokens marked: evaluation computes the prompt once for all C
+                seq = ids + lab
+                out.append({"input_ids": seq, "attention_mask": [1] * len(seq), LABEL: [0] * len(ids) + [1] * len(lab)})
         return self._fits(out)
 
     def head(self, outputs: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
