@@ -33,6 +33,9 @@ from .runs import parse_preference_arg, routers_path
 ENGINES = ("torch", "mergekit")
 
 
+OUT_SHARD_BYTES = 1_000_000_000
+
+
 def routing_weights_from_checkpoint(
     state: dict[str, torch.Tensor], r: torch.Tensor, k: int, hidden_layers: int, init_lambda: float, init: str
 ) -> dict[str, list[float]]:
@@ -159,7 +162,9 @@ def export_mergekit(
     with staged_dir(out, overwrite, "export") as tmp:
         atomic_write_text(tmp / "mergekit.yaml", text)
         if not plan_only:
-            run_mergekit(plan, tmp / "model", copy_tokenizer=True)
+            # shards of 1 GB: mergekit holds an output shard in memory until it is written (its default is 5 GB,
+            # a whole 1B-parameter model in fp32)
+            run_mergekit(plan, tmp / "model", copy_tokenizer=True, out_shard_size=OUT_SHARD_BYTES)
             info = {
                 "preference": dict(zip(cfg.task_names, r.tolist())),
                 "run": str(run.resolve()),
