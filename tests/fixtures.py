@@ -131,6 +131,16 @@ def build_text_setup(root: Path, n_train: int = 200, n_test: int = 60) -> dict:
     return config
 
 
+def write_short_run_config(base: dict, path: Path, run_dir: Path, **train) -> Path:
+    """Write `build_text_setup`'s config to `path` for a short run in `run_dir`: 6 steps unless `train` says
+    otherwise, a checkpoint every 2 steps, a log line every step. Returns `path`."""
+    cfg = copy.deepcopy(base)
+    cfg["run_dir"] = str(run_dir)
+    cfg["train"].update({"steps": 6, "save_interval": 2, "log_interval": 1, **train})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def train_validation_run(base: dict, tmp: Path, steps: int = 10) -> Path:
     """Train a tiny run on `build_text_setup`'s config whose tasks have validation data (30% of their training
     data, carved): what `pwemoe select` searches and certifies on. Returns the run directory."""

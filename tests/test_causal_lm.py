@@ -166,6 +166,18 @@ def test_examples_beyond_a_learned_position_table_are_a_clear_error(causal_setup
         t.encode(rows)
 
 
+def _assert_plain_label_scores(t, rows: dict, scores: torch.Tensor, plain) -> None:
+    """scores[j, c] is log p(label c's tokens | prompt j) under the plain model, each sequence run alone."""
+    for j, p in enumerate(t.prompts(rows)):
+        prompt = t.tokenizer(p)["input_ids"]
+        for c, w in enumerate(t.label_words):
+            lab = t.tokenizer(w, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(plain(input_ids=torch.tensor([prompt + lab])).logits[0], -1)
+            want = sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(lab))
+            torch.testing.assert_close(scores[j, c], want, rtol=1e-5, atol=1e-5)
+
+
 def test_multi_token_labels_score_each_label_sequence(causal_setup):
     cfg = json.loads(json.dumps(causal_setup["config"]))
     cfg["tasks"][0]["label_words"] = [" very bad", " not very good"]  # 2 and 3 tokens
@@ -176,14 +188,7 @@ def test_multi_token_labels_score_each_label_sequence(causal_setup):
     rows = t.test_data[:3]
     scores = wb.logits([(t, rows)])[0]
     assert scores.shape == (3, 2)
-    for j, p in enumerate(t.prompts(rows)):
-        prompt = t.tokenizer(p)["input_ids"]
-        for c, w in enumerate(t.label_words):
-            lab = t.tokenizer(w, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = torch.log_softmax(plain(input_ids=torch.tensor([prompt + lab])).logits[0], -1)
-            want = sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(lab))
-            torch.testing.assert_close(scores[j, c], want, rtol=1e-5, atol=1e-5)
+    _assert_plain_label_scores(t, rows, scores, plain)
     # the loss is the true label's negative log-likelihood
     y = torch.tensor(rows["label"])
     torch.testing.assert_close(t.loss(scores, y, "none"), -scores[torch.arange(3), y])
@@ -478,14 +483,7 @@ def test_evaluation_takes_the_shared_paths_and_scores_as_the_plain_model(causal_
         with torch.no_grad():  # as evaluation runs
             scores = wb.logits([(t, rows)])[0]
         assert calls[key] == before[key] + 1, (t.name, calls)
-        for j, p in enumerate(t.prompts(rows)):
-            prompt = t.tokenizer(p)["input_ids"]
-            for c, w in enumerate(t.label_words):
-                lab = t.tokenizer(w, add_special_tokens=False)["input_ids"]
-                with torch.no_grad():
-                    logp = torch.log_softmax(plain(input_ids=torch.tensor([prompt + lab])).logits[0], -1)
-                want = sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(lab))
-                torch.testing.assert_close(scores[j, c], want, rtol=1e-5, atol=1e-5)
+        _assert_plain_label_scores(t, rows, scores, plain)
     before = dict(calls)
     with torch.enable_grad():
         wb.logits([(wb.tasks[0], wb.tasks[0].test_data[:2])])

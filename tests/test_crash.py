@@ -21,6 +21,7 @@ import yaml
 from pwemoe import files
 from pwemoe.checkpoint import load_routers, load_state
 from pwemoe.cli import main
+from tests.fixtures import write_short_run_config
 
 # a user's files inside an output: at its top, inside one of pwemoe's folders, in a folder of their own
 USER = {"notes.txt": b"mine", "polarity/mine.txt": b"mine too", "logs/run.txt": b"mine as well"}
@@ -65,14 +66,9 @@ def _ours(tree: dict[str, bytes]) -> dict[str, bytes]:
 
 def _cfg(text_setup, where: Path, run: Path | None = None, **train) -> Path:
     """A config file in `where` for a 6-step run in `run` (default where/run)."""
-    root, base = text_setup
-    cfg = copy.deepcopy(base)
-    cfg["run_dir"] = str(run or where / "run")
-    cfg["train"].update({"steps": 6, "save_interval": 2, "log_interval": 1, **train})
-    cfg["tasks"][0]["class_names"] = ["negative", "positive"]  # finetune needs them (the CSV has no names)
-    p = where / "run.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    base = copy.deepcopy(text_setup[1])
+    base["tasks"][0]["class_names"] = ["negative", "positive"]  # finetune needs them (the CSV has no names)
+    return write_short_run_config(base, where / "run.yaml", run or where / "run", **train)
 
 
 @pytest.fixture(scope="module")

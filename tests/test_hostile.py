@@ -18,16 +18,11 @@ import yaml
 
 from pwemoe.cli import main
 from pwemoe.config import ConfigError
+from tests.fixtures import write_short_run_config
 
 
 def _cfg(text_setup, where: Path, name: str = "run", **train) -> Path:
-    root, base = text_setup
-    cfg = copy.deepcopy(base)
-    cfg["run_dir"] = str(where / name)
-    cfg["train"].update({"steps": 4, "save_interval": 2, "log_interval": 1, **train})
-    p = where / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return write_short_run_config(text_setup[1], where / f"{name}.yaml", where / name, **{"steps": 4, **train})
 
 
 @pytest.fixture(scope="module")

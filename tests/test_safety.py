@@ -20,16 +20,11 @@ import torch
 import yaml
 
 from pwemoe.cli import main
+from tests.fixtures import write_short_run_config
 
 
 def _cfg(text_setup, tmp_path: Path, name: str = "run", **train) -> Path:
-    root, base = text_setup
-    cfg = copy.deepcopy(base)
-    cfg["run_dir"] = str(tmp_path / name)
-    cfg["train"].update({"steps": 6, "save_interval": 2, "log_interval": 1, **train})
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return write_short_run_config(text_setup[1], tmp_path / f"{name}.yaml", tmp_path / name, **train)
 
 
 def _rows(run: Path) -> list[dict]:
