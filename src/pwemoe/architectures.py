@@ -8,6 +8,7 @@ whose backbone lives under `bert.`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 _ANY = r"(?:.*\.)?"
 
@@ -80,3 +81,12 @@ def get_architecture(model_type: str | None) -> Architecture:
         f"{', '.join(sorted(ARCHITECTURES))}. For another architecture pass targets explicitly, "
         "e.g. targets=['mlp'] (module-name suffixes, as in peft) or targets=r're:.*layers\\.\\d+\\.mlp' (a regex)."
     )
+
+
+def sliding_window_attention(config: Any) -> bool:
+    """Whether a model of this config has sliding-window attention layers (read from the cache layers transformers
+    builds for it: Mistral with a window, Gemma 2 and 3, ...). Their caches crop keys from the left, where pwemoe's
+    batched decoding pads and where its shared prompt prefixes sit, so those paths refuse or avoid such models."""
+    from transformers import DynamicCache
+
+    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import sliding_window_attention
 from .core.preference import PreferenceLike, normalize_preference
 from .devices import autocast
 from .routing import num_tasks, set_row_preferences
@@ -126,10 +127,8 @@ class BatchDecoder:
         self.eos = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self.max_positions = context_length(model)
-        from transformers import DynamicCache
-
         # a sliding-window layer crops its cache from the left, where this decoder pads: refused, not mis-served
-        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+        if sliding_window_attention(model.config):
             raise ValueError(
                 f"{type(model).__name__} uses sliding-window attention, whose cache pwemoe's batched decoding does "
                 "not pad; generation needs a model with full attention"

@@ -125,9 +125,8 @@ def run_llm_demo(
     from ..configfile import build_config, read_config
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
-    from ..recipes.train import train
     from ..runs import export_run
-    from .offline import _print_table, finished_run
+    from .offline import _print_table, train_demo_run
 
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -157,10 +156,7 @@ def run_llm_demo(
         trained = True
     run = Path(cfg["run_dir"])
     print(f"[3/7] train routers over the LoRA experts ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
-    if fresh_run and not trained and finished_run(run, cfg_path):
-        print(f"      reusing {run}: trained with this config and these experts")
-    else:
-        train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
+    train_demo_run(cfg_path, run, fresh_run, trained, verbose)
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
     summary = evaluate_run(run, grid=grid)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")

@@ -46,6 +46,17 @@ def finished_run(run: Path, cfg_path: Path) -> bool:
     return old == new and meta.get("step") == new["train"]["steps"]
 
 
+def train_demo_run(cfg_path: Path, run: Path, fresh_run: bool, experts_trained: bool, verbose: int) -> None:
+    """Train the demo's routers into `run`, replacing only the previous demo run's files (`fresh_run`), unless
+    no expert was trained anew just now and `run` already holds this config's finished training (`finished_run`)."""
+    from ..recipes.train import train
+
+    if fresh_run and not experts_trained and finished_run(run, cfg_path):
+        print(f"      reusing {run}: trained with this config and these experts")
+    else:
+        train(cfg_path, [], overwrite=fresh_run, verbose=verbose)
+
+
 def template() -> dict[str, Any]:
     """The demo config shipped inside the package (package data, so an installed wheel has it)."""
     return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text())
@@ -99,7 +110,6 @@ def run_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import finetune_from_config
-    from ..recipes.train import train
     from ..runs import export_run
     from ..selection import Settings, select_run, summary_lines
 
@@ -130,10 +140,7 @@ def run_demo(
         trained = True
     run = Path(cfg["run_dir"])
     print(f"[2/6] train routers ({cfg['train']['objective']}, {cfg['train']['steps']} steps)")
-    if fresh_run and not trained and finished_run(run, cfg_path):
-        print(f"      reusing {run}: trained with this config and these experts")
-    else:
-        train(cfg_path, [], overwrite=fresh_run, verbose=verbose)  # replaces only the previous demo run's files
+    train_demo_run(cfg_path, run, fresh_run, trained, verbose)
     print("[3/6] evaluate on the preference grid, with baselines")
     summary = evaluate_run(run, grid=grid)
     print(f"[4/6] report: {run / 'report.md'}")

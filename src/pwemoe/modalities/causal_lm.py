@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import sliding_window_attention
 from .base import Modality
 from .text import load_tokenizer
 
@@ -118,14 +119,6 @@ def prompt_shared_forward(
     return type(rest)(last_hidden_state=hidden)
 
 
-def _sliding_window(decoder: nn.Module) -> bool:
-    """Whether the decoder's cache has sliding-window layers (they crop keys from the left, where the shared
-    prefix and the left-padded prompts are: those models compute whole rows)."""
-    from transformers import DynamicCache
-
-    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=decoder.config).layers)
-
-
 class CausalLMModality(Modality):
     name = "causal_lm"
 
@@ -136,6 +129,8 @@ class CausalLMModality(Modality):
         self.tokenizer.padding_side = "right"  # heads find each row's last token from the attention mask
         self.model = AutoModelForCausalLM.from_pretrained(self.base).eval()
         self.backbone = self.model.base_model
+        # sliding-window caches crop keys from the left, where shared prefixes sit: such models run whole rows
+        self.sliding = sliding_window_attention(self.model.config)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -153,10 +148,12 @@ class CausalLMModality(Modality):
         if torch.is_grad_enabled() or set(model_inputs) != {"input_ids", "attention_mask"}:
             return backbone(**model_inputs)
         ids, mask = model_inputs["input_ids"], model_inputs["attention_mask"]
-        if LABEL in inputs and bool(((inputs[LABEL] * mask).sum(1) > 0).all()) and not _sliding_window(backbone):
+        if self.sliding:
+            return backbone(**model_inputs)
+        if LABEL in inputs and bool(((inputs[LABEL] * mask).sum(1) > 0).all()):
             return prompt_shared_forward(backbone, ids, mask, inputs[LABEL])
         shared = int(inputs[SHARED][0]) if SHARED in inputs and len(inputs[SHARED]) else 0
-        if shared < MIN_SHARED or _sliding_window(backbone):
+        if shared < MIN_SHARED:
             return backbone(**model_inputs)
         return prefix_shared_forward(backbone, ids, mask, shared)
 
