@@ -288,6 +288,42 @@ def test_bf16_run_on_the_configured_device_end_to_end(text_setup, tmp_path):
     assert json.loads((out / "pwemoe.json").read_text())["preference"] == {"polarity": 0.5, "color": 0.5}
 
 
+def test_two_launched_ranks_wait_for_each_other_with_every_device_setting(tmp_path):
+    """pwemoe's barrier holds rank 1 until rank 0 arrives for every `device` setting a CPU run may carry (accelerate's
+    own is a no-op for `auto` on a machine without CUDA), and both ranks exit cleanly."""
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from pwemoe.devices import join_launch, rank_and_world, wait_for_everyone\n"
+        "join_launch(sys.argv[1])\n"
+        "rank, world = rank_and_world()\n"
+        "assert world == 2, world\n"
+        "flag = Path(sys.argv[2])\n"
+        "if rank == 0:\n"
+        "    time.sleep(1.5)\n"
+        "    flag.write_text('here')\n"
+        "wait_for_everyone()\n"
+        "print(f'rank {rank} saw rank 0: {flag.exists()}', flush=True)\n"
+    )
+    settings = ["cpu"] + (["auto"] if not torch.cuda.is_available() else [])
+    for i, device in enumerate(settings):
+        flag = tmp_path / f"flag{i}"
+        res = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543"]
+            + [str(script), device, str(flag)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert sorted(x for x in res.stdout.splitlines() if x.startswith("rank")) == [
+            "rank 0 saw rank 0: True",
+            "rank 1 saw rank 0: True",
+        ], (device, res.stdout)
+
+
 def test_two_rank_evaluation_writes_the_rows_of_one_process(text_setup, tmp_path):
     _, base_cfg = text_setup
     cfg = {**base_cfg, "run_dir": str(tmp_path / "run"), "train": {**base_cfg["train"], "steps": 3}}

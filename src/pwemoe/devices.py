@@ -6,6 +6,7 @@ layer above may use it. Placement itself (which tensors go where) is the workben
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -39,6 +40,45 @@ def local_world_size() -> int:
         return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+def join_launch(device: str) -> None:
+    """Join the process group when started by `accelerate launch` / `torchrun` (alone: nothing happens).
+
+    device: the run's `device` setting. A run on the CPU (`cpu`, or any setting on a machine without CUDA) joins
+    with gloo, even where CUDA is available (NCCL cannot reduce CPU tensors); a GPU run with NCCL.
+
+    accelerate's PartialState does the joining; synchronise with `wait_for_everyone` below, not with
+    PartialState's own, which is silently a no-op when accelerate typed the launch differently (an `auto`
+    device on a CPU-only machine). The group is destroyed when the interpreter exits, before its finalisation:
+    left to it, a gloo worker thread still holding a tensor aborts the process (SIGABRT, "terminate called
+    without an active exception"), and the launcher then kills the other ranks.
+    """
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    global _DESTROY_AT_EXIT
+    if not _DESTROY_AT_EXIT and torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.register(_destroy_process_group)
+        _DESTROY_AT_EXIT = True
+
+
+_DESTROY_AT_EXIT = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def wait_for_everyone() -> None:
+    """Block until every rank of the process group is here (nothing without a group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() == "nccl":  # NCCL's barrier must know this rank's GPU
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -12,7 +12,7 @@ import torch
 from ..baselines import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank, selected
 from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
-from ..devices import rank_and_world
+from ..devices import join_launch, rank_and_world, wait_for_everyone
 from ..export import PlainCopy
 from ..files import CONFIG, RunLock, require_run_dir, subdir
 from ..merges import MERGES, MergekitBank, require_mergekit
@@ -106,15 +106,12 @@ def evaluate_run(
     m = grid if grid is not None else cfg.eval.grid
     prefs = read_preferences(preferences_file, k) if preferences_file else simplex_grid(k, m)
     bs = batch_size or cfg.eval.batch_size
-    from accelerate import PartialState
-
-    # under accelerate launch / torchrun: the grid is split across the ranks (gloo for a CPU run, even
-    # where CUDA is available: NCCL cannot reduce CPU tensors)
-    state = PartialState(cpu=cfg.device == "cpu")
+    # under accelerate launch / torchrun: the grid is split across the ranks
+    join_launch(cfg.device)
     rank, world = rank_and_world()
     lock = RunLock(run, "pwemoe evaluate") if rank == 0 else contextlib.nullcontext()
     with lock:
-        state.wait_for_everyone()  # no rank starts before rank 0 holds the lock
+        wait_for_everyone()  # no rank starts before rank 0 holds the lock
         if out_dir != run:
             subdir(run, split)  # validation/: a link planted there is refused (before any model loads)
         wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision, eval_split=split)
@@ -129,10 +126,10 @@ def evaluate_run(
             merge_seed=cfg.eval.merge_seed,
         )
         inputs = {**row_inputs(meta, wb.tasks, wb.precision, wb.device.type), "mergekit": mergekit_version}
-        state.wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
+        wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
         current = _evaluate(wb, store, settings, inputs, wanted, bs, verbose, rank, world)
         if rank != 0:  # rank 0 writes the tables and the report
-            state.wait_for_everyone()
+            wait_for_everyone()
             return {}
         e = cfg.eval
         correct = store.correctness(current, names)
@@ -167,7 +164,7 @@ def evaluate_run(
 
         write_report(out_dir, current, names, summary)
         write_report_html(out_dir, current, names, summary)
-        state.wait_for_everyone()
+        wait_for_everyone()
     print(
         f"evaluated {len(current)} models: {store.computed} computed, {store.reused} reused from results.json"
         + (f", {store.replaced} stale rows replaced" if store.replaced else "")

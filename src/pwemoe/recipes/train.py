@@ -22,7 +22,7 @@ from ..checkpoint import check_hashes, load_routers, load_state, save_routers, s
 from ..config import RESUMABLE, Config, ConfigError, dump_config, resumable_keys
 from ..configfile import build_config, read_config
 from ..core.preference import DirichletSampler, simplex_grid
-from ..devices import grad_scaler, rank_and_world
+from ..devices import grad_scaler, join_launch, rank_and_world, wait_for_everyone
 from ..export import PlainCopy
 from ..files import (
     BEST_ROUTERS,
@@ -467,8 +467,6 @@ def train(
     A new run needs `run_dir` absent or empty (or, with `overwrite`, a pwemoe run directory, whose
     own files are replaced). `resume` continues a run; overrides may change only RESUMABLE keys.
     """
-    from accelerate import PartialState
-
     changes: dict[str, tuple[Any, Any]] = {}
     if resume:
         run_dir = require_run_dir(resume)
@@ -486,9 +484,7 @@ def train(
             raise ValueError("pwemoe train needs a config file (pwemoe train CONFIG.yaml) or --resume RUN")
         cfg = read_config(config, overrides)
         run_dir = Path(cfg.run_dir)
-    # the process group under accelerate launch / torchrun: gloo for a CPU run, even where CUDA is available
-    # (NCCL cannot reduce CPU tensors), NCCL on GPUs
-    state = PartialState(cpu=cfg.device == "cpu")
+    join_launch(cfg.device)  # the process group under accelerate launch / torchrun
     rank, _ = rank_and_world()
     lock = RunLock(run_dir, "pwemoe train") if rank == 0 else None
     if lock is not None:
@@ -496,13 +492,13 @@ def train(
     try:
         if not resume and rank == 0:
             _prepare_new_run(run_dir, overwrite)
-        state.wait_for_everyone()
+        wait_for_everyone()
         recipe = TrainRecipe(cfg, run_dir, resume=bool(resume), on_step=on_step)
         recipe.run(changes)
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
-    state.wait_for_everyone()
+    wait_for_everyone()
     return run_dir
 
 
