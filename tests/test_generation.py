@@ -166,6 +166,58 @@ def test_mixed_preferences_padding_and_joins_are_token_identical_to_plain_genera
     assert len(distinct) >= 4  # the preferences give different continuations: the check has teeth
 
 
+def test_batches_at_one_preference_decode_on_a_merged_copy_that_never_waits_or_grows(served):
+    """A decode step whose rows share one preference runs on the server's merged copy of the backbone: the same
+    tokens as the merged reference, at most one copy added (to an empty cache), and with every copy held elsewhere
+    the step runs on the upcycled model instead of waiting."""
+    import contextlib
+
+    from pwemoe.generation import BatchDecoder, SamplingParams
+
+    pm, _ = served
+    sched = pm.scheduler()
+    _wait_idle(sched)
+    n = BatchDecoder.MERGE_AFTER_TOKENS + 4  # long enough for a step to merge
+    params = SamplingParams(max_new_tokens=n, temperature=0)
+    prompt, ids = "the film was", _ids(pm, "the film was")
+
+    def tokens(h, out):
+        return h.seq.tokens + ([pm.wb.modality.tokenizer.eos_token_id] if out["finish_reason"] == "stop" else [])
+
+    def check(r, count):
+        handles = [pm.submit(prompt, r, params) for _ in range(count)]
+        outs = [h.result() for h in handles]
+        _wait_idle(sched)
+        want = _reference(pm, ids, r, n)
+        for h, out in zip(handles, outs):
+            got = tokens(h, out)
+            assert got == want[: len(got)] and (out["finish_reason"] == "stop" or len(got) == n), (r, got, want)
+
+    for r, count in (([0.25, 0.25, 0.5], 1), ([0.5, 0.3, 0.2], 2)):  # one request; two that agree
+        before, held = sched.stats()["plain_forwards"], pm.cache.stats()["held"]
+        check(r, count)
+        assert sched.stats()["plain_forwards"] > before, r
+        assert pm.cache.stats()["held"] == max(held, 1), pm.cache.stats()
+    with contextlib.ExitStack() as stack:  # every copy in use by other callers
+        for i in range(pm.cache.size):
+            stack.enter_context(pm.cache.lease(tuple(pm.preference([1.0, 1.0 + i, 3.0]))))
+        before, declined = sched.stats()["plain_forwards"], pm.cache.stats()["declined"]
+        errors: list[BaseException] = []
+
+        def check_alone():
+            try:
+                check([0.6, 0.2, 0.2], 1)
+            except BaseException as e:  # noqa: BLE001 - reported by the test's own thread
+                errors.append(e)
+
+        done = threading.Thread(target=check_alone)
+        done.start()
+        done.join(60)
+        assert not done.is_alive(), "decoding waited for a merged copy"
+        assert not errors, errors
+        assert sched.stats()["plain_forwards"] == before and pm.cache.stats()["declined"] > declined
+
+
 def test_generate_api_and_sampling(served):
     pm, _ = served
     one = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=6)

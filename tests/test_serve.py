@@ -170,7 +170,7 @@ def test_merge_cache_is_lru_reuses_free_copies_and_never_a_held_one(model):
         assert not t.is_alive() and got["c"] is b and not got["hit"] and got["held"] == 2
         check(a, keys[0])
     assert list(cache.entries) == [keys[0], keys[3]]
-    assert cache.stats() == {"size": 2, "held": 2, "hits": 3, "misses": 4, "waits": 1}
+    assert cache.stats() == {"size": 2, "held": 2, "hits": 3, "misses": 4, "waits": 1, "declined": 0}
     with pytest.raises(ValueError, match="cache_size"):
         MergeCache(model.wb.backbone, 0, model._lock)
 

@@ -10,17 +10,25 @@ at any decode step (their prompts are prefilled together, then their cache is pa
 length and concatenated) and leave when they finish (their rows are dropped from the cache). `Scheduler` runs it
 in a thread (continuous batching): a new request joins the running batch at the next step, a finished or
 cancelled one leaves it, bounded by `max_batch` sequences and a budget of tokens in flight.
+
+When every row of a decode step has one preference (a lone request, or clients that agree), the step can run
+on a plain merged copy of the backbone instead (`BatchDecoder(merged=...)`, the server's cache of merged copies):
+the same theta(r) and the same KV cache, without the per-row work of the upcycled modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import dataclasses
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +38,7 @@ from torch import nn
 from .architectures import sliding_window_attention
 from .core.preference import PreferenceLike, normalize_preference
 from .devices import autocast
-from .routing import num_tasks, set_row_preferences
+from .routing import ensembling_modules, num_tasks, set_row_preferences
 
 
 @dataclass
@@ -111,16 +119,40 @@ class BatchDecoder:
     model: an AutoModelForCausalLM whose modules are upcycled; tokenizer: its tokenizer (decoding the text).
     Rows are left-padded: `mask` Tensor[B, S] marks real tokens, positions are counted from it, so a row's
     numbers do not depend on how much padding the batch gives it (up to float rounding).
+
+    merged: optional `merged(r, merge)`, a context manager giving a plain copy of the model's backbone holding
+    theta(r) (held until exit), or None: none is cached and merge is False, or none can be had now. A forward whose
+    rows all have one preference then runs the model with that copy in place of its upcycled backbone. A decode
+    step may merge when its rows may still generate `MERGE_AFTER_TOKENS` tokens (a merge costs a few steps); a
+    prefill only takes a copy already cached, so a merge never delays a first token.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device, precision: str = "fp32") -> None:
+    MERGE_AFTER_TOKENS = 16
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        precision: str = "fp32",
+        merged: Callable[[torch.Tensor, bool], AbstractContextManager[nn.Module | None]] | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.device, self.precision = model, tokenizer, device, precision
         self.k = num_tasks(model)
         self.rows: list[Request] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # LongTensor[B, S]
         self.last: torch.Tensor | None = None  # LongTensor[B]: each row's newest token, the next step's input
-        self._prefs_for: list[int] | None = None  # row ids the model's row preferences were set for
+        # the backbone a merged copy stands in for: only when every upcycled module lies inside it (an upcycled
+        # head outside it would otherwise run at the model's one preference, not the rows')
+        prefix = getattr(model, "base_model_prefix", "")
+        backbone = getattr(model, prefix, None) if prefix else None
+        inside = isinstance(backbone, nn.Module) and len(list(ensembling_modules(backbone))) == len(
+            list(ensembling_modules(model))
+        )
+        self.merged = merged if inside else None
+        self._backbone_attr = prefix
+        self.plain_forwards = 0  # forwards run on a merged copy
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -160,7 +192,14 @@ class BatchDecoder:
         if not self.rows:
             return
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
-        logits = self._forward(self.last[:, None], self.mask, self.cache, [s.preference for s in self.rows])
+        left = max(s.params.max_new_tokens - len(s.tokens) for s in self.rows)
+        logits = self._forward(
+            self.last[:, None],
+            self.mask,
+            self.cache,
+            [s.preference for s in self.rows],
+            may_merge=left >= self.MERGE_AFTER_TOKENS,
+        )
         self._advance(logits, range(len(self.rows)))
 
     def drop_finished(self) -> list[Request]:
@@ -186,22 +225,38 @@ class BatchDecoder:
 
     # --- internals -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefs: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefs: list[torch.Tensor], may_merge: bool = False
+    ) -> torch.Tensor:
         """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length."""
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        set_row_preferences(self.model, torch.stack(prefs))
-        try:
-            with autocast(self.device, self.precision):
-                out = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=pos.to(self.device),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        finally:
-            set_row_preferences(self.model, None)
+        one = self.merged is not None and all(torch.equal(p, prefs[0]) for p in prefs[1:])
+        with self.merged(prefs[0], may_merge) if one else contextlib.nullcontext() as plain:
+            if plain is not None:  # the model's own forward (its head, any logit scaling) around the merged copy
+                upcycled = getattr(self.model, self._backbone_attr)
+                setattr(self.model, self._backbone_attr, plain)
+                try:
+                    logits = self._logits(ids, mask, pos, cache)
+                finally:
+                    setattr(self.model, self._backbone_attr, upcycled)
+                self.plain_forwards += 1
+                return logits
+            set_row_preferences(self.model, torch.stack(prefs))
+            try:
+                return self._logits(ids, mask, pos, cache)
+            finally:
+                set_row_preferences(self.model, None)
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos.to(self.device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float().cpu()
 
     def _merge(self, cache: Any, mask: torch.Tensor, seqs: list[Request]) -> None:
@@ -391,6 +446,7 @@ class Scheduler:
         self.cancelled = 0  # requests that left before they finished (their client went away)
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._closes_at_exit = False
 
     # --- submitting --------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> list[str]:
@@ -446,6 +502,7 @@ class Scheduler:
             "max_batch": self.max_batch,
             "token_budget": self.token_budget,
             "steps": self.steps,
+            "plain_forwards": self.decoder.plain_forwards,
             "cancelled": self.cancelled,
         }
 
@@ -461,6 +518,9 @@ class Scheduler:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, daemon=True, name="pwemoe-generate")
             self._thread.start()
+            if not self._closes_at_exit:  # a decoding thread left running into interpreter shutdown aborts there
+                atexit.register(_close_scheduler, weakref.ref(self))
+                self._closes_at_exit = True
 
     def _admit(self) -> list[Request]:
         """Waiting requests that join now (FIFO; the first that does not fit waits, and so do those after it)."""
@@ -502,6 +562,12 @@ class Scheduler:
                 continue
             gone = self.decoder.drop_finished()
             self.cancelled += sum(s.cancelled and s.finish_reason is None for s in gone)
+
+
+def _close_scheduler(ref: weakref.ref) -> None:
+    sched = ref()
+    if sched is not None:
+        sched.close()
 
 
 # --- prompts -------------------------------------------------------------------------------------------

@@ -58,14 +58,22 @@ class MergeCache:
         self.freed = threading.Condition(lock)  # a copy's last user left
         self.entries: OrderedDict[Key, _Entry] = OrderedDict()
         self.hits = self.misses = self.reused = self.waits = 0
+        self.declined = 0  # leases answered None (wait=False or merge=False)
 
     @contextlib.contextmanager
-    def lease(self, key: Key) -> Iterator[tuple[nn.Module, bool]]:
+    def lease(
+        self, key: Key, wait: bool = True, merge: bool = True, grow: bool = True
+    ) -> Iterator[tuple[nn.Module | None, bool]]:
         """Yield (plain model with theta(key), whether it was cached); the copy is held until exit.
 
         At most `size` copies ever exist: when all are held, a caller with another preference waits
         for one to be released (each copy is a whole backbone; an LLM's would not fit many times).
+        For a caller with a cheaper way than a merge (the decoder's upcycled model): wait=False yields (None, False)
+        instead of waiting, merge=False unless theta(key) is cached; grow=False makes a new copy only in an empty
+        cache (otherwise it re-merges a free one).
         """
+        e: _Entry | None = None
+        hit = False
         with self.lock:
             while True:
                 e = self.entries.get(key)
@@ -74,8 +82,9 @@ class MergeCache:
                     self.hits += 1
                     self.entries.move_to_end(key)
                     break
-                hit = False
-                if len(self.entries) < self.size:
+                if not merge:
+                    break
+                if len(self.entries) < self.size and (grow or not self.entries):
                     e = _Entry(PlainCopy(self.backbone))
                     e.copy.at(list(key)).requires_grad_(False)
                     break
@@ -85,12 +94,20 @@ class MergeCache:
                     e.copy.at(list(key))
                     self.reused += 1
                     break
+                if not wait:
+                    break
                 self.waits += 1
                 self.freed.wait()  # every copy is in use: wait for one, then look again
-            if not hit:
-                self.misses += 1
-                self.entries[key] = e
-            e.users += 1
+            if e is None:
+                self.declined += 1
+            else:
+                if not hit:
+                    self.misses += 1
+                    self.entries[key] = e
+                e.users += 1
+        if e is None:
+            yield None, False
+            return
         try:
             yield e.copy.plain, hit
         finally:
@@ -106,6 +123,7 @@ class MergeCache:
             "hits": self.hits,
             "misses": self.misses,
             "waits": self.waits,
+            "declined": self.declined,
         }
 
 
@@ -293,10 +311,22 @@ class PreferenceModel:
                 from ..generation import BatchDecoder, Scheduler
 
                 decoder = BatchDecoder(
-                    self.wb.modality.model, self.wb.modality.tokenizer, self.wb.device, self.wb.precision
+                    self.wb.modality.model,
+                    self.wb.modality.tokenizer,
+                    self.wb.device,
+                    self.wb.precision,
+                    merged=self._merged_for_decoding,
                 )
                 self._scheduler = Scheduler(decoder, self.max_batch, self.token_budget, self._lock)
             return self._scheduler
+
+    @contextlib.contextmanager
+    def _merged_for_decoding(self, r: torch.Tensor, merge: bool) -> Iterator[nn.Module | None]:
+        """The cache's merged copy for r while a decoding step uses it, or None. Never waits (the decoder's
+        upcycled model serves any preference without a copy), and adds a copy only to an empty cache: decoding
+        alone holds at most one backbone's memory more than the upcycled model."""
+        with self.cache.lease(tuple(self.preference(r)), wait=False, merge=merge, grow=False) as (plain, _):
+            yield plain
 
     def submit(
         self,
