@@ -4,8 +4,10 @@ The server runs in its own process (`pwemoe serve RUN --max-batch N`); clients a
 OpenAI-compatible API over HTTP. Scenarios, interleaved over `--repeats` rounds (medians reported):
 
 - mixed:      N concurrent clients, each with its own preference (distinct points of the simplex);
-- shared:     the same N requests, all at one preference (the cost of mixing = mixed / shared);
+- shared:     the same N requests, all at one preference: such a batch decodes on a merged copy (mixed / shared);
 - one-by-one: the same N requests, one after another (the gain of batching = mixed / one-by-one);
+- the same three on a second server with --no-merged-decoding (every step on the upcycled model): the cost of
+  mixing within one engine (mixed_upcycled / shared_upcycled) and the merged copy's gain for a lone request;
 - TTFT:       time to the first streamed token with N concurrent clients, against one client alone;
 - merge+generate: what a user does without pwemoe serve, in this process: for each request
   `merge_and_unload(model, r)` and plain `transformers` generate (the merge included).
@@ -19,6 +21,7 @@ counts the tokens actually generated, as `usage.completion_tokens` reports them)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 PROMPTS = [
@@ -137,6 +141,33 @@ def _merge_and_generate(run: Path, prefs: list[list[float]], tokens: int, precis
     return time.perf_counter() - t0, total
 
 
+@contextlib.contextmanager
+def _server(run: Path, clients: int, precision: str | None, extra: list[str]) -> Iterator[tuple[str, str]]:
+    """A `pwemoe serve` process on a free port: yields (chat completions URL, model name) once it answers."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pwemoe.cli", "serve", str(run), "--port", str(port), "--max-batch", str(clients)]
+    cmd += ["--max-test-samples", "1", *extra] + (["--precision", precision] if precision else [])
+    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=5).read()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(1)
+        yield (
+            base + "/v1/chat/completions",
+            json.loads(urllib.request.urlopen(base + "/v1/models").read())["data"][0]["id"],
+        )
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -154,81 +185,60 @@ def main() -> None:
     torch.manual_seed(0)
     prefs = torch.distributions.Dirichlet(torch.ones(k)).sample((args.clients,)).tolist()  # distinct points
     prefs = [[round(x, 4) for x in r] for r in prefs]
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "pwemoe.cli",
-        "serve",
-        str(run),
-        "--port",
-        str(port),
-        "--max-batch",
-        str(args.clients),
-        "--max-test-samples",
-        "1",
-    ]
-    if args.precision:
-        cmd += ["--precision", args.precision]
-    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=5).read()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(1)
-        name = json.loads(urllib.request.urlopen(base + "/v1/models").read())["data"][0]["id"]
-        url = base + "/v1/chat/completions"
-        prompts = (PROMPTS * (args.clients // len(PROMPTS) + 1))[: args.clients]
+    prompts = (PROMPTS * (args.clients // len(PROMPTS) + 1))[: args.clients]
 
-        def bodies(pref_list: list[list[float]]) -> list[dict]:
-            return [
-                {
-                    "model": name,
-                    "messages": [{"role": "user", "content": p}],
-                    "max_tokens": args.tokens,
-                    "temperature": 0,
-                    "preference": r,
-                }
-                for p, r in zip(prompts, pref_list)
-            ]
+    def bodies(name: str, pref_list: list[list[float]]) -> list[dict]:
+        return [
+            {
+                "model": name,
+                "messages": [{"role": "user", "content": p}],
+                "max_tokens": args.tokens,
+                "temperature": 0,
+                "preference": r,
+            }
+            for p, r in zip(prompts, pref_list)
+        ]
 
-        mixed, shared = bodies(prefs), bodies([prefs[0]] * args.clients)
+    res: dict[str, list[float]] = {}
+
+    def record(key: str, rnd: int, s: float, n: int) -> None:
+        res.setdefault(key, []).append(n / s)
+        print(f"round {rnd}: {key}: {n} tokens in {s:.2f} s = {n / s:.2f} tokens/s", flush=True)
+
+    # the server as it ships: a batch whose sequences share one preference decodes on a merged copy
+    with _server(run, args.clients, args.precision, []) as (url, name):
+        mixed, shared = bodies(name, prefs), bodies(name, [prefs[0]] * args.clients)
         _concurrent(url, mixed[:2])  # warm-up: the first forwards, allocations
-        res: dict[str, list[float]] = {"mixed": [], "shared": [], "one_by_one": [], "ttft_many": [], "ttft_one": []}
         for rnd in range(args.repeats):
-            for name_, fn in (
-                ("mixed", lambda: _concurrent(url, mixed)),
-                ("shared", lambda: _concurrent(url, shared)),
-                ("one_by_one", lambda: _one_by_one(url, mixed)),
-            ):
-                s, n = fn()
-                res[name_].append(n / s)
-                print(f"round {rnd}: {name_}: {n} tokens in {s:.2f} s = {n / s:.2f} tokens/s", flush=True)
+            record("mixed", rnd, *_concurrent(url, mixed))
+            record("shared", rnd, *_concurrent(url, shared))
+            record("one_by_one", rnd, *_one_by_one(url, mixed))
             many = _ttft(url, mixed)
-            res["ttft_many"].append(statistics.median(many))
-            res["ttft_one"].append(_stream_ttft(url, mixed[0])[0])
+            res.setdefault("ttft_many", []).append(statistics.median(many))
+            res.setdefault("ttft_one", []).append(_stream_ttft(url, mixed[0])[0])
             print(
                 f"round {rnd}: TTFT p50 with {args.clients} clients {res['ttft_many'][-1]:.3f} s, alone "
                 f"{res['ttft_one'][-1]:.3f} s",
                 flush=True,
             )
-    finally:
-        server.terminate()
-        server.wait(30)
+    # --no-merged-decoding: every step on the upcycled model (the cost of mixing within one engine)
+    with _server(run, args.clients, args.precision, ["--no-merged-decoding"]) as (url, name):
+        mixed, shared = bodies(name, prefs), bodies(name, [prefs[0]] * args.clients)
+        _concurrent(url, mixed[:2])
+        for rnd in range(args.repeats):
+            record("mixed_upcycled", rnd, *_concurrent(url, mixed))
+            record("shared_upcycled", rnd, *_concurrent(url, shared))
+            record("one_by_one_upcycled", rnd, *_one_by_one(url, mixed))
     s, n = _merge_and_generate(run, prefs, args.tokens, args.precision)
     res["merge_generate"] = [n / s]
     print(f"merge_and_unload + generate, one by one: {n} tokens in {s:.2f} s = {n / s:.2f} tokens/s", flush=True)
     med = {key: statistics.median(v) for key, v in res.items()}
     print(json.dumps({"clients": args.clients, "tokens": args.tokens, "repeats": args.repeats, "medians": med}))
     print(
-        f"mixed / shared = {med['mixed'] / med['shared']:.3f} (target >= 0.8); mixed / one-by-one = "
-        f"{med['mixed'] / med['one_by_one']:.2f} (target >= 3); mixed / merge+generate = "
+        f"mixed / shared = {med['mixed'] / med['shared']:.3f} (shared on the merged copy); upcycled only: "
+        f"{med['mixed_upcycled'] / med['shared_upcycled']:.3f} (target >= 0.8); mixed / one-by-one = "
+        f"{med['mixed'] / med['one_by_one']:.2f} (target >= 3); one-by-one merged copy / upcycled = "
+        f"{med['one_by_one'] / med['one_by_one_upcycled']:.2f}; mixed / merge+generate = "
         f"{med['mixed'] / med['merge_generate']:.2f}; TTFT p50 {med['ttft_many']:.3f} s with {args.clients} "
         f"clients vs {med['ttft_one']:.3f} s alone"
     )

@@ -218,6 +218,23 @@ def test_batches_at_one_preference_decode_on_a_merged_copy_that_never_waits_or_g
         assert sched.stats()["plain_forwards"] == before and pm.cache.stats()["declined"] > declined
 
 
+def test_without_merged_decoding_every_step_runs_on_the_upcycled_model(llm_run):
+    from pwemoe.generation import BatchDecoder, SamplingParams
+    from pwemoe.serve.model import PreferenceModel
+
+    pm = PreferenceModel(llm_run, max_test_samples=2, merged_decoding=False)
+    n = BatchDecoder.MERGE_AFTER_TOKENS + 4
+    h = pm.submit("the film was", [0.25, 0.25, 0.5], SamplingParams(max_new_tokens=n, temperature=0))
+    out = h.result()
+    sched = pm.scheduler()
+    _wait_idle(sched)
+    assert sched.stats()["plain_forwards"] == 0 and pm.cache.stats()["held"] == 0
+    got = h.seq.tokens + ([pm.wb.modality.tokenizer.eos_token_id] if out["finish_reason"] == "stop" else [])
+    want = _reference(pm, _ids(pm, "the film was"), [0.25, 0.25, 0.5], n)
+    assert got == want[: len(got)] and (out["finish_reason"] == "stop" or len(got) == n)
+    sched.close()
+
+
 def test_generate_api_and_sampling(served):
     pm, _ = served
     one = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=6)

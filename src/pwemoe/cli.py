@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         help="causal-LM runs: most tokens (prompt + max_tokens of every sequence) in the decoding batch at once",
     )
     p.add_argument("--preference", help="causal-LM runs: the preference of requests that give none (default: 1/k each)")
+    _merged_decoding_arg(p)
     p.add_argument(
         "--served-model-name", help="causal-LM runs: the model name of the /v1 API (default: the run's name)"
     )
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
+    _merged_decoding_arg(p)
     _placement(p)
 
     p = sub.add_parser("finetune", help="fine-tune a base model on one task to make an expert")
@@ -254,6 +256,15 @@ def _select(args: argparse.Namespace) -> int:
     return 0 if record["status"] == "certified" else 1
 
 
+def _merged_decoding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-merged-decoding",
+        action="store_true",
+        help="causal-LM runs: decode a batch whose sequences share one preference on the upcycled model too, not "
+        "on a merged copy (slower; saves the copy's memory, one backbone)",
+    )
+
+
 def _placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's)")
     from .devices import PRECISIONS
@@ -353,6 +364,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             token_budget=args.token_budget,
             default_preference=_preference_arg(args.preference),
+            merged_decoding=not args.no_merged_decoding,
             max_test_samples=args.max_test_samples,
             device=args.device,
             precision=args.precision,
@@ -361,7 +373,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "generate":
         from .serve.model import PreferenceModel
 
-        pm = PreferenceModel(args.run, device=args.device, precision=args.precision, max_test_samples=1)
+        pm = PreferenceModel(
+            args.run,
+            device=args.device,
+            precision=args.precision,
+            max_test_samples=1,
+            merged_decoding=not args.no_merged_decoding,
+        )
         inputs = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompts]
         outs = pm.generate(
             inputs,

@@ -141,6 +141,9 @@ class PreferenceModel:
         token_budget: causal-LM runs: the most tokens (prompt + max_new_tokens of every sequence) in the
             decoding batch at once; a request that would exceed it waits for others to finish.
         default_preference: the preference of a request that gives none (default: uniform, 1/k each).
+        merged_decoding: causal-LM runs: a decoding step whose sequences all share one preference runs on a merged
+            copy from the cache (no per-row work in the upcycled modules); decoding never waits for a copy and adds
+            one only to an empty cache. False: always the upcycled model (no copy's memory).
 
     Thread-safe: every method may be called from several threads at once.
     """
@@ -155,6 +158,7 @@ class PreferenceModel:
         max_batch: int = 64,
         token_budget: int = 16384,
         default_preference: PreferenceLike | None = None,
+        merged_decoding: bool = True,
     ) -> None:
         for name, v in (("max_batch", max_batch), ("token_budget", token_budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -175,6 +179,7 @@ class PreferenceModel:
             self.preference(default_preference) if default_preference is not None else [1.0 / self.k] * self.k
         )
         self._scheduler: Any = None  # generation (causal-LM runs), made on first use
+        self.merged_decoding = bool(merged_decoding)
         self.test_examples = {
             t.name: len(t.test_data) for t in self.wb.tasks
         }  # `select` switches to validation a while
@@ -315,7 +320,7 @@ class PreferenceModel:
                     self.wb.modality.tokenizer,
                     self.wb.device,
                     self.wb.precision,
-                    merged=self._merged_for_decoding,
+                    merged=self._merged_for_decoding if self.merged_decoding else None,
                 )
                 self._scheduler = Scheduler(decoder, self.max_batch, self.token_budget, self._lock)
             return self._scheduler
