@@ -235,6 +235,32 @@ def test_without_merged_decoding_every_step_runs_on_the_upcycled_model(llm_run):
     sched.close()
 
 
+def test_the_output_layer_cast_once_gives_the_same_bf16_logits(served):
+    """The decoder keeps the output layer in the autocast dtype (cast once, not at every step): the same logits, bit
+    for bit, as the model's own fp32 layer under bf16 autocast, on the upcycled model and on a merged copy."""
+    from transformers import DynamicCache
+
+    from pwemoe.generation import BatchDecoder
+
+    pm, _ = served
+    model, tok = pm.wb.modality.model, pm.wb.modality.tokenizer
+    head, backbone = model.get_output_embeddings(), model.base_model
+    ids = torch.tensor([_ids(pm, "the film was good"), _ids(pm, "a red sea tree")])
+    mask = torch.ones_like(ids)
+    prefs = [torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.6, 0.2, 0.2])]
+    with pm._lock:
+        cast = BatchDecoder(model, tok, pm.wb.device, "bf16", merged=pm._merged_for_decoding)
+        own = BatchDecoder(model, tok, pm.wb.device, "bf16", merged=pm._merged_for_decoding)
+        own._head = None
+        assert cast._head is not None and cast._head.weight.dtype == torch.bfloat16
+        for rows in (prefs, [prefs[0], prefs[0]]):  # two preferences (upcycled); one (a merged copy if cached)
+            a = cast._forward(ids, mask, DynamicCache(config=model.config), rows, may_merge=True)
+            b = own._forward(ids, mask, DynamicCache(config=model.config), rows, may_merge=True)
+            assert torch.equal(a, b)
+    assert cast.plain_forwards == own.plain_forwards == 1
+    assert model.get_output_embeddings() is head and model.base_model is backbone  # the model's own layers are back
+
+
 def test_generate_api_and_sampling(served):
     pm, _ = served
     one = pm.generate("the good film", [0.5, 0.25, 0.25], max_new_tokens=6)

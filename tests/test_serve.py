@@ -480,3 +480,45 @@ def test_every_4xx_has_an_error_and_a_streamed_body_over_the_limit_is_413(model)
             status, res = call(url + path, method_body)
             assert status == want and "error" in res and path in res["error"], res
         assert call(url + "/api/run")[0] == 200
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_copies_keep_linear_weights_in_the_autocast_dtype_with_the_same_outputs(tied):
+    """A cached copy's linear weights stored in bf16 give the same bits under bf16 autocast as the fp32 copy (autocast
+    rounds them the same way at every call), also after a merge writes new values into them; a weight shared with
+    another module (tied embeddings) stays as it is."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pwemoe.serve.model import linear_weights_to
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    fp32 = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    half = copy.deepcopy(fp32)
+    linear_weights_to(half, torch.bfloat16)
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert half.model.embed_tokens.weight.dtype == torch.float32
+    assert half.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    ids = torch.randint(0, 64, (3, 7))
+
+    def logits(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(input_ids=ids).logits
+
+    assert torch.equal(logits(fp32), logits(half))
+    with torch.no_grad():  # a merge writes fp32 values into both copies (copy_, as merge_into does)
+        for (_, a), (_, b) in zip(fp32.named_parameters(), half.named_parameters()):
+            new = a.float() + 0.01 * torch.randn(a.shape)
+            a.copy_(new)
+            b.copy_(new)
+    assert torch.equal(logits(fp32), logits(half))

@@ -37,7 +37,7 @@ from torch import nn
 
 from .architectures import sliding_window_attention
 from .core.preference import PreferenceLike, normalize_preference
-from .devices import autocast
+from .devices import PRECISIONS, autocast
 from .routing import ensembling_modules, num_tasks, set_row_preferences
 
 
@@ -153,6 +153,9 @@ class BatchDecoder:
         self.merged = merged if inside else None
         self._backbone_attr = prefix
         self.plain_forwards = 0  # forwards run on a merged copy
+        # the output layer in the autocast dtype: autocast would cast its weight (vocabulary x hidden, often the
+        # largest matrix of a small model) at every step; the same bits, cast once
+        self._head_attr, self._head = _cast_head(model, PRECISIONS[precision])
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -231,14 +234,13 @@ class BatchDecoder:
         """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length."""
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         one = self.merged is not None and all(torch.equal(p, prefs[0]) for p in prefs[1:])
-        with self.merged(prefs[0], may_merge) if one else contextlib.nullcontext() as plain:
+        with (
+            self.merged(prefs[0], may_merge) if one else contextlib.nullcontext() as plain,
+            _swapped(self.model, self._head_attr, self._head),
+        ):
             if plain is not None:  # the model's own forward (its head, any logit scaling) around the merged copy
-                upcycled = getattr(self.model, self._backbone_attr)
-                setattr(self.model, self._backbone_attr, plain)
-                try:
+                with _swapped(self.model, self._backbone_attr, plain):
                     logits = self._logits(ids, mask, pos, cache)
-                finally:
-                    setattr(self.model, self._backbone_attr, upcycled)
                 self.plain_forwards += 1
                 return logits
             set_row_preferences(self.model, torch.stack(prefs))
@@ -330,6 +332,38 @@ class BatchDecoder:
                 },
             },
         )
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, attr: str | None, module: nn.Module | None) -> Iterator[None]:
+    """`module` in place of `model.<attr>` for the block (nothing when either is None)."""
+    if attr is None or module is None:
+        yield
+        return
+    own = getattr(model, attr)
+    setattr(model, attr, module)
+    try:
+        yield
+    finally:
+        setattr(model, attr, own)
+
+
+def _cast_head(model: nn.Module, dtype: torch.dtype | None) -> tuple[str | None, nn.Module | None]:
+    """(attribute name, frozen copy in `dtype`) of the model's output layer when it is a plain Linear child of the
+    model and autocast computes in `dtype`; (None, None) otherwise (fp32, an upcycled or unusual head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    attr = next((n for n, c in model.named_children() if c is head), None) if head is not None else None
+    if dtype is None or attr is None or type(head) is not nn.Linear:
+        return None, None
+    cast = nn.Linear(
+        head.in_features, head.out_features, bias=head.bias is not None, device=head.weight.device, dtype=dtype
+    )
+    with torch.no_grad():  # copy_ rounds to nearest even, as autocast's cast does
+        cast.weight.copy_(head.weight)
+        if head.bias is not None:
+            cast.bias.copy_(head.bias)
+    return attr, cast.requires_grad_(False)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

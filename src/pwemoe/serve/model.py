@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.preference import PreferenceLike, normalize_preference
+from ..devices import PRECISIONS
 from ..export import PlainCopy
 from ..files import RESULTS, RunLock, subdir
 from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
@@ -51,10 +52,13 @@ class MergeCache:
     Merges run under `lock`, the lock that guards the upcycled model's preference state.
     """
 
-    def __init__(self, backbone: nn.Module, size: int, lock: threading.RLock) -> None:
+    def __init__(
+        self, backbone: nn.Module, size: int, lock: threading.RLock, compute_dtype: torch.dtype | None = None
+    ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"cache_size must be an integer >= 1 (merged copies kept), got {size!r}")
         self.backbone, self.size, self.lock = backbone, size, lock
+        self.compute_dtype = compute_dtype
         self.freed = threading.Condition(lock)  # a copy's last user left
         self.entries: OrderedDict[Key, _Entry] = OrderedDict()
         self.hits = self.misses = self.reused = self.waits = 0
@@ -86,7 +90,9 @@ class MergeCache:
                     break
                 if len(self.entries) < self.size and (grow or not self.entries):
                     e = _Entry(PlainCopy(self.backbone))
-                    e.copy.at(list(key)).requires_grad_(False)
+                    plain = e.copy.at(list(key)).requires_grad_(False)
+                    if self.compute_dtype is not None:
+                        linear_weights_to(plain, self.compute_dtype)
                     break
                 free = next((k for k, v in self.entries.items() if v.users == 0), None)
                 if free is not None:
@@ -125,6 +131,19 @@ class MergeCache:
             "waits": self.waits,
             "declined": self.declined,
         }
+
+
+def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the weights of `model`'s linear layers in `dtype` (parameters shared with another module excepted).
+
+    Under autocast to `dtype` the outputs are the same bits: autocast would round those fp32 weights to `dtype` at
+    every call (round to nearest even, as `Tensor.to` does), and a merged copy's weights are frozen, so the cast is
+    done once. Later merges write into them with `copy_`, which rounds the same way. The copy takes half the memory.
+    """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and all(uses[id(p)] == 1 for p in m.parameters(recurse=False)):
+            m.to(dtype)
 
 
 class PreferenceModel:
@@ -185,7 +204,8 @@ class PreferenceModel:
         }  # `select` switches to validation a while
         self._lock = threading.RLock()  # the upcycled model's preference state, merges, routing weights
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
-        self.cache = MergeCache(self.wb.backbone, cache_size, self._lock)
+        # the copies' linear weights in the autocast dtype: cast once, not at every forward (the same numbers)
+        self.cache = MergeCache(self.wb.backbone, cache_size, self._lock, PRECISIONS[self.wb.precision])
         # the provenance of rows this model computes
         self.inputs = row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type)
 
