@@ -177,7 +177,7 @@ def test_batches_at_one_preference_decode_on_a_merged_copy_that_never_waits_or_g
     pm, _ = served
     sched = pm.scheduler()
     _wait_idle(sched)
-    n = BatchDecoder.MERGE_AFTER_TOKENS + 4  # long enough for a step to merge
+    n = BatchDecoder.MERGE_AFTER_TOKENS + BatchDecoder.MERGE_AFTER_STEPS + 4  # long enough for a step to merge
     params = SamplingParams(max_new_tokens=n, temperature=0)
     prompt, ids = "the film was", _ids(pm, "the film was")
 
@@ -223,7 +223,7 @@ def test_without_merged_decoding_every_step_runs_on_the_upcycled_model(llm_run):
     from pwemoe.serve.model import PreferenceModel
 
     pm = PreferenceModel(llm_run, max_test_samples=2, merged_decoding=False)
-    n = BatchDecoder.MERGE_AFTER_TOKENS + 4
+    n = BatchDecoder.MERGE_AFTER_TOKENS + BatchDecoder.MERGE_AFTER_STEPS + 4
     h = pm.submit("the film was", [0.25, 0.25, 0.5], SamplingParams(max_new_tokens=n, temperature=0))
     out = h.result()
     sched = pm.scheduler()

@@ -123,11 +123,13 @@ class BatchDecoder:
     merged: optional `merged(r, merge)`, a context manager giving a plain copy of the model's backbone holding
     theta(r) (held until exit), or None: none is cached and merge is False, or none can be had now. A forward whose
     rows all have one preference then runs the model with that copy in place of its upcycled backbone. A decode
-    step may merge when its rows may still generate `MERGE_AFTER_TOKENS` tokens (a merge costs a few steps); a
-    prefill only takes a copy already cached, so a merge never delays a first token.
+    step may merge when its rows may still generate `MERGE_AFTER_TOKENS` tokens (a merge costs a few steps) and the
+    batch has kept that one preference for `MERGE_AFTER_STEPS` steps (a request decoding alone while others arrive
+    does not merge for them); a prefill only takes a copy already cached, so a merge never delays a first token.
     """
 
     MERGE_AFTER_TOKENS = 16
+    MERGE_AFTER_STEPS = 4
 
     def __init__(
         self,
@@ -153,6 +155,8 @@ class BatchDecoder:
         self.merged = merged if inside else None
         self._backbone_attr = prefix
         self.plain_forwards = 0  # forwards run on a merged copy
+        self._one_pref: torch.Tensor | None = None  # the one preference of the last decode step's rows, if one
+        self._one_pref_steps = 0  # consecutive decode steps at that preference
         # the output layer in the autocast dtype: autocast would cast its weight (vocabulary x hidden, often the
         # largest matrix of a small model) at every step; the same bits, cast once
         self._head_attr, self._head = _cast_head(model, PRECISIONS[precision])
@@ -195,13 +199,18 @@ class BatchDecoder:
         if not self.rows:
             return
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        prefs = [s.preference for s in self.rows]
+        one = all(torch.equal(p, prefs[0]) for p in prefs[1:])
+        same = one and self._one_pref is not None and torch.equal(prefs[0], self._one_pref)
+        self._one_pref_steps = self._one_pref_steps + 1 if same else int(one)
+        self._one_pref = prefs[0] if one else None
         left = max(s.params.max_new_tokens - len(s.tokens) for s in self.rows)
         logits = self._forward(
             self.last[:, None],
             self.mask,
             self.cache,
-            [s.preference for s in self.rows],
-            may_merge=left >= self.MERGE_AFTER_TOKENS,
+            prefs,
+            may_merge=left >= self.MERGE_AFTER_TOKENS and self._one_pref_steps >= self.MERGE_AFTER_STEPS,
         )
         self._advance(logits, range(len(self.rows)))
 
