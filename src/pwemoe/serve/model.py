@@ -49,7 +49,8 @@ class MergeCache:
     allocation); only while the cache is filling is a new copy made, and when
     every copy is in use the caller waits for one. A copy is never re-merged while a caller holds it
     (`lease`), so concurrent callers with different preferences never see each other's weights.
-    Merges run under `lock`, the lock that guards the upcycled model's preference state.
+    Merges run under `lock`, the lock that guards the upcycled model's preference state. compute_dtype: the autocast
+    dtype of the forwards (None for fp32): each copy keeps its linear weights in it (`linear_weights_to`).
     """
 
     def __init__(
