@@ -17,6 +17,8 @@ from transformers import (
     CLIPVisionModel,
     GPT2Config,
     GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 torch.set_num_threads(2)
@@ -95,3 +97,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
+    """A two-layer Llama causal LM; tied: the output layer shares the input embeddings' weight."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg).eval()

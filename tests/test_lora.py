@@ -10,32 +10,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import pwemoe
 from pwemoe import save_lora_adapter
 from pwemoe.core.factored import FactoredEnsemblingModule, truncated_svd
 from pwemoe.lora import read_lora_adapter
 from pwemoe.training import shared_merge, task_segments
+from tests.conftest import tiny_llama
 
 peft = pytest.importorskip("peft")
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [3, 3, 8, 1, 0, 6, 2, 9]])
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2_lm() -> GPT2LMHeadModel:

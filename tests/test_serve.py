@@ -489,27 +489,16 @@ def test_merged_copies_keep_linear_weights_in_the_autocast_dtype_with_the_same_o
     another module (tied embeddings) stays as it is."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from pwemoe.serve.model import linear_weights_to
+    from tests.conftest import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    fp32 = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    fp32 = tiny_llama(tied).requires_grad_(False)
     half = copy.deepcopy(fp32)
     linear_weights_to(half, torch.bfloat16)
     assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert half.model.embed_tokens.weight.dtype == torch.float32
     assert half.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
-    ids = torch.randint(0, 64, (3, 7))
+    ids = torch.randint(0, 48, (3, 7))
 
     def logits(m):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
