@@ -240,7 +240,7 @@ def test_the_output_layer_cast_once_gives_the_same_bf16_logits(served):
     for bit, as the model's own fp32 layer under bf16 autocast, on the upcycled model and on a merged copy."""
     from transformers import DynamicCache
 
-    from pwemoe.generation import BatchDecoder
+    from pwemoe.generation import BatchDecoder, _one_preference
 
     pm, _ = served
     model, tok = pm.wb.modality.model, pm.wb.modality.tokenizer
@@ -254,8 +254,9 @@ def test_the_output_layer_cast_once_gives_the_same_bf16_logits(served):
         own._head = None
         assert cast._head is not None and cast._head.weight.dtype == torch.bfloat16
         for rows in (prefs, [prefs[0], prefs[0]]):  # two preferences (upcycled); one (a merged copy if cached)
-            a = cast._forward(ids, mask, DynamicCache(config=model.config), rows, may_merge=True)
-            b = own._forward(ids, mask, DynamicCache(config=model.config), rows, may_merge=True)
+            one = _one_preference(rows)
+            a = cast._forward(ids, mask, DynamicCache(config=model.config), rows, one, may_merge=True)
+            b = own._forward(ids, mask, DynamicCache(config=model.config), rows, one, may_merge=True)
             assert torch.equal(a, b)
     assert cast.plain_forwards == own.plain_forwards == 1
     assert model.get_output_embeddings() is head and model.base_model is backbone  # the model's own layers are back

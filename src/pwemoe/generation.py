@@ -185,7 +185,8 @@ class BatchDecoder:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, cache, [s.preference for s in seqs])
+        prefs = [s.preference for s in seqs]
+        logits = self._forward(ids, mask, cache, prefs, _one_preference(prefs))
         self._merge(cache, mask, seqs)
         self.last = (
             torch.cat([self.last, torch.zeros(len(seqs), dtype=torch.long)])
@@ -200,16 +201,17 @@ class BatchDecoder:
             return
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         prefs = [s.preference for s in self.rows]
-        one = all(torch.equal(p, prefs[0]) for p in prefs[1:])
-        same = one and self._one_pref is not None and torch.equal(prefs[0], self._one_pref)
-        self._one_pref_steps = self._one_pref_steps + 1 if same else int(one)
-        self._one_pref = prefs[0] if one else None
+        one = _one_preference(prefs)
+        same = one is not None and self._one_pref is not None and torch.equal(one, self._one_pref)
+        self._one_pref_steps = self._one_pref_steps + 1 if same else int(one is not None)
+        self._one_pref = one
         left = max(s.params.max_new_tokens - len(s.tokens) for s in self.rows)
         logits = self._forward(
             self.last[:, None],
             self.mask,
             self.cache,
             prefs,
+            one,
             may_merge=left >= self.MERGE_AFTER_TOKENS and self._one_pref_steps >= self.MERGE_AFTER_STEPS,
         )
         self._advance(logits, range(len(self.rows)))
@@ -238,13 +240,22 @@ class BatchDecoder:
     # --- internals -------------------------------------------------------------------------------
     @torch.no_grad()
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, prefs: list[torch.Tensor], may_merge: bool = False
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        prefs: list[torch.Tensor],
+        one: torch.Tensor | None,
+        may_merge: bool = False,
     ) -> torch.Tensor:
-        """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length."""
+        """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length.
+
+        prefs: each row's preference; one: the preference they all share (`_one_preference`), or None."""
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        one = self.merged is not None and all(torch.equal(p, prefs[0]) for p in prefs[1:])
         with (
-            self.merged(prefs[0], may_merge) if one else contextlib.nullcontext() as plain,
+            self.merged(one, may_merge)
+            if self.merged is not None and one is not None
+            else contextlib.nullcontext() as plain,
             _swapped(self.model, self._head_attr, self._head),
         ):
             if plain is not None:  # the model's own forward (its head, any logit scaling) around the merged copy
@@ -341,6 +352,11 @@ class BatchDecoder:
                 },
             },
         )
+
+
+def _one_preference(prefs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The preference Tensor[k] every row has, or None when the rows differ."""
+    return prefs[0] if all(torch.equal(p, prefs[0]) for p in prefs[1:]) else None
 
 
 @contextlib.contextmanager
