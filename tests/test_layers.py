@@ -15,7 +15,7 @@ LAYERS = [
     ["models", "objectives", "lora", "lora.adapter", "targets", "routing"],
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
     ["tasks", "modalities", "baselines", "merges", "configfile"],
-    ["workbench", "results", "training", "generation"],
+    ["workbench", "results", "training", "evaluation", "generation"],
     ["runs", "mergekit_export", "report"],
     ["recipes", "selection"],
     ["serve"],

@@ -43,6 +43,19 @@ class Point:
     weights: list[float] | None
     merge: MergeSpec | None = None
 
+    @property
+    def kind(self) -> str:
+        """What makes the point's model: "preference" (PWEMoE's routers at `preference`), "weights" (theta_0 +
+        sum_i w_i tau_i) or "merge" (mergekit); `evaluation.SOURCES` holds a model source per kind."""
+        if self.merge is not None:
+            return "merge"
+        return "preference" if self.weights is None else "weights"
+
+    @classmethod
+    def at(cls, preference: list[float]) -> Point:
+        """The subject (PWEMoE) at a preference (a results key, `results.preference_key`)."""
+        return cls(with_role("subject").name, preference, None, None)
+
 
 def describe_param(param: Param) -> str:
     """A row's parameter as reports show it: 'λ = 0.3', 'density = 0.5, lambda = 1', or ''."""
@@ -93,13 +106,28 @@ class Method:
     short: str = ""
     role: str | None = None
     default: bool = True
+    per_task: str | None = None  # rows named "<per_task>:<task>", one model per task (the experts: "expert")
 
     def owns(self, row_method: str) -> bool:
-        return row_method == self.name or (self.name == "experts" and row_method.startswith("expert:"))
+        return row_method == self.name or self.task_of(row_method) is not None
+
+    def row_name(self, task: str | None = None) -> str:
+        """The results rows' method name: the method's own, or "<per_task>:<task>" for a per-task method."""
+        if self.per_task is None:
+            return self.name
+        if task is None:
+            raise ValueError(f"method {self.name!r} has one row per task; name the task")
+        return f"{self.per_task}:{task}"
+
+    def task_of(self, row_method: str) -> str | None:
+        """The task of one of this per-task method's rows ("expert:rt" -> "rt"), else None."""
+        if self.per_task is None or not row_method.startswith(self.per_task + ":"):
+            return None
+        return row_method[len(self.per_task) + 1 :]
 
 
 def _pwemoe(s: EvalSettings) -> list[Point]:
-    return [Point("pwemoe", p, None, None) for p in s.preferences]
+    return [Point.at(p) for p in s.preferences]
 
 
 def _pwta(s: EvalSettings) -> list[Point]:
@@ -120,7 +148,8 @@ def _average(s: EvalSettings) -> list[Point]:
 def _experts(s: EvalSettings) -> list[Point]:
     k = len(s.task_names)
     eye = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)]
-    return [Point(f"expert:{n}", eye[i], None, eye[i]) for i, n in enumerate(s.task_names)]
+    experts = METHODS["experts"]
+    return [Point(experts.row_name(n), eye[i], None, eye[i]) for i, n in enumerate(s.task_names)]
 
 
 def _merge(name: str) -> Callable[[EvalSettings], list[Point]]:
@@ -129,31 +158,6 @@ def _merge(name: str) -> Callable[[EvalSettings], list[Point]]:
         return [Point(name, pref, param, None, spec) for pref, param, spec in specs]
 
     return points
-
-
-# How the standard merges are drawn (mergekit computes them; `merges.MERGES` holds their grids).
-_MERGE_STYLES = {
-    "ties": dict(color="C1", marker="v"),
-    "dare_ties": dict(color="C5", marker="<"),
-    "dare_linear": dict(color="C6", marker=">"),
-    "breadcrumbs_ties": dict(color="C7", marker="P"),
-    "model_stock": dict(color="C8", marker="X"),
-    "slerp": dict(color="C9", marker="h"),
-    "pref_ties": dict(color="#8c564b", marker="p"),
-    "pref_dare_ties": dict(color="#e377c2", marker="d"),
-    "pref_dare_linear": dict(color="#17becf", marker="8"),
-}
-_MERGE_SHORT = {
-    "ties": "TIES",
-    "dare_ties": "DARE-TIES",
-    "dare_linear": "DARE linear",
-    "breadcrumbs_ties": "breadcrumbs-TIES",
-    "model_stock": "model stock",
-    "slerp": "SLERP",
-    "pref_ties": "pref.-weighted TIES",
-    "pref_dare_ties": "pref.-weighted DARE-TIES",
-    "pref_dare_linear": "pref.-weighted DARE lin.",
-}
 
 
 METHODS: dict[str, Method] = {
@@ -195,15 +199,16 @@ METHODS: dict[str, Method] = {
             baseline=False,
             short="experts (each)",
             role="normaliser",
+            per_task="expert",
         ),
         *(
             Method(
                 n,
                 m.label + " (mergekit)",
-                dict(_MERGE_STYLES[n], zorder=3),
+                dict(m.style, zorder=3),
                 _merge(n),
                 order="preference" if m.preference else "param" if len(m.grid) == 1 else None,
-                short=_MERGE_SHORT[n],
+                short=m.short,
                 default=False,
             )
             for n, m in MERGES.items()

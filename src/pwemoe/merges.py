@@ -60,7 +60,8 @@ class StandardMerge:
     `lambda` scales the merged task vector); every combination is one point. shared: parameters fixed for
     every point. preference: preference-weighted (each expert's `weight` is c * r_i, one point per preference
     of PWEMoE's grid; its grid takes one value per parameter). stochastic: seeded (eval.merge_seed).
-    tasks: (min, max) number of experts the method takes (None: no maximum).
+    tasks: (min, max) number of experts the method takes (None: no maximum). short, style: how reports and plots
+    name and draw it. One entry here is the whole merge: `baselines.METHODS` lists every entry as a baseline.
     """
 
     name: str
@@ -72,6 +73,8 @@ class StandardMerge:
     stochastic: bool = False
     tasks: tuple[int, int | None] = (2, None)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # allowed [lo, hi] per parameter
+    short: str = ""  # the name in tables and legends (default: `label`)
+    style: dict[str, Any] = field(default_factory=lambda: {"color": "C7", "marker": "x"})  # matplotlib's point style
 
 
 _TA_GRID = {"density": (0.2, 0.5, 0.8), "lambda": (0.3, 0.6, 1.0)}
@@ -80,21 +83,56 @@ _RANGES = {"density": (0.0, 1.0), "lambda": (0.0, 10.0), "gamma": (0.0, 1.0), "t
 MERGES: dict[str, StandardMerge] = {
     m.name: m
     for m in (
-        StandardMerge("ties", "ties", "TIES (density × λ grid)", dict(_TA_GRID)),
-        StandardMerge("dare_ties", "dare_ties", "DARE-TIES (density × λ grid)", dict(_TA_GRID), stochastic=True),
-        StandardMerge("dare_linear", "dare_linear", "DARE linear (density × λ grid)", dict(_TA_GRID), stochastic=True),
+        StandardMerge(
+            "ties", "ties", "TIES (density × λ grid)", dict(_TA_GRID), short="TIES", style=dict(color="C1", marker="v")
+        ),
+        StandardMerge(
+            "dare_ties",
+            "dare_ties",
+            "DARE-TIES (density × λ grid)",
+            dict(_TA_GRID),
+            stochastic=True,
+            short="DARE-TIES",
+            style=dict(color="C5", marker="<"),
+        ),
+        StandardMerge(
+            "dare_linear",
+            "dare_linear",
+            "DARE linear (density × λ grid)",
+            dict(_TA_GRID),
+            stochastic=True,
+            short="DARE linear",
+            style=dict(color="C6", marker=">"),
+        ),
         StandardMerge(
             "breadcrumbs_ties",
             "breadcrumbs_ties",
             "breadcrumbs-TIES (density × λ grid)",
             {**_TA_GRID, "gamma": (0.01,)},
-        ),
-        StandardMerge("model_stock", "model_stock", "model stock", {}),
-        StandardMerge(
-            "slerp", "slerp", "SLERP of the two experts (t grid)", {"t": (0.1, 0.3, 0.5, 0.7, 0.9)}, tasks=(2, 2)
+            short="breadcrumbs-TIES",
+            style=dict(color="C7", marker="P"),
         ),
         StandardMerge(
-            "pref_ties", "ties", "preference-weighted TIES", {"density": (0.5,)}, {"normalize": False}, preference=True
+            "model_stock", "model_stock", "model stock", {}, short="model stock", style=dict(color="C8", marker="X")
+        ),
+        StandardMerge(
+            "slerp",
+            "slerp",
+            "SLERP of the two experts (t grid)",
+            {"t": (0.1, 0.3, 0.5, 0.7, 0.9)},
+            tasks=(2, 2),
+            short="SLERP",
+            style=dict(color="C9", marker="h"),
+        ),
+        StandardMerge(
+            "pref_ties",
+            "ties",
+            "preference-weighted TIES",
+            {"density": (0.5,)},
+            {"normalize": False},
+            preference=True,
+            short="pref.-weighted TIES",
+            style=dict(color="#8c564b", marker="p"),
         ),
         StandardMerge(
             "pref_dare_ties",
@@ -103,6 +141,8 @@ MERGES: dict[str, StandardMerge] = {
             {"density": (0.5,)},
             preference=True,
             stochastic=True,
+            short="pref.-weighted DARE-TIES",
+            style=dict(color="#e377c2", marker="d"),
         ),
         StandardMerge(
             "pref_dare_linear",
@@ -111,6 +151,8 @@ MERGES: dict[str, StandardMerge] = {
             {"density": (0.5,)},
             preference=True,
             stochastic=True,
+            short="pref.-weighted DARE lin.",
+            style=dict(color="#17becf", marker="8"),
         ),
     )
 }

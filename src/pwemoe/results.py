@@ -58,23 +58,24 @@ def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> di
     heads), the test data as evaluated and how it was computed (precision, device type: a bf16 or a
     GPU forward, with TF32 convolutions, scores differently); PWEMoE rows also on the router checkpoint.
 
-    meta: `open_run`'s checkpoint metadata (hashes, routers_sha256). Returns {"pwemoe", "baseline"}.
+    meta: `open_run`'s checkpoint metadata (hashes, routers_sha256). Returns the digest of each kind of point
+    (`Point.kind`): {"preference": PWEMoE's rows, "weights": the baselines'}.
     """
     common = {
         "models": meta.get("hashes", {}),
         "data": {t.name: split_fingerprint(t) for t in tasks},
         "computed": {"precision": precision, "device": device},
     }
-    return {"pwemoe": digest({**common, "routers": meta["routers_sha256"]}), "baseline": digest(common)}
+    return {"preference": digest({**common, "routers": meta["routers_sha256"]}), "weights": digest(common)}
 
 
 def point_inputs(inputs: dict[str, str], p: Point) -> str:
-    """The `inputs` digest of one point's row: `row_inputs`' PWEMoE or baseline digest; a mergekit merge's row
-    also depends on its method, every parameter, the seed and mergekit's version (`inputs["mergekit"]`), so a
+    """The `inputs` digest of one point's row: `row_inputs`' digest of its kind; a mergekit merge's row also
+    depends on its method, every parameter, the seed and mergekit's version (`inputs["mergekit"]`), so a
     changed grid or seed recomputes exactly the rows it changes."""
-    if p.merge is not None:
-        return digest({"baseline": inputs["baseline"], "merge": p.merge.describe(), "mergekit": inputs.get("mergekit")})
-    return inputs["pwemoe"] if p.weights is None else inputs["baseline"]
+    if p.kind == "merge":
+        return digest({"baseline": inputs["weights"], "merge": p.merge.describe(), "mergekit": inputs.get("mergekit")})
+    return inputs[p.kind]
 
 
 def make_row(
@@ -192,7 +193,8 @@ def normalize(rows: list[dict], names: list[str], directions: dict[str, str] | N
     """Add `normalized` to each row, in place: the task's metric relative to its own expert's, so that
     1 is "as good as the expert" and larger is better (accuracy / expert's; loss: expert's / loss)."""
     lower = {n for n, s in zip(names, _signs(names, directions)) if s < 0}
-    own = {n: r["accuracy"][n] for r in rows for n in names if r["method"] == f"expert:{n}"}
+    normaliser = with_role("normaliser")
+    own = {n: r["accuracy"][n] for r in rows for n in names if normaliser.task_of(r["method"]) == n}
 
     def rel(n: str, v: float) -> float | None:
         if not own.get(n):
@@ -264,7 +266,8 @@ def summarize(
     }
     ideal = None
     if normaliser in groups and all(r["normalized"][n] is not None for r in groups[normaliser] for n in names):
-        own = [next(r["accuracy"][n] for r in groups[normaliser] if r["method"] == f"expert:{n}") for n in names]
+        own_of = with_role("normaliser").task_of
+        own = [next(r["accuracy"][n] for r in groups[normaliser] if own_of(r["method"]) == n) for n in names]
         ideal = own
         out["ideal_point"] = {
             "accuracy": own,
@@ -324,7 +327,8 @@ def _intervals(
         r["accuracy_ci"] = {n: [float(lo[i, j]), float(hi[i, j])] for j, n in enumerate(names)}
     where = {id(r): i for i, r in enumerate(rows)}
     experts = groups.get(normaliser, [])
-    own_idx = [next((where[id(r)] for r in experts if r["method"] == f"expert:{n}"), None) for n in names]
+    own_of = with_role("normaliser").task_of
+    own_idx = [next((where[id(r)] for r in experts if own_of(r["method"]) == n), None) for n in names]
     own = acc[:, own_idx, np.arange(len(names))] if None not in own_idx else None  # [B, k]
     hv: dict[str, dict[str, np.ndarray]] = {}
     for g, rs in groups.items():

@@ -9,23 +9,14 @@ from typing import Any
 
 import torch
 
-from ..baselines import METHODS, EvalSettings, Point, TaskVectorBank, UpcycledBank, selected
+from ..baselines import METHODS, EvalSettings, selected
 from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import join_launch, rank_and_world, wait_for_everyone
-from ..export import PlainCopy
+from ..evaluation import PointEvaluator, eval_settings
 from ..files import CONFIG, RunLock, require_run_dir, subdir
-from ..merges import MERGES, MergekitBank, require_mergekit
-from ..results import (
-    ResultStore,
-    make_row,
-    pack_correct,
-    point_inputs,
-    preference_key,
-    row_inputs,
-    summarize,
-    write_tables,
-)
+from ..merges import MERGES, require_mergekit
+from ..results import ResultStore, preference_key, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
 from ..workbench import Workbench
 
@@ -117,14 +108,7 @@ def evaluate_run(
         wb, meta = open_run(run, True, max_test_samples, device=device, precision=precision, eval_split=split)
         names = [t.name for t in wb.tasks]
         store = ResultStore(out_dir)
-        settings = EvalSettings(
-            task_names=names,
-            preferences=[preference_key(r, k) for r in prefs],
-            ta_scales=[float(x) for x in cfg.eval.ta_scales],
-            pwta_scale=cfg.eval.pwta_scale if cfg.eval.pwta_scale is not None else cfg.model.init_lambda * k,
-            merge_grids=cfg.eval.merge_grids,
-            merge_seed=cfg.eval.merge_seed,
-        )
+        settings = eval_settings(cfg, names, prefs)
         inputs = {**row_inputs(meta, wb.tasks, wb.precision, wb.device.type), "mergekit": mergekit_version}
         wait_for_everyone()  # every rank has read results.json before rank 0 adds to it
         current = _evaluate(wb, store, settings, inputs, wanted, bs, verbose, rank, world)
@@ -207,44 +191,26 @@ def _evaluate(
     rewritten after each row), so an interrupted multi-rank sweep resumes from the last round.
     """
     rows: list[dict] = []
-    # PWEMoE: one plain copy re-merged per preference; baselines: theta_0 + T; "same": the accuracy and packed
-    # correctness of the baseline models computed in this sweep, by their merge weights (the experts are
-    # preference-weighted task arithmetic's vertices when c = 1, the average its centre: evaluated once)
-    state: dict[str, Any] = {"plain": PlainCopy(wb.backbone), "bank": None, "merges": None, "same": {}}
+    evaluator = PointEvaluator(wb, inputs, bs, store, write=rank == 0)
     try:
         for method in METHODS.values():
             if selected(method, baselines):
-                rows.extend(_evaluate_method(method, wb, store, s, inputs, state, bs, verbose, rank, world))
+                rows.extend(_evaluate_method(method, evaluator, s, verbose, rank, world))
+                if method.role == "subject":
+                    evaluator.release("preference")  # free the merged copy before the baselines' bank is built
     finally:
-        if state["merges"] is not None:
-            state["merges"].close()  # the temporary model folders
+        evaluator.close()  # the mergekit bank's temporary model folders
     return rows
 
 
 def _evaluate_method(
-    method: Any,
-    wb: Workbench,
-    store: ResultStore,
-    s: EvalSettings,
-    inputs: dict[str, str],
-    state: dict[str, Any],
-    bs: int,
-    verbose: int,
-    rank: int,
-    world: int,
+    method: Any, evaluator: PointEvaluator, s: EvalSettings, verbose: int, rank: int, world: int
 ) -> list[dict]:
-    """The rows of one method's points: stored ones reused, the others computed (see `_evaluate`)."""
+    """The rows of one method's points: stored ones reused, the others computed and dealt to the ranks."""
     from tqdm.auto import tqdm
 
     points = method.points(s)
-    keys = [point_inputs(inputs, p) for p in points]
-    found = [store.get(p.method, p.preference, p.param, key) for p, key in zip(points, keys)]
-    for j, (p, key) in enumerate(zip(points, keys)):  # a model this sweep has already evaluated: its results again
-        same = state["same"].get(_weights_key(p))
-        if found[j] is None and same is not None:
-            found[j] = make_row(p.method, p.preference, p.param, same[0], key)
-            if rank == 0:
-                store.add(found[j], same[1], computed=False)
+    found = [evaluator.lookup(p) for p in points]
     todo = [j for j, row in enumerate(found) if row is None]
     bar = tqdm(
         total=len(todo),
@@ -254,106 +220,14 @@ def _evaluate_method(
     )
     for start in range(0, len(todo), world):
         mine = todo[start + rank] if start + rank < len(todo) else None
-        row = None if mine is None else _row(points[mine], keys[mine], wb, state, bs)  # (row, correctness)
-        got = [row]
+        computed = None if mine is None else evaluator.compute(points[mine])  # (row, packed values)
+        got = [computed]
         if world > 1:
             got = [None] * world
-            torch.distributed.all_gather_object(got, row)
-        for j, (r, c) in zip(todo[start : start + world], got):
-            found[j] = r
-            if _weights_key(points[j]) is not None:
-                state["same"][_weights_key(points[j])] = (r["accuracy"], c)
-            if rank == 0:
-                store.add(r, c)
+            torch.distributed.all_gather_object(got, computed)
+        for j, (row, packed) in zip(todo[start : start + world], got):
+            found[j] = row
+            evaluator.keep(points[j], row, packed)  # stored by rank 0
         bar.update(len(todo[start : start + world]))
     bar.close()
-    if method.name == "pwemoe":
-        state["plain"].release()  # free the copy before the baselines' bank is built
     return found
-
-
-def _weights_key(p: Point) -> tuple | None:
-    """What makes a baseline's model: its merge weights (theta_0 + sum_i w_i tau_i); None for PWEMoE and for the
-    mergekit merges (their models depend on more than weights)."""
-    if p.weights is None or p.merge is not None:
-        return None
-    return tuple(round(float(w), 12) for w in p.weights)
-
-
-def _correct(wb: Workbench, p: Point, state: dict[str, Any], bs: int) -> dict[str, torch.Tensor]:
-    """Per-task, per-example correctness BoolTensor[n] of one point's model, on the workbench's device.
-
-    state: the plain copy and the baselines' banks, plus optional `lock` (held while a merge changes the
-    upcycled model's preference state, which a server's other threads read too) and `workers` (loader
-    processes; 0 in a threaded server)."""
-    with state.get("lock") or contextlib.nullcontext():
-        if p.merge is not None:
-            if state["merges"] is None:  # theta_0 and the experts' backbones as folders for mergekit, streamed
-                state["merges"] = MergekitBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
-            model = state["merges"].model(p.merge)
-        elif p.weights is None:
-            model = state["plain"].at(p.preference)
-        else:
-            if state["bank"] is None:
-                lora = wb.info is not None and wb.info.expert_format == "lora"
-                state["bank"] = (
-                    UpcycledBank(wb.backbone)
-                    if lora
-                    else TaskVectorBank(wb.modality.fresh_backbone().to(wb.device), wb.expert_loaders())
-                )
-            model = state["bank"].model(p.weights)
-    workers = state.get("workers")
-    return {t.name: wb.correct(t, bs, model, wb.eval_data(t, bs, workers)) for t in wb.tasks}
-
-
-def _row(p: Point, inputs: str, wb: Workbench, state: dict[str, Any], bs: int) -> tuple[dict, dict]:
-    """The results row of one point and its packed per-example correctness {task: bits}."""
-    correct = _correct(wb, p, state, bs)
-    acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
-    return make_row(p.method, p.preference, p.param, acc, inputs), {n: pack_correct(c) for n, c in correct.items()}
-
-
-class PointRows:
-    """Results rows of single points on demand (PWEMoE at a preference, or merge weights such as an expert's),
-    through `store`: a row computed from the same `inputs` is reused, any other is computed as `pwemoe
-    evaluate` computes it and stored with its per-example correctness. What `pwemoe select` evaluates with.
-
-    inputs: `row_inputs` of the workbench's current evaluation split. lock / workers: see `_correct`.
-    """
-
-    def __init__(
-        self,
-        wb: Workbench,
-        store: ResultStore,
-        inputs: dict[str, str],
-        batch_size: int,
-        lock: Any = None,
-        workers: int | None = None,
-    ) -> None:
-        self.wb, self.store, self.inputs, self.batch_size = wb, store, inputs, batch_size
-        self.state: dict[str, Any] = {
-            "plain": PlainCopy(wb.backbone),
-            "bank": None,
-            "merges": None,
-            "lock": lock,
-            "workers": workers,
-        }
-
-    def __call__(self, points: list[Point]) -> list[dict]:
-        rows = []
-        for p in points:
-            key = point_inputs(self.inputs, p)
-            row = self.store.get(p.method, p.preference, p.param, key)
-            if row is None:
-                row, correct = _row(p, key, self.wb, self.state, self.batch_size)
-                self.store.add(row, correct)
-            rows.append(row)
-        return rows
-
-    def release(self) -> None:
-        """Free the plain copy and the baselines' banks (the mergekit bank's temporary folders too)."""
-        self.state["plain"].release()
-        self.state["bank"] = None
-        if self.state["merges"] is not None:
-            self.state["merges"].close()
-            self.state["merges"] = None

@@ -23,7 +23,7 @@ from ..config import RESUMABLE, Config, ConfigError, dump_config, resumable_keys
 from ..configfile import build_config, read_config
 from ..core.preference import DirichletSampler, simplex_grid
 from ..devices import grad_scaler, join_launch, rank_and_world, wait_for_everyone
-from ..export import PlainCopy
+from ..evaluation import PointEvaluator, task_values
 from ..files import (
     BEST_ROUTERS,
     CONFIG,
@@ -259,11 +259,11 @@ class TrainRecipe:
     def _val_hv(self) -> tuple[float, int]:
         """(hypervolume, points) of the current routers' front on the validation data."""
         wb, tc, bs = self.wb, self.cfg.train, self.cfg.eval.batch_size
-        plain, points = PlainCopy(wb.backbone), []
-        for r in simplex_grid(len(wb.tasks), tc.val_grid):
-            model = plain.at(r)
-            points.append([wb.accuracy(t, bs, backbone=model) for t in wb.tasks])
-        plain.release()
+        evaluator = PointEvaluator(wb, None, bs)  # nothing stored: the routers change at every step
+        try:
+            points = task_values(evaluator, simplex_grid(len(wb.tasks), tc.val_grid))
+        finally:
+            evaluator.close()
         # lower-is-better metrics (losses) enter with their sign flipped, against the fixed eval.loss_reference
         sign = torch.tensor([1.0 if t.higher_is_better else -1.0 for t in wb.tasks], dtype=torch.float64)
         ref = torch.tensor(

@@ -13,7 +13,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from ..baselines import METHODS, describe_param, group_rows, param_order
+from ..baselines import METHODS, describe_param, group_rows, param_order, with_role
 
 # matplotlib's default cycle and markers (the static plots' style) in Plotly's terms; "#rrggbb" passes through
 _COLORS = {
@@ -115,7 +115,7 @@ def _plane_traces(groups: dict[str, list[dict]], names: list[str], i: int, j: in
                 "name": st["label"],
                 "legendgroup": m,
                 "showlegend": legend,
-                "marker": {"color": st["color"], "symbol": st["symbol"], "size": 12 if m == "experts" else 8},
+                "marker": {"color": st["color"], "symbol": st["symbol"], "size": 12 if m == with_role("normaliser").name else 8},
                 "line": {"color": st["color"]},
                 "text": [hover_text(r, names, st["label"]) for r in rs],
                 "hoverinfo": "text",
@@ -161,8 +161,9 @@ def front_figures(
                 },
             }
         )
-    if k == 3 and "pwemoe" in groups:
-        pw = groups["pwemoe"]
+    subject = with_role("subject").name
+    if k == 3 and subject in groups:
+        pw = groups[subject]
         color_key = (
             "normalized"
             if all(r.get("normalized") and None not in r["normalized"].values() for r in pw)

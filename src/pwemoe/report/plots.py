@@ -42,7 +42,7 @@ def _plane(ax, groups, i: int, j: int, names: list[str], key: str = "accuracy", 
             pts[:, i],
             pts[:, j],
             linestyle="-" if line else "none",
-            markersize=9 if m == "experts" else 5,
+            markersize=9 if m == with_role("normaliser").name else 5,
             alpha=0.85,
             **st,
         )
@@ -128,12 +128,12 @@ def plot_fronts(
         ax = fig.add_subplot(projection="3d")
         for m, (pts, rs) in groups.items():
             st = _style(m)
-            if m == "pwemoe":
+            if m == with_role("subject").name:
                 cols = np.array([r["preference"] for r in rs])
                 st.pop("color")
                 ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], c=np.clip(cols, 0, 1), s=30, **st)
             else:
-                ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=60 if m == "experts" else 15, **st)
+                ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=60 if m == with_role("normaliser").name else 15, **st)
         ax.set_xlabel(names[0])
         ax.set_ylabel(names[1])
         ax.set_zlabel(names[2])
@@ -153,7 +153,7 @@ def plot_fronts(
                 ax.plot(
                     x,
                     p,
-                    alpha=0.5 if m != "experts" else 0.9,
+                    alpha=0.5 if m != with_role("normaliser").name else 0.9,
                     linewidth=1,
                     label=label if n == 0 else None,
                     **{kk: v for kk, v in st.items() if kk != "zorder"},

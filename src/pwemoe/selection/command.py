@@ -1,11 +1,14 @@
-"""`pwemoe select` on a run: the settings, the record (RUN/selections/<name>.json), the evaluation of candidates
-through the cached path of `pwemoe evaluate --split validation`, the test values reported afterwards, the summary."""
+"""`pwemoe select` on a run: the settings, one check of a request before any model loads (`prepare`), the search
+and certificate on validation data, the record written, then the chosen point's test values.
+
+Two doors lead to the same room: `select_run` (the CLI: opens the run under its lock) and `select_open` (a run
+already open, e.g. in `pwemoe serve`). Both check the request once with `prepare` and call `_select`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,28 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..baselines import METHODS, EvalSettings, Point
+from ..baselines import EvalSettings, Point, with_role
 from ..config import Config
 from ..configfile import read_config
-from ..files import (
-    CONFIG,
-    SELECTIONS,
-    RunLock,
-    atomic_write_json,
-    is_selection_record,
-    prepare_output,
-    require_run_dir,
-)
-from ..recipes.evaluate import PointRows
-from ..results import ResultStore, digest, row_inputs
-from ..routing import routing_weights
+from ..evaluation import PointEvaluator
+from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, prepare_output, require_run_dir
+from ..results import ResultStore, row_inputs
 from ..runs import open_run, with_placement, write_export
 from ..workbench import Workbench
 from .certificate import assess, certification_split, fallback
+from .printing import summary_lines
 from .query import Query, objective, parse_query, statistic, task_metrics
+from .record import default_name, point_record, record_path, search_record
 from .search import best, binding, initial_grid, search
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +45,20 @@ class Settings:
     seed: int = 0
     certify_fraction: float = 0.5
     resamples: int = 1000
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked selection request: the parsed query, the starting grid's levels, the record's path, the settings,
+    the batch size (None: the run's eval.batch_size) and where a certified point is exported (None: nowhere)."""
+
+    query: Query
+    grid: int
+    path: Path
+    settings: Settings
+    batch_size: int | None = None
+    export: Path | None = None
+    overwrite: bool = False
 
 
 def check_request(
@@ -96,21 +104,57 @@ def check_request(
     return q, m
 
 
-def record_path(run: Path, name: str) -> Path:
-    """RUN/selections/<name>.json; refuses a bad name, or a file there that pwemoe did not write."""
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ValueError(
-            f"selection name must be 1-100 letters, digits, '.', '_' or '-', not starting with '.' or '-', got {name!r}"
-        )
-    path = run / SELECTIONS / f"{name}.json"
-    if path.exists() and not is_selection_record(path):
-        raise ValueError(f"{path} exists and is not a pwemoe selection record; choose another --name or move it")
-    return path
+def prepare(
+    run: Path,
+    cfg: Config,
+    maximize: str | None = None,
+    minimize: str | None = None,
+    require: Sequence[str] = (),
+    settings: Settings | None = None,
+    name: str | None = None,
+    batch_size: int | None = None,
+    export: str | Path | None = None,
+    overwrite: bool = False,
+) -> Request:
+    """Every check of a selection request, before any model loads: the query and settings (`check_request`),
+    the batch size, the record's name (and a file there that pwemoe did not write), the export folder."""
+    s = settings or Settings()
+    q, m = check_request(cfg, maximize, minimize, require, s)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    path = record_path(run, name or default_name(q, s))
+    if export is not None:
+        prepare_output(export, overwrite, "export")
+    return Request(q, m, path, s, batch_size, None if export is None else Path(export), overwrite)
 
 
-def default_name(q: Query, s: Settings) -> str:
-    """A name that is the same for the same query and settings (the record of a repeated query is replaced)."""
-    return f"{q.sense}-{q.target}-{digest([q.to_dict(), vars(s)])[:8]}"
+def select_run(
+    run: str | Path,
+    maximize: str | None = None,
+    minimize: str | None = None,
+    require: Sequence[str] = (),
+    settings: Settings | None = None,
+    name: str | None = None,
+    export: str | Path | None = None,
+    overwrite: bool = False,
+    report_test: bool = True,
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    print_summary: bool = True,
+) -> dict[str, Any]:
+    """`pwemoe select`: every query and setting error before any model loads (`prepare`), then the selection under
+    the run lock, and a short summary printed (`summary_lines`). Returns the record; its `status` is "certified",
+    "not_certified" or "infeasible" (only a certified point is exported)."""
+    run = require_run_dir(run)
+    cfg = with_placement(read_config(run / CONFIG), device, precision)
+    req = prepare(run, cfg, maximize, minimize, require, settings, name, batch_size, export, overwrite)
+    with RunLock(run, "pwemoe select"):
+        wb, meta = open_run(run, True, None, device=device, precision=precision, eval_split="validation")
+        record = _select(wb, meta, run, req, report_test)
+    if print_summary:
+        print("\n".join(summary_lines(record)))
+    return record
 
 
 def select_open(
@@ -131,35 +175,43 @@ def select_open(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Choose a preference on an open run (`open_run`); returns the selection record, also written to
-    RUN/selections/<name>.json. The caller holds the run lock.
-
-    Searches and certifies on the validation data; then, with `report_test`, evaluates the chosen r on the
-    test split (its first `test_samples` per task) and adds those values to the record; exports a
-    certified r to `export`. `lock` / `workers`: see `recipes.evaluate.PointRows` (a server passes its own).
-    The workbench's evaluation split is restored on return.
-    """
+    RUN/selections/<name>.json. The caller holds the run lock. `lock` / `workers`: see `PointEvaluator` (a server
+    passes its own); `test_samples`: the test values use the first N test examples per task."""
     run = Path(run)
-    s = settings or Settings()
-    q, m = check_request(wb.cfg, maximize, minimize, require, s)
-    path = record_path(run, name or default_name(q, s))
-    if export is not None:
-        prepare_output(export, overwrite, "export")
+    req = prepare(run, wb.cfg, maximize, minimize, require, settings, name, batch_size, export, overwrite)
+    return _select(wb, meta, run, req, report_test, test_samples, lock, workers)
+
+
+def _select(
+    wb: Workbench,
+    meta: dict,
+    run: Path,
+    req: Request,
+    report_test: bool = True,
+    test_samples: int | None = None,
+    lock: Any = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Search and certify on the validation data, write the record; then, with `report_test`, the chosen r's
+    values on the test split are added to it; a certified r is exported to `req.export`. The workbench's
+    evaluation split is restored on return."""
+    bs = req.batch_size or wb.cfg.eval.batch_size
     before = (wb.eval_split, wb.max_test_samples)
     try:
-        record = _choose(wb, meta, run, q, s, m, batch_size or wb.cfg.eval.batch_size, lock, workers)
-        record["name"] = path.stem
-        path.parent.mkdir(exist_ok=True)
-        atomic_write_json(path, record)  # the choice is on disk before the test split is read
+        record = _choose(wb, meta, run, req.query, req.settings, req.grid, bs, lock, workers)
+        record["name"] = req.path.stem
+        req.path.parent.mkdir(exist_ok=True)
+        atomic_write_json(req.path, record)  # the choice is on disk before the test split is read
         if report_test and record["chosen"] is not None:
-            record["test"] = _test_values(wb, meta, run, q, record, batch_size, test_samples, lock, workers)
-        if export is not None and record["status"] == "certified":
+            record["test"] = _test_values(wb, meta, run, req.query, record, bs, test_samples, lock, workers)
+        if req.export is not None and record["status"] == "certified":
             with lock or contextlib.nullcontext():
                 r = torch.tensor(record["chosen"]["preference"])
-                record["export"] = str(write_export(wb, meta, run, r, Path(export), overwrite))
-        atomic_write_json(path, record)
+                record["export"] = str(write_export(wb, meta, run, r, req.export, req.overwrite))
+        atomic_write_json(req.path, record)
     finally:
         wb.set_eval_split(*before)
-    record["path"] = str(path)
+    record["path"] = str(req.path)
     return record
 
 
@@ -177,15 +229,15 @@ def _choose(
     (run / "validation").mkdir(exist_ok=True)
     store = ResultStore(run / "validation")
     inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
-    rows = PointRows(wb, store, inputs, bs, lock, workers)
+    evaluator = PointEvaluator(wb, inputs, bs, store, lock=lock, workers=workers)
     # the certification bound still to come is wider than the search part's by about sqrt(n_search / n_cert)
     margin = math.sqrt((1 - s.certify_fraction) / s.certify_fraction)
     try:
-        experts = _expert_values(rows, store, names, q.experts)
+        experts = _expert_values(evaluator, store, names, q.experts)
         values: dict[tuple[float, ...], dict[str, np.ndarray]] = {}
 
         def score(prefs: list[list[float]]) -> list[dict[str, Any]]:
-            got = rows([Point("pwemoe", p, None, None) for p in prefs])
+            got = evaluator([Point.at(p) for p in prefs])
             c = store.correctness(got, names)
             out = []
             for i, p in enumerate(prefs):
@@ -195,50 +247,24 @@ def _choose(
 
         cands = search(q, k, m, s.budget, score)
     finally:
-        rows.release()
+        evaluator.close()
     chosen = best(q, cands)
-    record: dict[str, Any] = {
-        "pwemoe_selection": 1,
-        "run": str(run.resolve()),
-        "query": q.to_dict(),
-        "confidence": s.confidence,
-        "budget": s.budget,
-        "grid": m,
-        "seeds": {"split": s.seed, "bootstrap": s.seed},
-        "resamples": s.resamples,
-        "search_margin": margin,
-        "split": {
-            "certify_fraction": s.certify_fraction,
-            "stratified_by": {t.name: t.cfg.data.label_column if t.has_labels else None for t in wb.tasks},
-            "sizes": {t: {"search": len(search_part[t]), "certification": len(cert_part[t])} for t in names},
-            "certification_indices": {t: cert_part[t].tolist() for t in names},
-        },
-        "evaluation": {
-            "split": "validation",
-            "candidates": len(cands),
-            "computed": store.computed,
-            "reused": store.reused,
-            "experts": q.experts,
-            "routers_sha256": meta.get("routers_sha256"),
-            "inputs": inputs["pwemoe"],
-        },
-        "candidates": [
-            {
-                "preference": c["preference"],
-                "round": c["round"],
-                "objective": c["search"]["objective"],
-                "feasible": c["search"]["met"],
-                "constraints": [_short(r) for r in c["search"]["constraints"]],
-            }
-            for c in cands
-        ],
+    evaluation = {
+        "split": "validation",
+        "candidates": len(cands),
+        "computed": store.computed,
+        "reused": store.reused,
+        "experts": q.experts,
+        "routers_sha256": meta.get("routers_sha256"),
+        "inputs": inputs["preference"],
     }
+    record = search_record(run, wb, q, s, m, margin, search_part, cert_part, cands, evaluation)
     if not chosen["search"]["met"]:
-        record.update(status="infeasible", chosen=None, closest=_point(wb, chosen, lock), fallback=None)
+        record.update(status="infeasible", chosen=None, closest=point_record(wb, chosen, lock), fallback=None)
         record["binding"] = binding(q, cands, chosen)
         return record
     cert = assess(q, values[tuple(chosen["preference"])], experts, cert_part, s.confidence, s.resamples, s.seed)
-    record.update(status="certified" if cert["met"] else "not_certified", chosen=_point(wb, chosen, lock))
+    record.update(status="certified" if cert["met"] else "not_certified", chosen=point_record(wb, chosen, lock))
     record["certification"] = cert
     record["fallback"] = (
         None if cert["met"] else fallback(q, cands, values, experts, cert_part, s.confidence, s.resamples, s.seed)
@@ -246,34 +272,16 @@ def _choose(
     return record
 
 
-def _expert_values(rows: PointRows, store: ResultStore, names: list[str], need: list[str]) -> dict[str, np.ndarray]:
-    """{task: per-example values of the task's own expert} for the tasks in `need` (rows as `pwemoe evaluate`'s)."""
+def _expert_values(
+    evaluator: PointEvaluator, store: ResultStore, names: list[str], need: list[str]
+) -> dict[str, np.ndarray]:
+    """{task: per-example values of the task's own model (the normaliser's)} for the tasks in `need`."""
     if not need:
         return {}
-    points = [p for p in METHODS["experts"].points(EvalSettings(names, [], [], 0.0)) if p.method[7:] in need]
-    got = rows(points)
-    c = store.correctness(got, names)
-    return {p.method[7:]: c[p.method[7:]][i] for i, p in enumerate(points)}
-
-
-def _short(a: dict[str, Any]) -> dict[str, Any]:
-    return {k: a[k] for k in ("constraint", "estimate", "bound", "met")}
-
-
-def _point(wb: Workbench, cand: dict[str, Any], lock: Any) -> dict[str, Any]:
-    """A candidate's preference, its search-part assessment and a summary of its routing weights."""
-    with lock or contextlib.nullcontext():
-        lam = torch.stack(list(routing_weights(wb.model, cand["preference"]).values())).float()  # [modules, k]
-    names = [t.name for t in wb.tasks]
-    return {
-        "preference": cand["preference"],
-        "search": cand["search"],
-        "routing_weights": {
-            "modules": int(lam.shape[0]),
-            **{s: dict(zip(names, getattr(lam, s)(0).values.tolist())) for s in ("min", "max")},
-            "mean": dict(zip(names, lam.mean(0).tolist())),
-        },
-    }
+    own = with_role("normaliser")
+    points = [p for p in own.points(EvalSettings(names, [], [], 0.0)) if own.task_of(p.method) in need]
+    c = store.correctness(evaluator(points), names)
+    return {own.task_of(p.method): c[own.task_of(p.method)][i] for i, p in enumerate(points)}
 
 
 def _test_values(
@@ -282,7 +290,7 @@ def _test_values(
     run: Path,
     q: Query,
     record: dict[str, Any],
-    bs: int | None,
+    bs: int,
     test_samples: int | None,
     lock: Any,
     workers: int | None,
@@ -291,14 +299,13 @@ def _test_values(
     wb.set_eval_split("test", test_samples)
     names = [t.name for t in wb.tasks]
     store = ResultStore(run)
-    rows = PointRows(
-        wb, store, row_inputs(meta, wb.tasks, wb.precision, wb.device.type), bs or wb.cfg.eval.batch_size, lock, workers
-    )
+    inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
+    evaluator = PointEvaluator(wb, inputs, bs, store, lock=lock, workers=workers)
     try:
-        experts = _expert_values(rows, store, names, q.experts)
-        row = rows([Point("pwemoe", record["chosen"]["preference"], None, None)])[0]
+        experts = _expert_values(evaluator, store, names, q.experts)
+        row = evaluator([Point.at(record["chosen"]["preference"])])[0]
     finally:
-        rows.release()
+        evaluator.close()
     m = {t: float(row["accuracy"][t]) for t in names}
     e = {t: float(np.asarray(v, dtype=np.float64).mean()) for t, v in experts.items()}
     return {
@@ -315,117 +322,4 @@ def _test_values(
     }
 
 
-def select_run(
-    run: str | Path,
-    maximize: str | None = None,
-    minimize: str | None = None,
-    require: Sequence[str] = (),
-    settings: Settings | None = None,
-    name: str | None = None,
-    export: str | Path | None = None,
-    overwrite: bool = False,
-    report_test: bool = True,
-    batch_size: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    print_summary: bool = True,
-) -> dict[str, Any]:
-    """`pwemoe select`: every query and setting error before any model loads, then `select_open` under the
-    run lock, and a short summary printed (`summary_lines`). Returns the record; its `status` is "certified",
-    "not_certified" or "infeasible" (only a certified point is exported)."""
-    run = require_run_dir(run)
-    cfg = with_placement(read_config(run / CONFIG), device, precision)
-    s = settings or Settings()
-    q, _ = check_request(cfg, maximize, minimize, require, s)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-    record_path(run, name or default_name(q, s))
-    if export is not None:
-        prepare_output(export, overwrite, "export")
-    with RunLock(run, "pwemoe select"):
-        wb, meta = open_run(run, True, None, device=device, precision=precision, eval_split="validation")
-        record = select_open(
-            wb,
-            meta,
-            run,
-            maximize,
-            minimize,
-            require,
-            s,
-            name,
-            batch_size,
-            report_test,
-            export=export,
-            overwrite=overwrite,
-        )
-    if print_summary:
-        print("\n".join(summary_lines(record)))
-    return record
-
-
-def summary_lines(record: dict[str, Any]) -> list[str]:
-    """A short human summary of a selection record."""
-
-    def r(p: Sequence[float]) -> str:
-        return "(" + ", ".join(f"{x:.3f}" for x in p) + ")"
-
-    q, ev = record["query"], record["evaluation"]
-    conf = f"{100 * record['confidence']:g}%"
-    out = [
-        f"pwemoe select: {q['objective']}" + (f" subject to {', '.join(q['require'])}" if q["require"] else ""),
-        f"  {ev['candidates']} preferences evaluated on validation data ({ev['computed']} models computed, "
-        f"{ev['reused']} reused); search part {_sizes(record, 'search')}, "
-        f"certification part {_sizes(record, 'certification')}",
-    ]
-    if record["status"] == "infeasible":
-        b, c = record["binding"], record["closest"]
-        out += [
-            "  INFEASIBLE: no evaluated preference meets every constraint on the search part (its estimate "
-            f"must clear the constraint by the widths of both {conf} bounds, the search part's and the "
-            "certification part's)",
-            f"  closest: r = {r(c['preference'])}; binding: {b['constraint']}: at best {b['best']:.4f} "
-            f"(estimate {b['estimate']:.4f}, bound {b['bound']:.4f}) at r = {r(b['at'])}",
-        ]
-    else:
-        ch, cert = record["chosen"], record["certification"]
-        out.append(
-            f"  chosen r = {r(ch['preference'])}: objective {ch['search']['objective']:.4f} on the search part, "
-            f"{cert['objective']:.4f} on the certification part"
-        )
-        verdict = "CERTIFIED" if record["status"] == "certified" else "NOT CERTIFIED"
-        out.append(f"  {verdict} at {conf} on the certification part (one-sided bounds):")
-        for x in cert["constraints"]:
-            miss = "" if x["met"] else f", misses by {x['shortfall']:.4f}"
-            out.append(
-                f"    {x['constraint']}: {x['estimate']:.4f}, bound {x['bound']:.4f} "
-                f"{'meets' if x['met'] else 'fails'} {x['threshold']:g}{miss}"
-            )
-        fb = record.get("fallback")
-        if record["status"] != "certified":
-            out.append(
-                f"  best certified point (all {fb['tested']} feasible candidates tested together at {conf}): "
-                f"r = {r(fb['preference'])}, objective {fb['certification']['objective']:.4f}"
-                if fb
-                else "  no evaluated preference is certified: loosen the constraints, raise --budget, or add "
-                "validation data"
-            )
-    t = record.get("test")
-    if t:
-        parts = [f"{x['constraint']}: {x['value']:.4f} {'met' if x['met'] else 'NOT met'}" for x in t["constraints"]]
-        out.append(
-            f"  test split (not used for the choice): objective {t['objective']:.4f}"
-            + ("; " if parts else "")
-            + "; ".join(parts)
-        )
-    if record.get("export"):
-        out.append(f"  exported to {record['export']}")
-    out.append(f"  record: {record['path']}")
-    return out
-
-
-def _sizes(record: dict[str, Any], part: str) -> str:
-    sizes = record["split"]["sizes"]
-    return "/".join(str(v[part]) for v in sizes.values()) + " examples"
-
-
-__all__ = ["SELECTIONS", "Settings", "select_open", "select_run", "summary_lines"]
+__all__ = ["SELECTIONS", "Request", "Settings", "prepare", "select_open", "select_run", "summary_lines"]

@@ -20,16 +20,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..baselines import Point
 from ..core.preference import PreferenceLike, normalize_preference
 from ..devices import PRECISIONS
+from ..evaluation import PointEvaluator, stored_front
 from ..export import PlainCopy
 from ..files import RESULTS, RunLock, subdir
-from ..results import ResultStore, make_row, pack_correct, preference_key, row_inputs, summarize
+from ..results import ResultStore, preference_key, row_inputs, summarize
 from ..routing import routing_weights
 from ..runs import open_run, write_export
 
 Key = tuple[float, ...]
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name (fullmatch)
+
+
+def _installed(dist: str) -> str | None:
+    """The installed version of a distribution, or None (read from its metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 class TooLarge(ValueError):
@@ -207,8 +219,11 @@ class PreferenceModel:
         self._eval_lock = threading.Lock()  # one evaluation at a time (they share the encoded test batches)
         # the copies' linear weights in the autocast dtype: cast once, not at every forward (the same numbers)
         self.cache = MergeCache(self.wb.backbone, cache_size, self._lock, PRECISIONS[self.wb.precision])
-        # the provenance of rows this model computes
-        self.inputs = row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type)
+        # the provenance of rows this model computes (mergekit's version: its merges' rows, when it is installed)
+        self.inputs = {
+            **row_inputs(self.meta, self.wb.tasks, self.wb.precision, self.wb.device.type),
+            "mergekit": _installed("mergekit"),
+        }
 
     # --- what the run is -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -425,13 +440,9 @@ class PreferenceModel:
 
         progress(done, total) is called after every evaluated batch. Returns the row, plus `reused`.
         """
-        key = self.preference(r)
+        point = Point.at(self.preference(r))
         bs = self.wb.cfg.eval.batch_size
         with self._eval_lock, RunLock(self.run, "pwemoe serve (evaluate)") if store else contextlib.nullcontext():
-            if store:
-                found = ResultStore(self.run).get("pwemoe", key, None, self.inputs["pwemoe"])
-                if found is not None:
-                    return {**found, "reused": True}
             total, done = sum(len(self.wb.eval_batches(t, bs)) for t in self.wb.tasks), 0
 
             def tick() -> None:
@@ -440,18 +451,19 @@ class PreferenceModel:
                 if progress is not None:
                     progress(done, total)
 
-            with self.cache.lease(tuple(key)) as (plain, _):
-                # encoded in this thread (no loader processes are forked from a threaded server), kept for later
-                # evaluations as a sweep's are (Workbench.encoded)
-                correct = {
-                    t.name: self.wb.correct(t, bs, plain, self.wb.eval_data(t, bs, num_workers=0), tick)
-                    for t in self.wb.tasks
-                }
-            acc = {n: float(c.double().sum()) / len(c) for n, c in correct.items()}
-            row = make_row("pwemoe", key, None, acc, self.inputs["pwemoe"])
-            if store:  # re-read under the run lock: rows others wrote are kept
-                ResultStore(self.run).add(row, {n: pack_correct(c) for n, c in correct.items()})
-        return {**row, "reused": False}
+            # the cache's merged copies; encoded in this thread (no loader processes are forked from a threaded
+            # server), kept for later evaluations as a sweep's are (Workbench.encoded)
+            evaluator = PointEvaluator(
+                self.wb,
+                self.inputs,
+                bs,
+                ResultStore(self.run) if store else None,
+                workers=0,
+                sources={"preference": _CachedCopies(self.cache)},
+                on_batch=tick,
+            )
+            row, reused = evaluator.row(point)
+        return {**row, "reused": reused}
 
     def export(self, r: PreferenceLike, name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
         """Write the plain models for r under RUN/exports/<name> (default: from r); returns pwemoe.json."""
@@ -506,14 +518,13 @@ class PreferenceModel:
             )
 
     def results(self) -> dict[str, Any]:
-        """The rows of results.json computed from this model's inputs, their summary (hypervolumes),
-        and how many stored rows were left out because they came from other models, routers or data."""
+        """The rows of results.json computed from this model's inputs (the rows `pwemoe evaluate` would reuse),
+        their summary (hypervolumes), and how many stored rows were left out because they came from other
+        models, routers, data or settings."""
         path = self.run / RESULTS
         store = ResultStore(self.run) if path.exists() else None
         rows = store.rows if store else []
-        current = [
-            r for r in rows if r.get("inputs") == self.inputs["pwemoe" if r["method"] == "pwemoe" else "baseline"]
-        ]
+        current = stored_front(store, self.wb.cfg, self.task_names, self.inputs) if store else []
         e = self.wb.cfg.eval
         summary = None
         if current:
@@ -531,6 +542,21 @@ class PreferenceModel:
                 loss_reference=e.loss_reference,
             )
         return {"tasks": self.task_names, "rows": current, "other_rows": len(rows) - len(current), "summary": summary}
+
+
+class _CachedCopies:
+    """The evaluator's model source for preferences: the server's `MergeCache` (a copy is leased while scored)."""
+
+    def __init__(self, cache: MergeCache) -> None:
+        self.cache = cache
+
+    @contextlib.contextmanager
+    def model(self, point: Point) -> Iterator[nn.Module]:
+        with self.cache.lease(tuple(point.preference)) as (plain, _):
+            yield plain
+
+    def release(self) -> None:  # the cache is the server's
+        pass
 
 
 __all__ = ["MergeCache", "PreferenceModel", "TooLarge"]
