@@ -295,7 +295,9 @@ def test_missing_extra_is_one_line_exit_2_and_nothing_written(text_run, tmp_path
     assert after == before
     monkeypatch.delitem(sys.modules, "mergekit")
     monkeypatch.delitem(sys.modules, "mergekit.merge")
-    with pytest.raises(ValueError, match="exports causal-LM runs"):  # a per-task-head run: the torch engine's job
+    with pytest.raises(
+        ValueError, match=r"one model folder in the base.s layout \(\[.causal_lm.\] tasks\)"
+    ):  # a per-task-head run: the torch engine's job
         from pwemoe.mergekit_export import export_mergekit
 
         export_mergekit(text_run, "0.5,0.5", out)

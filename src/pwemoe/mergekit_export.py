@@ -57,15 +57,6 @@ def routing_weights_from_checkpoint(
     return out
 
 
-def backbone_prefix(base: str) -> str:
-    """The name under which a causal LM holds its decoder ('model' for Llama, 'transformer' for GPT-2),
-    read from the class that the base's config names (no weights are loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base)
-    return AutoModelForCausalLM._model_mapping[type(config)].base_model_prefix
-
-
 def mergekit_plan(
     base: str,
     experts: list[str],
@@ -118,6 +109,7 @@ def export_mergekit(
     from transformers import AutoConfig
 
     from .lora.adapter import is_lora_adapter
+    from .modalities import MODALITIES
     from .tasks import TASK_TYPES
 
     run, out = Path(run), Path(out)
@@ -127,11 +119,12 @@ def export_mergekit(
     r = parse_preference_arg(preference, len(cfg.tasks))
     version = require_mergekit()
     m = cfg.model
-    kinds = sorted({TASK_TYPES[t.type].modality for t in cfg.tasks})
-    if kinds != ["causal_lm"]:
+    modality = MODALITIES[TASK_TYPES[cfg.tasks[0].type].modality]  # one per run (the workbench checks)
+    if not modality.mergekit_export:
+        able = sorted(n for n, cls in MODALITIES.items() if cls.mergekit_export)
         raise ValueError(
-            f"--engine mergekit exports causal-LM runs (one model folder in the base's layout); this run's tasks "
-            f"are {kinds} (per-task heads or a separate vision tower): use --engine torch"
+            f"--engine mergekit exports runs whose export is one model folder in the base's layout ({able} tasks); "
+            f"this run's tasks are {modality.name} (per-task heads or a separate vision tower): use --engine torch"
         )
     resolve = lambda p: m.path_map.get(p, p)  # noqa: E731
     lora = [t.name for t in cfg.tasks if is_lora_adapter(resolve(t.expert))]
@@ -155,7 +148,7 @@ def export_mergekit(
     config = AutoConfig.from_pretrained(base)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = str(dtype).replace("torch.", "") if dtype is not None else None
-    plan = mergekit_plan(base, experts, lam, backbone_prefix(base), m.init_lambda, dtype)
+    plan = mergekit_plan(base, experts, lam, modality.mergekit_prefix(base), m.init_lambda, dtype)
     from mergekit.config import MergeConfiguration
 
     text = MergeConfiguration.model_validate(plan).to_yaml() + "\n"
@@ -185,4 +178,4 @@ def export_mergekit(
     return out
 
 
-__all__ = ["ENGINES", "backbone_prefix", "export_mergekit", "mergekit_plan", "routing_weights_from_checkpoint"]
+__all__ = ["ENGINES", "export_mergekit", "mergekit_plan", "routing_weights_from_checkpoint"]

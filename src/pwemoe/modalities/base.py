@@ -22,6 +22,11 @@ class Modality(ABC):
 
     name = "modality"
     input_kind = "text"  # what one request input is ("text", or "image"): the explorer's input box
+    # serving: whether the model generates text (`pwemoe serve` then speaks the OpenAI API and `generate` works)
+    generates = False
+    # `pwemoe export --engine mergekit`: whether an export is one model folder in the base's layout (then
+    # `mergekit_prefix` names the backbone in it); per-task heads or a separate tower export with the torch engine
+    mergekit_export = False
 
     def __init__(self, base: str) -> None:
         self.base = base  # local directory or hub id, after path_map
@@ -60,6 +65,12 @@ class Modality(ABC):
     def save_export(self, plain: nn.Module, tasks: Sequence[Any], out: Path) -> dict[str, str]:
         """Write plain Hugging Face directories under `out`; returns task name -> directory. What else the export
         should record in its pwemoe.json goes into `self.export_info` (a dict)."""
+
+    @classmethod
+    def mergekit_prefix(cls, base: str) -> str:
+        """`pwemoe export --engine mergekit` (`mergekit_export`): the name under which the base's whole model holds
+        the backbone (its tensors outside it are the base's), read from the base's config."""
+        raise NotImplementedError(f"the {cls.name} modality has no mergekit export")
 
     def request_rows(self, task: Any, inputs: Sequence[Any]) -> dict[str, list]:
         """The column dict `task.encode` reads, from the inputs of a request (`PreferenceModel.predict`,

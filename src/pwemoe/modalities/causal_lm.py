@@ -121,6 +121,17 @@ def prompt_shared_forward(
 
 class CausalLMModality(Modality):
     name = "causal_lm"
+    generates = True
+    mergekit_export = True
+
+    @classmethod
+    def mergekit_prefix(cls, base: str) -> str:
+        """The name under which the causal LM holds its decoder ('model' for Llama, 'transformer' for GPT-2), read
+        from the class that the base's config names (no weights are loaded); the LM head outside it is the base's."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(base)
+        return AutoModelForCausalLM._model_mapping[type(config)].base_model_prefix
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM

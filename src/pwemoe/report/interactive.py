@@ -103,7 +103,7 @@ def hover_text(row: dict, names: list[str], label: str) -> str:
 
 
 def _plane_traces(groups: dict[str, list[dict]], names: list[str], i: int, j: int, key: str, legend: bool) -> list:
-    out = []
+    out, big = [], with_role("normaliser").name  # each task's own model: drawn larger
     for m, rs in groups.items():
         st, rs = _style(m), _ordered(m, rs)
         out.append(
@@ -115,7 +115,7 @@ def _plane_traces(groups: dict[str, list[dict]], names: list[str], i: int, j: in
                 "name": st["label"],
                 "legendgroup": m,
                 "showlegend": legend,
-                "marker": {"color": st["color"], "symbol": st["symbol"], "size": 12 if m == with_role("normaliser").name else 8},
+                "marker": {"color": st["color"], "symbol": st["symbol"], "size": 12 if m == big else 8},
                 "line": {"color": st["color"]},
                 "text": [hover_text(r, names, st["label"]) for r in rs],
                 "hoverinfo": "text",

@@ -335,7 +335,7 @@ class PreferenceModel:
     @property
     def can_generate(self) -> bool:
         """Whether this run's model generates text (a causal-LM run)."""
-        return self.wb.modality.name == "causal_lm"
+        return self.wb.modality.generates
 
     def scheduler(self) -> Any:
         """The continuous-batching scheduler of this run's upcycled causal LM (`generation.Scheduler`)."""
