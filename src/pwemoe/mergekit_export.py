@@ -143,7 +143,7 @@ def export_mergekit(
     path = routers_path(run, cfg)
     state, meta = load_routers(path)
     lam = routing_weights_from_checkpoint(
-        state, r, len(cfg.tasks), m.router_hidden_layers, m.init_lambda, m.router_init
+        state, r.tensor, len(cfg.tasks), m.router_hidden_layers, m.init_lambda, m.router_init
     )
     config = AutoConfig.from_pretrained(base)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -172,8 +172,7 @@ def export_mergekit(
             }
             atomic_write_json(tmp / "pwemoe.json", info)
     print(
-        f"{'wrote the mergekit plan' if plan_only else 'exported'} preference {[round(x, 6) for x in r.tolist()]} "
-        f"to {out} (engine mergekit)"
+        f"{'wrote the mergekit plan' if plan_only else 'exported'} preference {r.tolist()} to {out} (engine mergekit)"
     )
     return out
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .baselines import Param, Point, describe_param, group_rows, with_role
-from .core.preference import normalize_preference
+from .core.preference import Preference, PreferenceLike
 from .files import CORRECT, RESULTS, atomic_write_json, atomic_write_text, read_json
 from .pareto import hypervolume, non_dominated
 
@@ -27,18 +27,10 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 
-def preference_key(r: torch.Tensor | list[float], k: int) -> list[float]:
-    """The normalised preference as stored in results rows (6 decimals): one key for lookups.
-
-    A key keys to itself: rounded values need not sum to exactly 1, and normalising them again could
-    move the last decimal (a key sent back by the explorer would then miss its row), so a preference
-    that already is a key (6 decimals, summing to 1 within the rounding) is returned as it is.
-    """
-    p = normalize_preference(r, k)  # validates
-    raw = torch.as_tensor(r, dtype=torch.float64).flatten().tolist()
-    if abs(sum(raw) - 1.0) <= k * 1e-6 and all(round(x, 6) == x for x in raw):
-        return [round(x, 6) for x in raw]
-    return [round(x, 6) for x in p.tolist()]
+def preference_key(r: PreferenceLike, k: int) -> list[float]:
+    """The normalised preference as stored in results rows (6 decimals): one key for lookups (`Preference.key`; a
+    key keys to itself)."""
+    return Preference.of(r, k).tolist()
 
 
 def digest(obj: Any) -> str:

@@ -6,12 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import check_hashes, load_routers
 from .config import Config
 from .configfile import build_config, read_config
-from .core.preference import PreferenceLike, normalize_preference, parse_preference
+from .core.preference import Preference, PreferenceLike, parse_preference
 from .export import merge_and_unload
 from .files import (
     BEST_ROUTERS,
@@ -72,9 +70,9 @@ def with_placement(cfg: Config, device: str | None, precision: str | None) -> Co
     return build_config({**cfg.to_dict(), **extra}) if extra else cfg
 
 
-def parse_preference_arg(preference: str | PreferenceLike, k: int) -> torch.Tensor:
-    """A validated, normalised preference Tensor[k] from '0.2,0.8' or a sequence."""
-    return normalize_preference(parse_preference(preference) if isinstance(preference, str) else preference, k)
+def parse_preference_arg(preference: str | PreferenceLike, k: int) -> Preference:
+    """The validated preference of '0.2,0.8' (a command-line argument), a sequence or a `Preference`."""
+    return Preference.of(parse_preference(preference) if isinstance(preference, str) else preference, k)
 
 
 def export_run(
@@ -103,7 +101,7 @@ def export_run(
         raise ValueError(f"--adapter-rank must be an integer >= 1, got {adapter_rank!r}")
     wb, meta = open_run(run, load_test=False, device=device)
     out = write_export(wb, meta, run, r, out, overwrite, adapter_rank)
-    print(f"exported preference {[round(x, 6) for x in r.tolist()]} to {out}")
+    print(f"exported preference {r.tolist()} to {out}")
     return out
 
 
@@ -111,17 +109,18 @@ def write_export(
     wb: Workbench,
     meta: dict,
     run: str | Path,
-    r: torch.Tensor,
+    r: PreferenceLike,
     out: str | Path,
     overwrite: bool = False,
     adapter_rank: int | None = None,
 ) -> Path:
-    """Write the plain models of an open run (`open_run`) for the normalised preference r (Tensor[k]).
+    """Write the plain models of an open run (`open_run`) for the preference r (a `Preference`, or its weights).
 
     Built in a temporary sibling directory and published in one step, with pwemoe.json (the
     preference, routing weights and provenance). Sets the model's preference to r.
     """
     run, out = Path(run), Path(out)
+    r = Preference.of(r, len(wb.tasks))
     prepare_output(out, overwrite, "export")
     set_preference(wb.model, r)  # set once; routing weights and the merge below read it from the model
     lam = {n: v.tolist() for n, v in routing_weights(wb.model).items()}

@@ -5,22 +5,86 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from math import comb
+from typing import Any
 
 import torch
 
-PreferenceLike = Sequence[float] | torch.Tensor
+KEY_DECIMALS = 6  # a preference as pwemoe records it: its normalised weights rounded to 6 decimals
 
 
-def normalize_preference(r: PreferenceLike, k: int) -> torch.Tensor:
-    """Validate a preference and return it normalised to sum 1.
+class Preference:
+    """A validated preference: k non-negative weights summing to 1, made once where a preference enters pwemoe (the
+    CLI, a config, an HTTP body, a model name, a Python call) and passed down as it is: code below the edge accepts
+    it without validating again (`normalize_preference` returns its tensor).
 
-    Args:
-        r: k non-negative, finite numbers with a positive sum (list, tuple or tensor).
-        k: the number of tasks.
-
-    Returns:
-        Tensor[k] (float32) on the simplex. This normalised vector is what pwemoe records.
+    Its value is its `key`, the normalised weights rounded to 6 decimals (what results rows record and caches are
+    keyed by); it hashes and compares by that key. `tensor` (Tensor[k], float32) is the key normalised: every
+    computation at this preference uses it, so equal preferences compute identically.
     """
+
+    __slots__ = ("key", "_tensor")
+
+    def __init__(self, key: tuple[float, ...]) -> None:
+        """Use `Preference.of`; this constructor trusts `key` (a tuple of k rounded weights summing to ~1)."""
+        self.key = key
+        self._tensor: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, r: PreferenceLike | Preference, k: int) -> Preference:
+        """The validated preference of `r` (k non-negative finite numbers with a positive sum; a list, tuple,
+        tensor or Preference) for k tasks. A key keys to itself: weights that already are a key (6 decimals, summing
+        to 1 within the rounding) are kept as they are, so a key sent back by a client finds its row."""
+        if isinstance(r, Preference):
+            if r.k != k:
+                raise ValueError(f"preference must have length k={k} (one weight per task), got {r.k}: {list(r.key)}")
+            return r
+        t = _validated(r, k)
+        raw = torch.as_tensor(r, dtype=torch.float64).flatten().tolist()
+        if abs(sum(raw) - 1.0) <= k * 10.0**-KEY_DECIMALS and all(round(x, KEY_DECIMALS) == x for x in raw):
+            return cls(tuple(round(x, KEY_DECIMALS) for x in raw))
+        return cls(tuple(round(x, KEY_DECIMALS) for x in (t / t.sum()).tolist()))
+
+    @property
+    def k(self) -> int:
+        return len(self.key)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """Tensor[k] (float32, CPU): the key normalised to sum 1. Shared: do not modify it in place."""
+        if self._tensor is None:
+            t = torch.tensor(self.key, dtype=torch.float32)
+            self._tensor = t / t.sum()
+        return self._tensor
+
+    def tolist(self) -> list[float]:
+        """The key as a list (JSON)."""
+        return list(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Preference) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def __iter__(self):  # noqa: ANN204 - as a sequence of floats (json.dumps needs tolist)
+        return iter(self.key)
+
+    def __repr__(self) -> str:
+        return f"Preference({list(self.key)})"
+
+
+PreferenceLike = Sequence[float] | torch.Tensor | Preference
+
+# How many times a raw preference was validated (tests count the validations of a request).
+VALIDATIONS = {"count": 0}
+
+
+def _validated(r: Any, k: int) -> torch.Tensor:
+    """The raw weights of `r` as Tensor[k] float32, validated (every check of a preference, in one place)."""
+    VALIDATIONS["count"] += 1
     try:
         t = torch.as_tensor(r, dtype=torch.float32).detach().flatten().cpu()
     except (TypeError, ValueError) as e:
@@ -35,10 +99,28 @@ def normalize_preference(r: PreferenceLike, k: int) -> torch.Tensor:
         raise ValueError(f"preference must be finite, got {shown}")
     if (t < 0).any():
         raise ValueError(f"preference must be non-negative, got {shown}")
-    s = t.sum()
-    if s <= 0:
+    if t.sum() <= 0:
         raise ValueError(f"preference must have a positive sum, got {shown}; at least one task needs weight > 0")
-    return t / s
+    return t
+
+
+def normalize_preference(r: PreferenceLike, k: int) -> torch.Tensor:
+    """Validate a preference and return it normalised to sum 1.
+
+    Args:
+        r: k non-negative, finite numbers with a positive sum (list, tuple or tensor), or a `Preference` (already
+            validated: its tensor is returned as it is).
+        k: the number of tasks.
+
+    Returns:
+        Tensor[k] (float32) on the simplex.
+    """
+    if isinstance(r, Preference):
+        if r.k != k:
+            raise ValueError(f"preference must have length k={k} (one weight per task), got {r.k}: {list(r.key)}")
+        return r.tensor
+    t = _validated(r, k)
+    return t / t.sum()
 
 
 def parse_preference(text: str) -> list[float]:

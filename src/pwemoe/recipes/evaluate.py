@@ -11,20 +11,20 @@ import torch
 
 from ..baselines import METHODS, EvalSettings, selected
 from ..configfile import read_config
-from ..core.preference import normalize_preference, parse_preference, simplex_grid
+from ..core.preference import Preference, parse_preference, simplex_grid
 from ..devices import join_launch, rank_and_world, wait_for_everyone
 from ..evaluation import PointEvaluator, eval_settings
 from ..files import CONFIG, RunLock, require_run_dir, subdir
 from ..merges import MERGES, require_mergekit
-from ..results import ResultStore, preference_key, row_inputs, summarize, write_tables
+from ..results import ResultStore, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
 from ..workbench import Workbench
 
 log = logging.getLogger(__name__)
 
 
-def read_preferences(path: str | Path, k: int) -> torch.Tensor:
-    """Preferences Tensor[n, k] from a file with one per line ('0.2,0.8' or '0.2 0.8'; '#' comments).
+def read_preferences(path: str | Path, k: int) -> list[Preference]:
+    """The preferences of a file with one per line ('0.2,0.8' or '0.2 0.8'; '#' comments), validated once each.
 
     Lines that normalise to a preference already read (e.g. '1,1' after '0.5,0.5') are dropped with a
     warning: one results row per preference, not the same row computed twice and reported stale.
@@ -37,10 +37,10 @@ def read_preferences(path: str | Path, k: int) -> torch.Tensor:
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:
-                r = normalize_preference(parse_preference(line), k)
+                r = Preference.of(parse_preference(line), k)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}, line {i}: {e}") from None
-            key = tuple(preference_key(r, k))
+            key = r.key
             if key in seen:
                 dropped.append(f"line {i} repeats line {seen[key]}")
                 continue
@@ -50,7 +50,7 @@ def read_preferences(path: str | Path, k: int) -> torch.Tensor:
         raise ValueError(f"{path} holds no preferences; write one per line, e.g. 0.2,0.8")
     if dropped:
         log.warning("%s: %d repeated preferences skipped (%s)", path, len(dropped), "; ".join(dropped))
-    return torch.stack(rows)
+    return rows
 
 
 def _check_int(name: str, value: int | None, minimum: int) -> None:
