@@ -23,7 +23,7 @@ from torch import nn
 
 from .core.merge import merge_weights
 from .core.task_vector import check_compatible
-from .merges import MERGES, MergeSpec, check_merge_settings, merge_specs
+from .merges import MERGES, MergeSpec, StandardMerge, check_merge_settings, merge_specs
 
 # A results row's parameter: a float (task arithmetic's lambda, the scale c), or a merge's grid point by name.
 Param = float | dict[str, float] | None
@@ -201,20 +201,27 @@ METHODS: dict[str, Method] = {
             role="normaliser",
             per_task="expert",
         ),
-        *(
-            Method(
-                n,
-                m.label + " (mergekit)",
-                dict(m.style, zorder=3),
-                _merge(n),
-                order="preference" if m.preference else "param" if len(m.grid) == 1 else None,
-                short=m.short,
-                default=False,
-            )
-            for n, m in MERGES.items()
-        ),
     )
 }
+
+
+def _add_merge(m: StandardMerge) -> None:
+    """A standard merge (an entry of `merges.MERGES`) as a baseline of the fronts, evaluated when eval.baselines
+    names it."""
+    METHODS[m.name] = Method(
+        m.name,
+        m.label + " (mergekit)",
+        dict(m.style, zorder=3),
+        _merge(m.name),
+        order="preference" if m.preference else "param" if len(m.grid) == 1 else None,
+        short=m.short,
+        default=False,
+    )
+
+
+for _m in MERGES.values():
+    _add_merge(_m)
+MERGES.hooks.append(_add_merge)  # a merge added later is a method too: one entry in MERGES is the whole of it
 
 
 def selected(method: Method, baselines: bool | Sequence[str]) -> bool:

@@ -80,82 +80,106 @@ class StandardMerge:
 _TA_GRID = {"density": (0.2, 0.5, 0.8), "lambda": (0.3, 0.6, 1.0)}
 _RANGES = {"density": (0.0, 1.0), "lambda": (0.0, 10.0), "gamma": (0.0, 1.0), "t": (0.0, 1.0)}
 
-MERGES: dict[str, StandardMerge] = {
-    m.name: m
-    for m in (
-        StandardMerge(
-            "ties", "ties", "TIES (density × λ grid)", dict(_TA_GRID), short="TIES", style=dict(color="C1", marker="v")
-        ),
-        StandardMerge(
-            "dare_ties",
-            "dare_ties",
-            "DARE-TIES (density × λ grid)",
-            dict(_TA_GRID),
-            stochastic=True,
-            short="DARE-TIES",
-            style=dict(color="C5", marker="<"),
-        ),
-        StandardMerge(
-            "dare_linear",
-            "dare_linear",
-            "DARE linear (density × λ grid)",
-            dict(_TA_GRID),
-            stochastic=True,
-            short="DARE linear",
-            style=dict(color="C6", marker=">"),
-        ),
-        StandardMerge(
-            "breadcrumbs_ties",
-            "breadcrumbs_ties",
-            "breadcrumbs-TIES (density × λ grid)",
-            {**_TA_GRID, "gamma": (0.01,)},
-            short="breadcrumbs-TIES",
-            style=dict(color="C7", marker="P"),
-        ),
-        StandardMerge(
-            "model_stock", "model_stock", "model stock", {}, short="model stock", style=dict(color="C8", marker="X")
-        ),
-        StandardMerge(
-            "slerp",
-            "slerp",
-            "SLERP of the two experts (t grid)",
-            {"t": (0.1, 0.3, 0.5, 0.7, 0.9)},
-            tasks=(2, 2),
-            short="SLERP",
-            style=dict(color="C9", marker="h"),
-        ),
-        StandardMerge(
-            "pref_ties",
-            "ties",
-            "preference-weighted TIES",
-            {"density": (0.5,)},
-            {"normalize": False},
-            preference=True,
-            short="pref.-weighted TIES",
-            style=dict(color="#8c564b", marker="p"),
-        ),
-        StandardMerge(
-            "pref_dare_ties",
-            "dare_ties",
-            "preference-weighted DARE-TIES",
-            {"density": (0.5,)},
-            preference=True,
-            stochastic=True,
-            short="pref.-weighted DARE-TIES",
-            style=dict(color="#e377c2", marker="d"),
-        ),
-        StandardMerge(
-            "pref_dare_linear",
-            "dare_linear",
-            "preference-weighted DARE linear",
-            {"density": (0.5,)},
-            preference=True,
-            stochastic=True,
-            short="pref.-weighted DARE lin.",
-            style=dict(color="#17becf", marker="8"),
-        ),
-    )
-}
+
+class MergeRegistry(dict):
+    """The registry of standard merges, {name: StandardMerge}. Adding an entry is the whole of adding a merge: every
+    function in `hooks` is called with the new entry (`baselines` lists it as a method on the fronts)."""
+
+    def __init__(self, entries: Mapping[str, StandardMerge]) -> None:
+        super().__init__(entries)
+        self.hooks: list[Callable[[StandardMerge], None]] = []
+
+    def __setitem__(self, name: str, merge: StandardMerge) -> None:
+        if not isinstance(merge, StandardMerge) or merge.name != name:
+            raise ValueError(f"MERGES[{name!r}] must be a StandardMerge named {name!r}, got {merge!r}")
+        super().__setitem__(name, merge)
+        for hook in self.hooks:
+            hook(merge)
+
+
+MERGES: MergeRegistry = MergeRegistry(
+    {
+        m.name: m
+        for m in (
+            StandardMerge(
+                "ties",
+                "ties",
+                "TIES (density × λ grid)",
+                dict(_TA_GRID),
+                short="TIES",
+                style=dict(color="C1", marker="v"),
+            ),
+            StandardMerge(
+                "dare_ties",
+                "dare_ties",
+                "DARE-TIES (density × λ grid)",
+                dict(_TA_GRID),
+                stochastic=True,
+                short="DARE-TIES",
+                style=dict(color="C5", marker="<"),
+            ),
+            StandardMerge(
+                "dare_linear",
+                "dare_linear",
+                "DARE linear (density × λ grid)",
+                dict(_TA_GRID),
+                stochastic=True,
+                short="DARE linear",
+                style=dict(color="C6", marker=">"),
+            ),
+            StandardMerge(
+                "breadcrumbs_ties",
+                "breadcrumbs_ties",
+                "breadcrumbs-TIES (density × λ grid)",
+                {**_TA_GRID, "gamma": (0.01,)},
+                short="breadcrumbs-TIES",
+                style=dict(color="C7", marker="P"),
+            ),
+            StandardMerge(
+                "model_stock", "model_stock", "model stock", {}, short="model stock", style=dict(color="C8", marker="X")
+            ),
+            StandardMerge(
+                "slerp",
+                "slerp",
+                "SLERP of the two experts (t grid)",
+                {"t": (0.1, 0.3, 0.5, 0.7, 0.9)},
+                tasks=(2, 2),
+                short="SLERP",
+                style=dict(color="C9", marker="h"),
+            ),
+            StandardMerge(
+                "pref_ties",
+                "ties",
+                "preference-weighted TIES",
+                {"density": (0.5,)},
+                {"normalize": False},
+                preference=True,
+                short="pref.-weighted TIES",
+                style=dict(color="#8c564b", marker="p"),
+            ),
+            StandardMerge(
+                "pref_dare_ties",
+                "dare_ties",
+                "preference-weighted DARE-TIES",
+                {"density": (0.5,)},
+                preference=True,
+                stochastic=True,
+                short="pref.-weighted DARE-TIES",
+                style=dict(color="#e377c2", marker="d"),
+            ),
+            StandardMerge(
+                "pref_dare_linear",
+                "dare_linear",
+                "preference-weighted DARE linear",
+                {"density": (0.5,)},
+                preference=True,
+                stochastic=True,
+                short="pref.-weighted DARE lin.",
+                style=dict(color="#17becf", marker="8"),
+            ),
+        )
+    }
+)
 
 
 def check_merge_settings(names: Sequence[str], grids: Mapping[str, Any], k: int) -> list[str]:
@@ -418,6 +442,7 @@ class MergekitBank:
 
 __all__ = [
     "MERGES",
+    "MergeRegistry",
     "MergeSpec",
     "MergekitBank",
     "MissingExtra",
