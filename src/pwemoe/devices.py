@@ -42,6 +42,11 @@ def local_world_size() -> int:
         return 1
 
 
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised torch.distributed process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def join_launch(device: str) -> None:
     """Join the process group when started by `accelerate launch` / `torchrun` (alone: nothing happens).
 
@@ -58,7 +63,7 @@ def join_launch(device: str) -> None:
 
     PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     global _DESTROY_AT_EXIT
-    if not _DESTROY_AT_EXIT and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not _DESTROY_AT_EXIT and in_process_group():
         atexit.register(_destroy_process_group)
         _DESTROY_AT_EXIT = True
 
@@ -67,13 +72,13 @@ _DESTROY_AT_EXIT = False
 
 
 def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         torch.distributed.destroy_process_group()
 
 
 def wait_for_everyone() -> None:
     """Block until every rank of the process group is here (nothing without a group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not in_process_group():
         return
     if torch.distributed.get_backend() == "nccl":  # NCCL's barrier must know this rank's GPU
         torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
@@ -83,7 +88,7 @@ def wait_for_everyone() -> None:
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the initialised process group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
