@@ -170,6 +170,11 @@ def test_prompt_forms_echo_and_max_tokens_zero(served):
     assert status == 200 and 1 <= len(lp["tokens"]) <= 3 and all(len(t) in (2, 3) for t in lp["top_logprobs"])
     assert all(v == max(t.values()) for v, t in zip(lp["token_logprobs"], lp["top_logprobs"]))
     assert "".join(lp["tokens"]).strip().startswith(res["choices"][0]["text"].strip())
+    # lm-eval splits model_args at commas: a model name may separate the weights with colons
+    status, res = call(url + "/v1/completions", {**base, "prompt": ids, "model": f"{name}@0.6:0.3:0.1"})
+    assert status == 200 and res["preference"] == R
+    status, raw = call(url + "/v1/completions", {**base, "prompt": ids, "stream": True, "echo": False})
+    assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
     bad = [
         ({**base, "prompt": ids, "max_tokens": 0}, "max_tokens"),
         ({**base, "prompt": ids, "echo": True, "logprobs": 6}, "logprobs"),

@@ -103,7 +103,7 @@ async def _complete(
     import asyncio
 
     weights = request_weights(model, name, body)
-    params = sampling_params(body, chat, extra={"top_logprobs"} if chat else set())
+    params = sampling_params(body, chat, extra={"top_logprobs"} if chat else {"echo"})
     stream = bool(body.get("stream"))
     if stream and params.logprobs is not None:
         raise OpenAIError(400, "logprobs is not streamed by pwemoe serve; send stream: false", "logprobs")
