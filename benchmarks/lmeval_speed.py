@@ -8,8 +8,9 @@ so both paths score the same texts). Both paths run on one loaded run, at one pr
   preference, the prompt computed once for all labels), what `pwemoe evaluate` does;
 - http: lm-eval's `local-completions` model, unchanged, against `pwemoe serve`'s app on 127.0.0.1 (uvicorn in
   this process), `--batch-size` prompts per request; the whole `simple_evaluate` call is timed, task loading
-  included (lm-eval's index of its task folders, built once, is not). `--tokenizer`: lm-eval tokenizes with that folder's tokenizer (default: the run's base when it is a
-  local folder with a tokenizer, else the server's /tokenize).
+  included (lm-eval's index of its task folders, built once, is not). `--tokenizer`: lm-eval tokenizes with that
+  folder's tokenizer (default: the run's base when it is a local folder with a tokenizer, else the server's
+  /tokenize).
 
 Each path runs once to warm up (merges, first forwards) and is then timed. The in-process path (lm-eval's hf model
 over the run's model at the preference, no HTTP) is not measured here yet: `in_process` in the output is null.
