@@ -8,7 +8,7 @@ so both paths score the same texts). Both paths run on one loaded run, at one pr
   preference, the prompt computed once for all labels), what `pwemoe evaluate` does;
 - http: lm-eval's `local-completions` model, unchanged, against `pwemoe serve`'s app on 127.0.0.1 (uvicorn in
   this process), `--batch-size` prompts per request; the whole `simple_evaluate` call is timed, task loading
-  included (lm-eval's index of its task folders, built once, is not). `--tokenizer`: lm-eval tokenizes with that
+  included (lm-eval's task index, built once, is not). `--tokenizer`: lm-eval tokenizes with that
   folder's tokenizer (default: the run's base when it is a local folder with a tokenizer, else the server's
   /tokenize).
 
@@ -99,7 +99,7 @@ def over_http(pm, folder: Path, task_name: str, r: list[float], batch_size: int,
         if tokenizer:
             args["tokenizer"] = tokenizer
         t0 = time.perf_counter()
-        manager = TaskManager(include_path=str(folder))  # indexes lm-eval's own task folder too: seconds, once
+        manager = TaskManager(include_path=str(folder), include_defaults=False)  # the one task: made once
         indexing = time.perf_counter() - t0
 
         def run() -> dict:

@@ -40,22 +40,24 @@ def lmeval_server(llm_run, tmp_path_factory):
     )
     gen = [{"prompt": prompt(), "answer": rng.choice(WORDS)} for _ in range(6)]
     write_task(folder, "pw_gen", gen, kind="generate_until", until=["\n"], max_gen_toks=4)
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(folder), include_defaults=False)  # our two tasks only: fast
     pm = PreferenceModel(llm_run, max_batch=8, token_budget=400, max_test_samples=2)
     with running(create_app(pm)) as url:
-        yield pm, url, folder
+        yield pm, url, manager
     pm.scheduler().close()
     pm.scorer().close()
 
 
-def _evaluate(model, folder: Path, model_args: dict | None = None) -> dict:
+def _evaluate(model, manager, model_args: dict | None = None) -> dict:
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     return simple_evaluate(
         model=model,
         model_args=model_args,
         tasks=["pw_choice", "pw_gen"],
-        task_manager=TaskManager(include_path=str(folder)),
+        task_manager=manager,
         log_samples=True,
         bootstrap_iters=0,
         verbosity="ERROR",
@@ -72,7 +74,7 @@ def test_local_completions_equals_hf_on_the_exported_model(lmeval_server, llm_ru
     over HTTP at a preference equal lm-eval's hf model on merge_and_unload(model, preference)."""
     from lm_eval.models.huggingface import HFLM
 
-    pm, url, folder = lmeval_server
+    pm, url, manager = lmeval_server
     tok = pm.wb.modality.tokenizer
     name = pm.run.resolve().name
     args = {
@@ -84,10 +86,10 @@ def test_local_completions_equals_hf_on_the_exported_model(lmeval_server, llm_ru
     }
     if not remote:  # otherwise lm-eval finds /tokenizer_info and /tokenize and uses the server's tokenizer
         args["tokenizer"] = str(llm_run.parent / "base")
-    served = _evaluate("local-completions", folder, args)
+    served = _evaluate("local-completions", manager, args)
     plain = pwemoe.merge_and_unload(pm.wb.modality.model, preference).eval()
     hf = HFLM(pretrained=plain, tokenizer=tok, max_length=48, batch_size=4, device="cpu")
-    ref = _evaluate(hf, folder)
+    ref = _evaluate(hf, manager)
     for task, metric in (("pw_choice", "acc,none"), ("pw_gen", "exact_match,none")):
         assert served["results"][task][metric] == ref["results"][task][metric], task
 
@@ -102,14 +104,17 @@ def test_local_completions_equals_hf_on_the_exported_model(lmeval_server, llm_ru
     assert texts == [s["filtered_resps"] for s in samples(ref, "pw_gen")] and any(t[0] for t in texts)
 
 
-def test_the_lmeval_extra_missing_is_one_line_and_exit_2(tmp_path):
+def test_the_lmeval_extra_missing_is_one_line_and_exit_2(tmp_path, monkeypatch):
     """Without lm-eval, `pwemoe.lmeval.require` names the extra, and the benchmark that needs it prints that one
     line, exits with status 2 and writes nothing."""
+    from pwemoe.lmeval import require
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without the package gives
+    with pytest.raises(RuntimeError) as e:
+        require()
+    assert "pip install 'pwemoe[lmeval]'" in str(e.value) and "\n" not in str(e.value)
     hide = "import sys; sys.modules['lm_eval'] = None; "
-    code = hide + "from pwemoe.lmeval import require\ntry:\n    require()\nexcept RuntimeError as e:\n    print(e)"
     env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "pip install 'pwemoe[lmeval]'" in out.stdout and len(out.stdout.strip().splitlines()) == 1
     result = tmp_path / "speed.json"
     bench = (
         hide + f"import runpy; sys.argv = ['lmeval_speed.py', '--run', {str(tmp_path)!r}, '--out', {str(result)!r}]; "
