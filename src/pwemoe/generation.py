@@ -425,7 +425,7 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[int, flo
     """(token, its log-probability, the `top` most likely (id, log-probability)) from logits Tensor[V]: the
     model's own distribution (log_softmax in fp32), whatever temperature or top_p sampled from it."""
     lp = torch.log_softmax(logits.float(), -1)
-    best = lp.topk(top) if top else None
+    best = lp.topk(min(top, lp.numel())) if top else None
     alts = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
     return token, float(lp[token]), alts
 

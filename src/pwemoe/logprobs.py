@@ -229,7 +229,7 @@ def _read(logits: torch.Tensor, ids: torch.Tensor, rows: list[ScoreRow]) -> list
     """Each row's token log-probabilities, alternatives and sampled next token from logits Tensor[B, S, V]."""
     lp = torch.log_softmax(logits, -1)
     given = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, S-1]: log p(ids[t+1] | ids[:t+1])
-    most = max(r.top for r in rows)
+    most = min(max(r.top for r in rows), lp.shape[-1])
     best = lp.topk(most, -1) if most else None
     out = []
     for b, r in enumerate(rows):
