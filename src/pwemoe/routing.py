@@ -6,7 +6,7 @@ Every function walks the model's upcycled modules (`ensembling_modules`), dense 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -80,9 +80,24 @@ def normalize_rows(r: PreferenceLike, k: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def set_row_preferences(model: nn.Module, r: PreferenceLike | None) -> torch.Tensor | None:
+def check_scales(lam: PreferenceLike, k: int) -> torch.Tensor:
+    """Per-expert scales (lambda itself, the routers bypassed) as Tensor[k] fp32: k finite numbers >= 0."""
+    t = torch.as_tensor(lam, dtype=torch.float32) if not isinstance(lam, torch.Tensor) else lam.detach().float().cpu()
+    if t.dim() != 1 or t.shape[0] != k:
+        raise ValueError(f"scales must be {k} numbers (one per expert), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"scales must be finite and >= 0, got {t.tolist()}")
+    return t
+
+
+def set_row_preferences(
+    model: nn.Module, r: PreferenceLike | None, raw: Sequence[bool] | torch.Tensor | None = None
+) -> torch.Tensor | None:
     """One preference per example of the next forwards: r Tensor[B, k] (rows normalised), row b of every batch
     input runs at r[b]; None returns to the one preference of `set_preference`. Returns the normalised rows.
+
+    raw: optionally one flag per row; a flagged row of r is lambda itself (per-expert scales, the routers
+    bypassed: task arithmetic with those scales in every upcycled module), checked by `check_scales`, not normalised.
 
     Factored modules (LoRA experts, `task_vector_rank`) run the whole batch in one forward, each row's rank
     columns scaled by its own lambda; dense modules merge once per distinct preference (cached) and run each
@@ -94,21 +109,37 @@ def set_row_preferences(model: nn.Module, r: PreferenceLike | None) -> torch.Ten
         for m in mods:
             m.set_row_preferences(None)
         return None
-    rn = normalize_rows(r, mods[0].k)
+    k = mods[0].k
+    flags = None if raw is None else torch.as_tensor(raw, dtype=torch.bool).flatten()
+    if flags is None or not bool(flags.any()):
+        rn, flags = normalize_rows(r, k), None
+    else:
+        t = torch.as_tensor(r, dtype=torch.float32) if not isinstance(r, torch.Tensor) else r.detach().float().cpu()
+        if t.dim() != 2 or t.shape[0] != flags.shape[0]:
+            raise ValueError(f"raw needs one flag per row of r: {flags.shape[0]} flags for shape {tuple(t.shape)}")
+        rows = []
+        for b, row in enumerate(t):
+            try:
+                rows.append(check_scales(row, k) if flags[b] else normalize_preference(row, k))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"row {b}: {e}") from None
+        rn = torch.stack(rows)
     made: dict[torch.device, RowPreferences] = {}
     for m in mods:
         dev = m.preference.device
         if dev not in made:
-            made[dev] = RowPreferences(rn, dev)
+            made[dev] = RowPreferences(rn, dev, flags)
         m.set_row_preferences(made[dev])
     return rn
 
 
 @contextlib.contextmanager
-def row_preferences(model: nn.Module, r: PreferenceLike) -> Iterator[torch.Tensor]:
+def row_preferences(
+    model: nn.Module, r: PreferenceLike, raw: Sequence[bool] | torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
     """Context manager: run with one preference per example (`set_row_preferences`), then back to one."""
     try:
-        yield set_row_preferences(model, r)
+        yield set_row_preferences(model, r, raw)
     finally:
         set_row_preferences(model, None)
 
@@ -187,6 +218,7 @@ def load_router_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
 
 
 __all__ = [
+    "check_scales",
     "ensembling_modules",
     "fixed_lambda",
     "get_preference",

@@ -81,14 +81,22 @@ class EnsemblingModule(nn.Module):
         self._rows = rows
 
     def row_lambdas(self) -> torch.Tensor:
-        """lambda of each distinct row preference: Tensor[G, k] (the router on `RowPreferences.unique`)."""
+        """lambda of each distinct row preference: Tensor[G, k] (the router on `RowPreferences.unique`; a row
+        marked raw gives its lambda itself, the router bypassed)."""
         rows = self._rows
         if rows is None:
             raise ValueError("no row preferences are set; call pwemoe.set_row_preferences(model, R) first")
         if self._override is not None:
             return self._override.expand(rows.unique.shape[0], -1)
+        unique = rows.unique.to(self.preference.device, self.router_dtype)
+        if rows.raw is None:
+            with self._full_precision():
+                return self.router(unique)
+        routed = ~rows.raw.to(unique.device)
+        if not bool(routed.any()):
+            return unique
         with self._full_precision():
-            return self.router(rows.unique.to(self.preference.device, self.router_dtype))
+            return torch.where(routed[:, None], self.router(unique), unique)
 
     def set_lambda_override(self, lam: torch.Tensor | None) -> None:
         """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
@@ -213,17 +221,32 @@ class RowPreferences:
     LongTensor[B], the index in `unique` of each row; groups: for each distinct preference, the rows that
     have it (LongTensor each), on `device`. Made once per batch composition (`pwemoe.set_row_preferences`)
     and shared by every module, so no module recomputes them per forward.
+
+    raw: optional BoolTensor[B]; a marked row's `prefs` row is lambda itself (per-expert scales, the same in
+    every module: task arithmetic), not a preference for the routers. `raw` of the distinct rows is BoolTensor[G]
+    (None when no row is marked); a raw row's key starts with "raw", so it never shares a merge with a preference.
     """
 
-    def __init__(self, prefs: torch.Tensor, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, prefs: torch.Tensor, device: torch.device | str | None = None, raw: torch.Tensor | None = None
+    ) -> None:
         if prefs.dim() != 2:
             raise ValueError(f"row preferences must be Tensor[B, k], got shape {tuple(prefs.shape)}")
+        if raw is not None and tuple(raw.shape) != (prefs.shape[0],):
+            raise ValueError(f"raw must be BoolTensor[B={prefs.shape[0]}], got shape {tuple(raw.shape)}")
         self.prefs = prefs
-        self.unique, inverse = torch.unique(prefs, dim=0, return_inverse=True)
+        marked = raw is not None and bool(raw.any())
+        rows = torch.cat([prefs, raw[:, None].to(prefs.dtype)], 1) if marked else prefs
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        self.unique = unique[:, : prefs.shape[1]]
+        self.raw = unique[:, -1].bool() if marked else None
         dev = torch.device(device) if device is not None else prefs.device
         self.inverse = inverse.to(dev)
         self.groups = [torch.nonzero(inverse == g).flatten().to(dev) for g in range(self.unique.shape[0])]
-        self.keys = [tuple(round(float(x), 6) for x in u.tolist()) for u in self.unique]
+        self.keys = [
+            ("raw", *key) if self.raw is not None and bool(self.raw[g]) else key
+            for g, key in enumerate(tuple(round(float(x), 6) for x in u.tolist()) for u in self.unique)
+        ]
 
     @property
     def batch_size(self) -> int:

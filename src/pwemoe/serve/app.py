@@ -12,7 +12,8 @@ plotly.min.js from the plotly package): no CDN, no network. Endpoints (JSON in a
     POST /api/export               {preference, name?, overwrite?} -> where the plain models were written
     POST /api/select               {maximize | minimize, require, confidence?, budget?, ...} -> a certified choice
     GET  /v1/models, POST /v1/chat/completions, POST /v1/completions
-                                   causal-LM runs: OpenAI-compatible generation at any preference (openai_api.py)
+                                   causal-LM runs: OpenAI-compatible generation at any preference (openai_api.py);
+                                   with POST /tokenize, /detokenize, GET /tokenizer_info and GET /lora-adapters
 
 Bad input gets a 4xx whose `error` says what was expected: 400 (invalid values), 404 (unknown job or
 path), 405 (wrong method), 409 (the run directory is in use), 413 (body or batch too large, with or

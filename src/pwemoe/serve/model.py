@@ -211,6 +211,7 @@ class PreferenceModel:
             self.preference(default_preference) if default_preference is not None else [1.0 / self.k] * self.k
         )
         self._scheduler: Any = None  # generation (causal-LM runs), made on first use
+        self._scorer: Any = None  # prompt log-probabilities (causal-LM runs), made on first use
         self.merged_decoding = bool(merged_decoding)
         self.test_examples = {
             t.name: len(t.test_data) for t in self.wb.tasks
@@ -361,6 +362,52 @@ class PreferenceModel:
                 self._scheduler = Scheduler(decoder, self.max_batch, self.token_budget, self._lock)
             return self._scheduler
 
+    def scorer(self) -> Any:
+        """The batched prompt scorer of this run's upcycled causal LM (`logprobs.PromptScorer`)."""
+        if self._scorer is None:
+            sched = self.scheduler()  # a causal-LM run (or its error), and the decoder's merged copies
+            with self._lock:
+                if self._scorer is None:
+                    from ..logprobs import PromptScorer
+
+                    self._scorer = PromptScorer(
+                        self.wb.modality.model,
+                        self.wb.device,
+                        self.wb.precision,
+                        self._lock,
+                        merged=self._merged_for_decoding if self.merged_decoding else None,
+                        max_tokens=self.token_budget,
+                        pad_id=sched.decoder.pad,
+                    )
+        return self._scorer
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        preference: PreferenceLike | None = None,
+        scales: Sequence[float] | None = None,
+        top: int = 0,
+        params: Any = None,
+    ) -> Any:
+        """Queue token-id prompts to score at `preference` (default: `default_preference`), or at per-expert
+        `scales` (raw lambda, the routers bypassed); returns a Future of one `logprobs.Scored` per prompt
+        (each token's log-probability and its `top` alternatives; with `params`, the sampled next token)."""
+        from ..logprobs import ScoreRow
+
+        scorer = self.scorer()
+        pref, raw = self._weights(preference, scales)
+        return scorer.submit([ScoreRow(list(ids), pref, raw, top, params) for ids in prompts])
+
+    def _weights(self, preference: PreferenceLike | None, scales: Sequence[float] | None) -> tuple[torch.Tensor, bool]:
+        """(Tensor[k], raw): the normalised preference, or the per-expert scales (raw lambda); not both."""
+        from ..routing import check_scales
+
+        if scales is not None:
+            if preference is not None:
+                raise ValueError("give a preference or per-expert scales, not both")
+            return check_scales(scales, self.k), True
+        return torch.tensor(self.preference(self.default_preference if preference is None else preference)), False
+
     @contextlib.contextmanager
     def _merged_for_decoding(self, r: torch.Tensor, merge: bool) -> Iterator[nn.Module | None]:
         """The cache's merged copy for r while a decoding step uses it, or None. Never waits (the decoder's
@@ -371,19 +418,25 @@ class PreferenceModel:
 
     def submit(
         self,
-        prompt: str | list[dict[str, Any]],
+        prompt: str | list[dict[str, Any]] | list[int],
         preference: PreferenceLike | None = None,
         params: Any = None,
         loop: Any = None,
+        scales: Sequence[float] | None = None,
     ) -> Any:
-        """Queue one generation (a text prompt, or chat messages through the chat template) at `preference`
-        (default: `default_preference`); returns its `generation.Handle` (events as they come, `cancel()`)."""
+        """Queue one generation (a text prompt, token ids, or chat messages through the chat template) at
+        `preference` (default: `default_preference`) or at per-expert `scales` (raw lambda: task arithmetic with
+        those scales, the routers bypassed); returns its `generation.Handle` (events as they come, `cancel()`)."""
         from ..generation import SamplingParams, prompt_ids
 
         sched = self.scheduler()
-        ids = prompt_ids(self.wb.modality.tokenizer, prompt)
-        pref = self.preference(self.default_preference if preference is None else preference)
-        return sched.submit(ids, pref, params or SamplingParams(), loop)
+        tokens = isinstance(prompt, list) and bool(prompt) and all(type(t) is int for t in prompt)
+        ids = list(prompt) if tokens else prompt_ids(self.wb.modality.tokenizer, prompt)
+        vocab = self.wb.modality.model.get_input_embeddings().num_embeddings
+        if tokens and not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {vocab}), got {prompt!r:.80}")
+        pref, raw = self._weights(preference, scales)
+        return sched.submit(ids, pref, params or SamplingParams(), loop, raw=raw)
 
     def generate(
         self,
