@@ -252,7 +252,7 @@ def test_messages_name_the_thing_and_the_fix(text_setup, tmp_path, capsys):
 def test_exponent_floats_are_floats_in_configs_and_overrides(text_setup, tmp_path):
     """1e-3, 3e30 and -2E-5 are floats, as OmegaConf and Hydra read them (YAML 1.1 reads them as text); quoted,
     or not a number, they stay text."""
-    from pwemoe.config import load_yaml
+    from pwemoe.config import dump_config, load_yaml
     from pwemoe.configfile import read_config
 
     assert load_yaml("[1e-3, 3e30, -2E-5, 1.0e5, +4e2, .5e1]", "x") == [0.001, 3e30, -2e-5, 1.0e5, 400.0, 5.0]
@@ -271,6 +271,9 @@ def test_exponent_floats_are_floats_in_configs_and_overrides(text_setup, tmp_pat
     assert cfg.tasks[0].name == "1e3abc"
     with pytest.raises(ConfigError, match=r"train.lr: expected float, got str '1e-3' \(quoted"):
         read_config(p, ["train.lr='1e-3'"])
+    # what pwemoe writes (a run's config.yaml) reads back the same: a task named '1e3' stays quoted
+    quoted = read_config(p, ["tasks.0.name='1e3'"])
+    assert load_yaml(dump_config(quoted), "config.yaml")["tasks"][0]["name"] == "1e3"
 
 
 def test_code_named_by_a_config_needs_trust_remote_code(text_setup, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ Reading a config with the registries filled in is `pwemoe.configfile` (it knows 
 from .errors import ConfigError
 from .explanation import explain
 from .overrides import apply_overrides
-from .safe_yaml import MAX_YAML_BYTES, MAX_YAML_VALUES, dump_config, load_yaml, read_yaml
+from .safe_yaml import MAX_YAML_BYTES, MAX_YAML_VALUES, dump_config, dump_yaml, load_yaml, read_yaml
 from .schema import (
     DEFAULT_TASK_TYPE,
     RESUMABLE,
@@ -49,6 +49,7 @@ __all__ = [
     "config_from_dict",
     "config_model",
     "dump_config",
+    "dump_yaml",
     "explain",
     "load_config",
     "load_yaml",

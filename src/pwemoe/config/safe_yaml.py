@@ -30,6 +30,14 @@ EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that quotes text `ConfigLoader` would read as a number (a task named '1e3'), so what
+    pwemoe writes reads back the same."""
+
+
+ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+
+
 def load_yaml(text: str, where: str) -> Any:
     """yaml.safe_load (no tags are executed, exponent floats read as floats: `ConfigLoader`) within
     MAX_YAML_BYTES and MAX_YAML_VALUES; ConfigError naming `where` for a malformed, too large, too deeply nested
@@ -113,5 +121,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML that `load_yaml` reads back equal (no tags; text that looks like a number quoted)."""
+    return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False)
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return dump_yaml(cfg.to_dict())
