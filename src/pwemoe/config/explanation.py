@@ -1,4 +1,8 @@
-"""`pwemoe config --explain`: every config key with its type, default and help text."""
+"""`pwemoe config --explain`: every config key with its type, default and help text.
+
+A field whose values come from a registry of the layers above (task types, objectives) names it in its
+`json_schema_extra` ({"registry": "task_types"}); its line lists the registry's names as they are when it is shown.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +22,19 @@ def explain(model: type[BaseModel] = Config, prefix: str = "", registries: Regis
         sub = submodel(f.annotation)
         if sub is not None:
             lines.append(f"{key}{'[i]' if 'list' in str(f.annotation) else ''}: {f.description or ''}")
-            lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.")
+            lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.", registries)
             if sub is TaskConfig and registries is not None:
                 lines += _task_options(f"{key}[i].", registries)
             continue
-        lines.append(_key_line(key, f))
+        lines.append(_key_line(key, f, registries=registries))
     return lines
 
 
-def _key_line(key: str, f: Any, types: str = "") -> str:
+def _key_line(key: str, f: Any, types: str = "", registries: Registries | None = None) -> str:
+    description = f.description or ""
+    registry = (f.json_schema_extra or {}).get("registry") if isinstance(f.json_schema_extra, dict) else None
+    if registry and registries is not None:
+        description += f"; one of {' | '.join(getattr(registries, registry))}"
     if f.is_required():
         default = "required"
     else:
@@ -34,7 +42,7 @@ def _key_line(key: str, f: Any, types: str = "") -> str:
         default = f"default {d!r}"
     tp = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) else None
     tp = tp or str(f.annotation).replace("typing.", "")
-    return f"{key} ({tp}; {default}{'; ' + types if types else ''}): {f.description or ''}"
+    return f"{key} ({tp}; {default}{'; ' + types if types else ''}): {description}"
 
 
 def _task_options(prefix: str, registries: Registries) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..core.router import ROUTER_INITS
-from ..devices import CHECKPOINT_SCOPES, PRECISIONS, check_device_spec
+from ..devices import CHECKPOINT_SCOPES, DEVICE_CHOICES, PRECISIONS, check_device_spec
 from .errors import key_error, keys_error
 
 # Settings that may change when a run is resumed; any other difference is refused.
@@ -44,6 +44,9 @@ def resumable_keys() -> str:
 
 
 DEFAULT_TASK_TYPE = "sequence_classification"
+# Where a task's examples come from (`tasks[i].data.source`); `tasks.data.load_split` reads each.
+DATA_SOURCES = ("hub", "csv", "json", "parquet", "imagefolder", "adapter")
+TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class DataConfig(BaseModel):
     """Where a task's examples come from (through the `datasets` library)."""
 
     model_config = _STRICT
-    source: str = Field("hub", description="hub | csv | json | parquet | imagefolder | adapter")
+    source: str = Field("hub", description=" | ".join(DATA_SOURCES))
     path: str = Field(
         "", description="dataset id, file, directory or glob; for source=adapter a registered name or 'module:function'"
     )
@@ -120,7 +123,7 @@ class DataConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        return _one_of(v, ("hub", "csv", "json", "parquet", "imagefolder", "adapter"))
+        return _one_of(v, DATA_SOURCES)
 
     @model_validator(mode="after")
     def _where(self, info: ValidationInfo) -> DataConfig:
@@ -158,9 +161,7 @@ class TaskConfig(BaseModel):
 
     model_config = _STRICT
     name: str = Field(description="a plain name (letters, digits, _ . -); also the export sub-directory")
-    type: str = Field(
-        DEFAULT_TASK_TYPE, description="task type: sequence_classification, clip_zero_shot, causal_lm_choice, causal_lm"
-    )
+    type: str = Field(DEFAULT_TASK_TYPE, description="the task type", json_schema_extra={"registry": "task_types"})
     expert: str = Field(description="hub id or local directory of this task's fine-tuned model")
     data: DataConfig = Field(description="where the examples come from")
     class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
@@ -218,7 +219,7 @@ class ModelConfig(BaseModel):
         description="constant (the paper's: lambda = init_lambda, task arithmetic) | preference "
         "(lambda(r) = init_lambda * k * r: starts at preference-weighted task arithmetic)",
     )
-    task_vector_dtype: str = Field("float32", description="storage of task vectors: float32 | bfloat16 | float16")
+    task_vector_dtype: str = Field("float32", description=f"storage of task vectors: {' | '.join(TASK_VECTOR_DTYPES)}")
     path_map: dict[str, str] = Field(default_factory=dict, description="hub id -> local path (offline mirrors)")
     task_vector_rank: int | float | None = Field(
         None,
@@ -252,14 +253,18 @@ class ModelConfig(BaseModel):
     @field_validator("task_vector_dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        return _one_of(v, ("float32", "bfloat16", "float16"))
+        return _one_of(v, TASK_VECTOR_DTYPES)
 
 
 class TrainConfig(BaseModel):
     """Router training: the objective, the schedule and the sampling of preferences."""
 
     model_config = _STRICT
-    objective: str = Field("ls", description="ls | epo | tchebycheff | stch")
+    objective: str = Field(
+        "ls",
+        description="the training objective (docs/guides/objectives.md)",
+        json_schema_extra={"registry": "objectives"},
+    )
     objective_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the objective")
     steps: int = Field(2000, ge=1, description="optimizer steps (may be raised on --resume)")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate (may change on --resume)")
@@ -386,11 +391,9 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="router training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     run_dir: str = Field("runs/pwemoe", description="the run directory (a new or pwemoe-made directory)")
-    device: str = Field(
-        "auto", description="auto | cpu | cuda | cuda:N (auto: the local rank's GPU if there is one, else CPU)"
-    )
+    device: str = Field("auto", description=f"{DEVICE_CHOICES} (auto: the local rank's GPU if there is one, else CPU)")
     precision: str = Field(
-        "fp32", description="fp32 | bf16 | fp16: autocast of the forward (routers and optimizer stay fp32)"
+        "fp32", description=f"{' | '.join(PRECISIONS)}: autocast of the forward (routers and optimizer stay fp32)"
     )
 
     @field_validator("device")
