@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.checks import positive_int
 from .core.ensembling import EnsemblingModule, WeightEnsemblingModule
 from .core.factored import FactoredEnsemblingModule, concat_factors, truncated_svd
 from .core.merge import add_task_vector_
@@ -67,11 +68,9 @@ def check_task_vector_rank(rank: Any) -> int | float | None:
     """None, an int >= 1 (the rank), or a float in (0, 1] (the share of ||tau||_F^2 to keep)."""
     if rank is None:
         return None
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TypeError(f"task_vector_rank must be an int >= 1 or a float in (0, 1], got {rank!r}")
-    if isinstance(rank, int) and rank < 1:
-        raise ValueError(f"task_vector_rank must be >= 1 (or an energy fraction in (0, 1]), got {rank}")
-    if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+    if not isinstance(rank, float):  # a rank (an int; not a bool)
+        return positive_int("task_vector_rank", rank, hint=" (or a float in (0, 1]: the share of energy to keep)")
+    if not 0.0 < rank <= 1.0:
         raise ValueError(f"task_vector_rank as an energy fraction must be in (0, 1], got {rank}")
     return rank
 
