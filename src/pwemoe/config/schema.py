@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -166,29 +166,6 @@ class TaskConfig(BaseModel):
     data: DataConfig = Field(description="where the examples come from")
     class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
     max_length: int = Field(128, ge=1, description="tokens per text input (truncation)")
-
-    # option key -> names of the TaskConfig subclasses that declare it (filled as subclasses are defined)
-    _OPTION_OWNERS: ClassVar[dict[str, list[str]]] = {}
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        for key in cls.model_fields:
-            if key not in TaskConfig.model_fields:
-                owners = TaskConfig._OPTION_OWNERS.setdefault(key, [])
-                if cls.__name__ not in owners:
-                    owners.append(cls.__name__)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unset_options_of_other_types(cls, data: Any) -> Any:
-        # Configs written before task options had their own models carry every option of every type, unset
-        # (null); such a key is dropped. A value set for another type's option is refused (extra="forbid").
-        if isinstance(data, dict):
-            drop = [k for k, v in data.items() if v is None and k not in cls.model_fields and k in cls._OPTION_OWNERS]
-            if drop:
-                data = {k: v for k, v in data.items() if k not in drop}
-        return data
 
     @field_validator("name")
     @classmethod
