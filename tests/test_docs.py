@@ -111,7 +111,7 @@ def test_config_examples_are_valid_configs(tmp_path):
 # A list written in the docs is marked: <!-- list: NAME -->`a` (what a is), `b`<!-- /list --> (or a table whose first
 # column names them); a YAML comment that lists a key's choices (`precision: bf16  # fp32 | bf16 | fp16`) is found
 # by its key.
-MARKED = re.compile(r"<!--\s*list:\s*(?P<name>\w+)\s*-->(?P<body>.*?)<!--\s*/list\s*-->", re.S)
+MARKED = re.compile(r"(?<!`)<!--\s*list:\s*(?P<name>\w+)\s*-->(?P<body>.*?)<!--\s*/list\s*-->", re.S)
 COMMENTED = re.compile(r"^\s*(?P<key>device|precision|objective|source|type):\s*\S+\s+#(?P<comment>.*\|.*)$", re.M)
 KEY_LISTS = {"device": "devices", "precision": "precisions", "objective": "objectives", "source": "data_sources"}
 KEY_LISTS["type"] = "task_types"
@@ -123,7 +123,10 @@ def registry_lists() -> dict[str, list[str]]:
     from pwemoe.objectives import OBJECTIVES
     from pwemoe.tasks import TASK_TYPES
 
+    project = (ROOT / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)\]", project, re.S | re.M)[1]
     return {
+        "dependencies": re.findall(r'"([A-Za-z0-9_.-]+)', dependencies),  # what pwemoe alone installs
         "devices": DEVICE_CHOICES.split(" | "),
         "precisions": list(PRECISIONS),
         "objectives": list(OBJECTIVES),
