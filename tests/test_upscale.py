@@ -271,6 +271,30 @@ def test_settings_by_name_or_as_one_options_object_build_the_same_model(base_and
         upcycle(base, experts, ["attention"])
 
 
+def test_experts_stream_one_at_a_time(base_and_experts):
+    """Experts given as loaders are loaded one at a time: each is freed before the next loads (the first one too,
+    which upcycle loads first to tell dense from LoRA experts)."""
+    import copy
+    import gc
+    import weakref
+
+    base, experts = base_and_experts
+    alive: list[weakref.ref] = []
+
+    def loader(expert):
+        def load():
+            gc.collect()
+            assert all(ref() is None for ref in alive), "an earlier expert is still held"
+            e = copy.deepcopy(expert)
+            alive.append(weakref.ref(e))
+            return e
+
+        return load
+
+    upcycle(base, {name: loader(e) for name, e in experts.items()})
+    assert len(alive) == len(experts)
+
+
 def test_bf16_task_vectors_halve_storage(base_and_experts):
     base, experts = base_and_experts
 
