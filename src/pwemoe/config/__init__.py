@@ -18,6 +18,7 @@ from .explanation import explain
 from .overrides import apply_overrides
 from .safe_yaml import MAX_YAML_BYTES, MAX_YAML_VALUES, dump_config, dump_yaml, load_yaml, read_yaml
 from .schema import (
+    DATA_SOURCES,
     DEFAULT_TASK_TYPE,
     RESUMABLE,
     Config,
@@ -33,6 +34,7 @@ from .task_types import config_model, task_config_class
 from .validation import config_from_dict, load_config
 
 __all__ = [
+    "DATA_SOURCES",
     "DEFAULT_TASK_TYPE",
     "MAX_YAML_BYTES",
     "MAX_YAML_VALUES",

@@ -156,7 +156,7 @@ class TrainRecipe:
             gradient_checkpointing(wb.backbone, scope=scope)
         self.micro_batch_size = tc.micro_batch_size or default_micro_batch_size(wb.device)
         self.objective: Objective = build_objective(tc.objective, **tc.objective_args)
-        # Each rank draws its own preferences and batches (documented in the README).
+        # Each rank draws its own preferences and batches (docs/guides/gpus.md).
         self.sampler = DirichletSampler(k, tc.alpha, seed=tc.seed + 7919 * self.rank)
         self.streams = [
             TaskStream(len(t.train_data), tc.batch_size, tc.seed + 104729 * self.rank + i)
