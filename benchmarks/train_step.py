@@ -97,9 +97,9 @@ def _build(shape: str, k: int, variant: str, device, tv_dtype, checkpointing: st
     model = CLIPVisionModel(CLIPVisionConfig(**{"image_size": 224, **SHAPES[shape]})).eval()
     tv_bytes = 0
     if variant.startswith(("ls", "epo", "pipeline")):
-        src = copy.deepcopy(model)  # upscale moves `model` itself to the device; experts come from a CPU copy
+        src = copy.deepcopy(model)  # upcycle moves `model` itself to the device; experts come from a CPU copy
 
-        def expert(i: int) -> torch.nn.Module:  # built on demand: upscale streams them one at a time
+        def expert(i: int) -> torch.nn.Module:  # built on demand: upcycle streams them one at a time
             e = copy.deepcopy(src)
             with torch.no_grad():
                 for p in e.parameters():

@@ -1,4 +1,4 @@
-"""Build time, peak memory and held bytes of `upscale`, and the time of one merge.
+"""Build time, peak memory and held bytes of `upcycle`, and the time of one merge.
 
 ViT-B/32-shaped CLIP vision model (random init from config, no download), k = 2 and 8.
 Experts are saved to a temp dir and streamed from disk, as a user would load them.

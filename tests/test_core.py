@@ -303,3 +303,14 @@ def test_shared_merge_router_gradient_is_the_per_forward_one_exactly(dtype):
         model(x).float().pow(2).mean().backward()
         merge.backward()
     assert all(torch.equal(a, p.grad) for a, p in zip(plain, params))
+
+
+def test_positive_int_refuses_bools_other_types_and_values_out_of_bounds():
+    from pwemoe.core.checks import positive_int, positive_int_problem
+
+    assert positive_int("steps", 3) == 3 and positive_int("rank", 7, maximum=7) == 7
+    assert positive_int_problem("k", 2, minimum=2) is None
+    for bad in (True, False, 0, -1, 2.0, "2", None):
+        assert positive_int_problem("steps", bad) == f"steps must be an integer >= 1, got {bad!r}"
+    with pytest.raises(ValueError, match=r"^rank must be an integer in \[1, 4\], got 5; at 4 it is exact$"):
+        positive_int("rank", 5, maximum=4, hint="; at 4 it is exact")

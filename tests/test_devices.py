@@ -380,7 +380,7 @@ def test_cuda_step_matches_cpu_step():
 def test_cuda_upscale_streams_experts_within_theta0_plus_T():
     """GPU memory while upcycling: theta_0 + T + at most one expert parameter, never a whole expert."""
     base = tiny_clip_vision()
-    src = copy.deepcopy(base)  # upscale moves `base` itself to the GPU; experts come from a CPU copy
+    src = copy.deepcopy(base)  # upcycle moves `base` itself to the GPU; experts come from a CPU copy
     experts = {f"t{i}": (lambda i=i: make_expert(src, seed=i + 1)) for i in range(4)}  # loaded on demand
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -105,3 +105,86 @@ def test_config_examples_are_valid_configs(tmp_path):
                 seen += 1
     assert seen >= 2
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the examples never reached the hub
+
+
+# --- the lists a user chooses from, written in the docs and in help texts, match their registries ---------------
+# A list written in the docs is marked: <!-- list: NAME -->`a` (what a is), `b`<!-- /list --> (or a table whose first
+# column names them); a YAML comment that lists a key's choices (`precision: bf16  # fp32 | bf16 | fp16`) is found
+# by its key.
+MARKED = re.compile(r"(?<!`)<!--\s*list:\s*(?P<name>\w+)\s*-->(?P<body>.*?)<!--\s*/list\s*-->", re.S)
+COMMENTED = re.compile(r"^\s*(?P<key>device|precision|objective|source|type):\s*\S+\s+#(?P<comment>.*\|.*)$", re.M)
+KEY_LISTS = {"device": "devices", "precision": "precisions", "objective": "objectives", "source": "data_sources"}
+KEY_LISTS["type"] = "task_types"
+
+
+def registry_lists() -> dict[str, list[str]]:
+    from pwemoe.config.schema import DATA_SOURCES
+    from pwemoe.devices import DEVICE_CHOICES, PRECISIONS
+    from pwemoe.objectives import OBJECTIVES
+    from pwemoe.tasks import TASK_TYPES
+
+    project = (ROOT / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)\]", project, re.S | re.M)[1]
+    return {
+        "dependencies": re.findall(r'"([A-Za-z0-9_.-]+)', dependencies),  # what pwemoe alone installs
+        "devices": DEVICE_CHOICES.split(" | "),
+        "precisions": list(PRECISIONS),
+        "objectives": list(OBJECTIVES),
+        "task_types": list(TASK_TYPES),
+        "data_sources": list(DATA_SOURCES),
+    }
+
+
+def listed(body: str) -> list[str]:
+    """The names a marked list gives: a table's first column, or the `code` spans of prose outside parentheses."""
+    rows = [line for line in body.splitlines() if line.startswith("|") and not set(line) <= set("|-: ")]
+    if rows:
+        return [re.findall(r"`([^`]+)`", row.split("|")[1])[0] for row in rows[1:]]  # rows[0]: the header
+    while re.search(r"\([^()]*\)", body):
+        body = re.sub(r"\([^()]*\)", "", body)
+    return re.findall(r"`([^`]+)`", body)
+
+
+def test_lists_match_registries():
+    want = registry_lists()
+    checked: dict[str, int] = {}
+    for page in [*PAGES, ROOT / "CONTRIBUTING.md"]:
+        where = page.relative_to(ROOT)
+        for m in MARKED.finditer(page.read_text()):
+            assert m["name"] in want, f"{where}: unknown list {m['name']!r}; known: {sorted(want)}"
+            got = listed(m["body"])
+            assert sorted(got) == sorted(want[m["name"]]), f"{where}: {m['name']} lists {got}, not {want[m['name']]}"
+            checked[m["name"]] = checked.get(m["name"], 0) + 1
+        for code, _ in blocks(page, "yaml"):
+            for m in COMMENTED.finditer(code):
+                name = KEY_LISTS[m["key"]]
+                got = [re.match(r"\s*(\w+(?::\w+)?)", item)[1] for item in m["comment"].split("|")]
+                assert sorted(got) == sorted(want[name]), f"{where}: the comment on {m['key']!r} lists {got}"
+                checked[name] = checked.get(name, 0) + 1
+    assert set(checked) == set(want), f"lists found in the docs: {checked}"  # every list is checked somewhere
+
+
+def test_help_texts_list_the_registries(monkeypatch, capsys):
+    """`pwemoe config --explain` and `--help` show what is registered when they run (a toy objective, task type and
+    precision added here), and `serve --help` sends the reader to the serving guide."""
+    from pwemoe.cli import main
+    from pwemoe.devices import DEVICE_CHOICES, PRECISIONS
+    from pwemoe.objectives import OBJECTIVES
+    from pwemoe.objectives.ls import LinearScalarization
+    from pwemoe.tasks import TASK_TYPES, SequenceClassificationTask
+
+    monkeypatch.setitem(OBJECTIVES, "toy_objective", LinearScalarization)
+    monkeypatch.setitem(TASK_TYPES, "toy_task", type("ToyTask", (SequenceClassificationTask,), {}))
+    monkeypatch.setitem(PRECISIONS, "toy_precision", None)
+    assert main(["config", "--explain"]) == 0
+    lines = {line.split(" ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["tasks[i].type"].endswith(" | ".join(TASK_TYPES)) and "toy_task" in lines["tasks[i].type"]
+    assert lines["train.objective"].endswith(" | ".join(OBJECTIVES)) and "toy_objective" in lines["train.objective"]
+    assert DEVICE_CHOICES in lines["device"]
+    assert all(p in lines["precision"] for p in PRECISIONS if p != "toy_precision")
+    for command in ("evaluate", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "toy_precision" in out and DEVICE_CHOICES in out, command
+    assert "docs/guides/serving.md" in out and "README" not in out

@@ -234,17 +234,46 @@ def test_messages_name_the_thing_and_the_fix(text_setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss is not finite" in err and "no checkpoint was saved" in err and "last good" not in err, err
     assert not (tmp_path / "nan" / "routers.safetensors").exists()
-    # YAML 1.1 reads 1e-3 as text: the error says how to write it
-    assert main(["train", str(_cfg(text_setup, tmp_path, "e")), "train.lr=1e-3", "train.steps=1e2"]) == 2
+    # numbers of the wrong kind: the error says how to write what was meant
+    overrides = ["train.lr='1e-3'", "train.steps=1e2", "tasks.0.name=1e3"]
+    assert main(["train", str(_cfg(text_setup, tmp_path, "e")), *overrides]) == 2
     err = capsys.readouterr().err
-    assert "train.lr: expected float, got str '1e-3' (YAML reads 1e-3 as text; write 1.0e-3, with a dot" in err, err
-    assert "train.steps: expected int, got str '1e2' (YAML reads 1e2 as text; write the integer 100)" in err
+    assert "train.lr: expected float, got str '1e-3' (quoted, a number is text; write it without quotes)" in err, err
+    assert "train.steps: expected int, got float 100.0 (write the integer 100)" in err, err
+    assert "tasks[0].name: expected str, got float 1000.0 (YAML reads it as a number; quote it to give text)" in err
     # a CSV with a header and no rows
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
     assert main(["train", str(_cfg(text_setup, tmp_path, "c")), f"tasks.0.data.files.train={empty}"]) == 2
     err = capsys.readouterr().err
     assert f"csv file {empty} for split 'train' has no examples (only a header line)" in err, err
+
+
+def test_exponent_floats_are_floats_in_configs_and_overrides(text_setup, tmp_path):
+    """1e-3, 3e30 and -2E-5 are floats, as OmegaConf and Hydra read them (YAML 1.1 reads them as text); quoted,
+    or not a number, they stay text."""
+    from pwemoe.config import dump_config, load_yaml
+    from pwemoe.configfile import read_config
+
+    assert load_yaml("[1e-3, 3e30, -2E-5, 1.0e5, +4e2, .5e1]", "x") == [0.001, 3e30, -2e-5, 1.0e5, 400.0, 5.0]
+    assert load_yaml("['1e-3', \"3e30\", 1e3abc, e3, 1e, 1e-3.5]", "x") == [
+        "1e-3",
+        "3e30",
+        "1e3abc",
+        "e3",
+        "1e",
+        "1e-3.5",
+    ]
+    p = _cfg(text_setup, tmp_path, lr="LR")
+    p.write_text(p.read_text().replace("lr: LR", "lr: 1e-3"))  # written as a person writes it, not as YAML dumps it
+    cfg = read_config(p, ["train.alpha=3e30", "model.init_lambda=-2E-5", "tasks.0.name=1e3abc"])
+    assert (cfg.train.lr, cfg.train.alpha, cfg.model.init_lambda) == (1e-3, 3e30, -2e-5)
+    assert cfg.tasks[0].name == "1e3abc"
+    with pytest.raises(ConfigError, match=r"train.lr: expected float, got str '1e-3' \(quoted"):
+        read_config(p, ["train.lr='1e-3'"])
+    # what pwemoe writes (a run's config.yaml) reads back the same: a task named '1e3' stays quoted
+    quoted = read_config(p, ["tasks.0.name='1e3'"])
+    assert load_yaml(dump_config(quoted), "config.yaml")["tasks"][0]["name"] == "1e3"
 
 
 def test_code_named_by_a_config_needs_trust_remote_code(text_setup, tmp_path, monkeypatch):

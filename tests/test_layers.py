@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pwemoe"
@@ -20,7 +21,7 @@ LAYERS = [
     ["recipes", "selection"],
     ["serve"],
     ["demo"],
-    ["cli", "__main__"],
+    ["cli"],
 ]
 
 
@@ -112,3 +113,16 @@ def test_no_import_cycles():
         if m not in color:
             visit(m)
     assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+def test_contributing_table_is_the_layers():
+    """CONTRIBUTING.md's layer table places every module where LAYERS does, and every name in LAYERS is a module."""
+    text = (SRC.parents[1] / "CONTRIBUTING.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([^|]*) \|", text, re.M)
+    table = {
+        int(n): {m.removesuffix("/").removesuffix(".py").replace("/", ".") for m in re.findall(r"`([^`]+)`", ms)}
+        for n, ms in rows
+    }
+    assert table == {i: set(names) for i, names in enumerate(LAYERS)}
+    modules = set(_graph())
+    assert not [n for names in LAYERS for n in names if n not in modules], "LAYERS names a module that does not exist"

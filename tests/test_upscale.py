@@ -15,7 +15,7 @@ from pwemoe import (
     router_state_dict,
     routing_weights,
     set_preference,
-    upscale,
+    upcycle,
 )
 from tests.conftest import BUILDERS, make_expert, model_inputs, tiny_bert
 
@@ -30,7 +30,7 @@ def test_onehot_lambda_reproduces_each_expert_module(arch, base_and_experts):
     import copy
 
     expert_copies = {n: copy.deepcopy(e) for n, e in experts.items()}
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     mods = dict(ensembling_modules(model))
     assert mods, "no modules were upcycled"
     for i, (task, expert) in enumerate(expert_copies.items()):
@@ -62,7 +62,7 @@ def test_untrained_model_is_task_arithmetic(arch, base_and_experts):
         for n, p in ta.named_parameters():
             p.add_(sum(dict(e.named_parameters())[n] - p for e in experts.values()), alpha=0.3)
     inputs = model_inputs(base)
-    model = upscale(base, experts, init_lambda=0.3)
+    model = upcycle(base, experts, init_lambda=0.3)
     with fixed_lambda(model, torch.full((3,), 0.3)):
         assert torch.allclose(_out(model, inputs), _out(ta, inputs), atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_untrained_model_is_task_arithmetic(arch, base_and_experts):
 def test_export_equals_preference_forward_and_reloads_plainly(arch, base_and_experts, tmp_path):
     base, experts = base_and_experts
     cls = type(base)
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     inputs = model_inputs(model)
     r = [0.2, 0.5, 0.3]
     set_preference(model, r)
@@ -114,7 +114,7 @@ def test_export_equals_preference_forward_and_reloads_plainly(arch, base_and_exp
 
 def test_only_routers_get_gradients(arch, base_and_experts):
     base, experts = base_and_experts
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".router." in n for n in trainable)
     mods = list(ensembling_modules(model))
@@ -137,7 +137,7 @@ def test_only_routers_get_gradients(arch, base_and_experts):
 
 def test_training_step_changes_output_no_stale_cache(base_and_experts):
     base, experts = base_and_experts
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     inputs = model_inputs(model)
     set_preference(model, [1, 1, 1])
     before = _out(model, inputs)
@@ -150,7 +150,7 @@ def test_training_step_changes_output_no_stale_cache(base_and_experts):
 
 def test_router_state_dict_roundtrip(base_and_experts):
     base, experts = base_and_experts
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     sd = router_state_dict(model)
     assert all(".router." in k for k in sd)
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_router_state_dict_roundtrip(base_and_experts):
 
 def test_preference_api():
     base = tiny_bert()
-    model = upscale(base, {"a": make_expert(base, 1), "b": make_expert(base, 2)})
+    model = upcycle(base, {"a": make_expert(base, 1), "b": make_expert(base, 2)})
     assert torch.allclose(set_preference(model, [1, 3]), torch.tensor([0.25, 0.75]))
     with pwemoe.preference(model, [1, 0]) as r:
         assert r.tolist() == [1.0, 0.0]
@@ -195,21 +195,21 @@ def test_preference_api():
 def test_bad_experts_are_named():
     base = tiny_bert()
     with pytest.raises(ValueError, match="k >= 2"):
-        upscale(base, {"only": make_expert(base, 1)})
+        upcycle(base, {"only": make_expert(base, 1)})
     from tests.conftest import tiny_gpt2
 
     with pytest.raises(ValueError, match="'other'.*GPT2Model"):
-        upscale(tiny_bert(), {"a": make_expert(base, 1), "other": tiny_gpt2()})
+        upcycle(tiny_bert(), {"a": make_expert(base, 1), "other": tiny_gpt2()})
     wide = BertModel(
         BertConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
     )
     with pytest.raises(ValueError, match=r"expert 'wide'.*shape mismatch.*intermediate.dense.weight \(96, 32\)"):
-        upscale(tiny_bert(), {"a": make_expert(base, 1), "wide": wide})
+        upcycle(tiny_bert(), {"a": make_expert(base, 1), "wide": wide})
     fewer = BertModel(
         BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=101)
     )
     with pytest.raises(ValueError, match=r"expert 'short'.*missing keys: encoder.layer.1"):
-        upscale(tiny_bert(), {"a": make_expert(base, 1), "short": fewer})
+        upcycle(tiny_bert(), {"a": make_expert(base, 1), "short": fewer})
 
 
 def test_targets_patterns_and_errors():
@@ -236,15 +236,63 @@ def test_targets_patterns_and_errors():
         pwemoe.find_targets(base)
 
 
-def test_custom_targets_upscale_and_attention(base_and_experts):
+def test_custom_targets_upcycle_and_attention(base_and_experts):
     base, experts = base_and_experts
-    model = upscale(base, experts, include_attention=True)
+    model = upcycle(base, experts, include_attention=True)
     names = [n for n, _ in ensembling_modules(model)]
     assert any("att" in n for n in names) and len(names) >= 4
     inputs = model_inputs(model)
     plain = merge_and_unload(model, [0.6, 0.2, 0.2])
     with pwemoe.preference(model, [0.6, 0.2, 0.2]):
         assert torch.allclose(_out(plain, inputs), _out(model, inputs), atol=1e-5)
+
+
+def test_settings_by_name_or_as_one_options_object_build_the_same_model(base_and_experts):
+    """upcycle(base, experts, init_lambda=...) is upcycle(base, experts, UpcycleOptions(init_lambda=...)); names
+    given beside an options object replace its fields; an unknown name or a positional that is not the options
+    object is refused with what is known."""
+    import copy
+
+    from pwemoe import UpcycleOptions
+
+    base, experts = base_and_experts
+    settings = dict(init_lambda=0.6, include_attention=True, router_hidden_layers=1)
+    torch.manual_seed(0)  # routers are initialised on the CPU RNG: the same seed for both builds
+    by_name = upcycle(copy.deepcopy(base), copy.deepcopy(experts), **settings)
+    torch.manual_seed(0)
+    options = UpcycleOptions(init_lambda=0.1, include_attention=True, router_hidden_layers=1)
+    as_object = upcycle(copy.deepcopy(base), copy.deepcopy(experts), options, init_lambda=0.6)
+    assert by_name.pwemoe_info == as_object.pwemoe_info and by_name.pwemoe_info.init_lambda == 0.6
+    a, b = by_name.state_dict(), as_object.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(TypeError, match=r"unknown settings \['init_lamda'\]; known: .*'init_lambda'"):
+        upcycle(base, experts, init_lamda=0.3)
+    with pytest.raises(TypeError, match=r"options must be an UpcycleOptions, got list; give settings by name"):
+        upcycle(base, experts, ["attention"])
+
+
+def test_experts_stream_one_at_a_time(base_and_experts):
+    """Experts given as loaders are loaded one at a time: each is freed before the next loads (the first one too,
+    which upcycle loads first to tell dense from LoRA experts)."""
+    import copy
+    import gc
+    import weakref
+
+    base, experts = base_and_experts
+    alive: list[weakref.ref] = []
+
+    def loader(expert):
+        def load():
+            gc.collect()
+            assert all(ref() is None for ref in alive), "an earlier expert is still held"
+            e = copy.deepcopy(expert)
+            alive.append(weakref.ref(e))
+            return e
+
+        return load
+
+    upcycle(base, {name: loader(e) for name, e in experts.items()})
+    assert len(alive) == len(experts)
 
 
 def test_bf16_task_vectors_halve_storage(base_and_experts):
@@ -259,8 +307,8 @@ def test_bf16_task_vectors_halve_storage(base_and_experts):
 
     import copy
 
-    fp32 = upscale(copy.deepcopy(base), experts)
-    bf16 = upscale(base, experts, task_vector_dtype=torch.bfloat16)
+    fp32 = upcycle(copy.deepcopy(base), experts)
+    bf16 = upcycle(base, experts, task_vector_dtype=torch.bfloat16)
     assert tv_bytes(bf16) * 2 == tv_bytes(fp32)
     inputs = model_inputs(base)
     r = [0.3, 0.3, 0.4]
@@ -277,17 +325,17 @@ def test_streamed_loading_from_directories(tmp_path):
         e.save_pretrained(tmp_path / f"e{i}")
         paths[f"e{i}"] = str(tmp_path / f"e{i}")
     base.save_pretrained(tmp_path / "base")
-    model = upscale(str(tmp_path / "base"), paths)
+    model = upcycle(str(tmp_path / "base"), paths)
     info = model.pwemoe_info
     assert info.base_id == str(tmp_path / "base") and info.expert_ids == paths
     assert set(info.hashes) == {"base", "e0", "e1"} and len(set(info.hashes.values())) == 3
     with pytest.raises(ValueError, match="is a file"):
-        upscale(str(tmp_path / "base" / "config.json"), paths)
+        upcycle(str(tmp_path / "base" / "config.json"), paths)
 
 
 def test_merge_into_reuses_one_plain_copy(base_and_experts):
     base, experts = base_and_experts
-    model = upscale(base, experts)
+    model = upcycle(base, experts)
     inputs = model_inputs(model)
     plain = merge_and_unload(model, [1, 0, 0])
     for r in ([0.2, 0.3, 0.5], [0, 0, 1]):

@@ -20,7 +20,7 @@ from .routing import (
     set_row_preferences,
 )
 from .targets import find_targets
-from .upcycle import UpcycleInfo, UpscaleInfo, upcycle, upscale
+from .upcycle import UpcycleInfo, UpcycleOptions, upcycle
 
 __version__ = "0.1.0"
 
@@ -51,7 +51,7 @@ __all__ = [
     "Router",
     "SharedMerge",
     "UpcycleInfo",
-    "UpscaleInfo",
+    "UpcycleOptions",
     "WeightEnsemblingModule",
     "__version__",
     "ensembling_modules",
@@ -74,5 +74,4 @@ __all__ = [
     "shared_merge",
     "simplex_grid",
     "upcycle",
-    "upscale",
 ]

@@ -9,6 +9,7 @@ from typing import Any
 from .checkpoint import check_hashes, load_routers
 from .config import Config
 from .configfile import build_config, read_config
+from .core.checks import positive_int
 from .core.preference import Preference, PreferenceLike, parse_preference
 from .export import merge_and_unload
 from .files import (
@@ -95,10 +96,8 @@ def export_run(
     require_run_dir(run)
     cfg = with_placement(read_config(run / CONFIG), device, None)  # checked before models load
     r = parse_preference_arg(preference, len(cfg.tasks))
-    if adapter_rank is not None and (
-        isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int) or adapter_rank < 1
-    ):
-        raise ValueError(f"--adapter-rank must be an integer >= 1, got {adapter_rank!r}")
+    if adapter_rank is not None:
+        positive_int("--adapter-rank", adapter_rank)
     wb, meta = open_run(run, load_test=False, device=device)
     out = write_export(wb, meta, run, r, out, overwrite, adapter_rank)
     print(f"exported preference {r.tolist()} to {out}")

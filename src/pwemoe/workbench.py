@@ -20,7 +20,7 @@ from .modalities import MODALITIES, Modality
 from .modalities.causal_lm import HEAD_ONLY_PREFIX
 from .models import check_local_sources
 from .tasks import TASK_TYPES, Task
-from .upcycle import upcycle
+from .upcycle import UpcycleOptions, upcycle
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Workbench:
         model: the object holding the upcycled modules (text: the backbone; CLIP: the CLIPModel).
         backbone: what the batched inputs go through (text: the backbone; CLIP: `vision_model`).
         tasks: one Task per expert, in config order.
-        info: the `UpscaleInfo` of the upcycled model (None with upcycle=False).
+        info: the `UpcycleInfo` of the upcycled model (None with upcycle=False).
     """
 
     def __init__(
@@ -143,9 +143,7 @@ class Workbench:
 
     def _upcycle(self) -> None:
         m = self.cfg.model
-        upcycle(
-            self.backbone,
-            self.expert_loaders(),
+        options = UpcycleOptions(
             targets=m.targets,
             init_lambda=m.init_lambda,
             router_hidden_layers=m.router_hidden_layers,
@@ -156,6 +154,7 @@ class Workbench:
             base_names=[m.base, self.resolve(m.base)],
             router_init=m.router_init,
         )
+        upcycle(self.backbone, self.expert_loaders(), options)
         info = self.backbone.pwemoe_info
         info.base_id = m.base
         info.expert_ids = {t.name: t.cfg.expert for t in self.tasks}

@@ -148,7 +148,7 @@ class EnsemblingModule(nn.Module):
         few modules, cheap next to functional_call's walk and checks on every call.
         """
         mods = list(self.base_layer.modules())
-        cached = self.__dict__.get("_slots")  # absent in modules pickled by older versions
+        cached = self._slots
         if not (
             cached is not None
             and len(cached[0]) == len(mods)
@@ -357,9 +357,9 @@ class WeightEnsemblingModule(EnsemblingModule):
         if self._shared is None or self._shared_lam is None:
             return [], []
         glam, dtype = None, self._shared_lam.dtype
-        # As autograd did when the merge had one node per parameter, so router gradients stay
-        # bit-identical to runs made before this form: each part cast to lambda's dtype (the router's,
-        # often fp32 over bf16 or fp16 weights) before it is added, last parameter first.
+        # In the order and dtypes autograd uses with one merge node per parameter, so the router gradients equal
+        # that graph's bit for bit: each part cast to lambda's dtype (the router's, often fp32 over bf16 or fp16
+        # weights) before it is added, last parameter first.
         with torch.no_grad():
             for n, leaf in reversed(list(self._shared.items())):
                 if leaf.grad is not None:

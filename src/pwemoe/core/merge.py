@@ -2,7 +2,7 @@
 
 Two forms of the same formula: `merge_weights` over stacked task vectors T (Tensor[k, *shape]),
 differentiable in w, used by the ensembling modules and the baselines' bank; and
-`add_task_vector_` for experts that stream one at a time (upscale, state-dict merges).
+`add_task_vector_` for experts that stream one at a time (upcycle, state-dict merges).
 """
 
 from __future__ import annotations

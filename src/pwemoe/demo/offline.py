@@ -9,9 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import apply_overrides
+from ..config import apply_overrides, dump_yaml, load_yaml
 from ..files import atomic_write_json, atomic_write_text
 
 # The demo's `pwemoe select` query. With about 100 certification examples per task a one-sided 90% bound on a share
@@ -59,7 +57,7 @@ def train_demo_run(cfg_path: Path, run: Path, fresh_run: bool, experts_trained: 
 
 def template() -> dict[str, Any]:
     """The demo config shipped inside the package (package data, so an installed wheel has it)."""
-    return yaml.safe_load(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text())
+    return load_yaml(resources.files("pwemoe.demo").joinpath("configs/demo.yaml").read_text(), "configs/demo.yaml")
 
 
 def _base_path() -> str:
@@ -117,7 +115,7 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(workdir, overrides, DEMO_MERGES if merges else {})
     cfg_path = workdir / "demo.yaml"
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(cfg_path, dump_yaml(cfg))
     t0 = time.perf_counter()
     print(f"[1/6] experts (cached in {workdir / 'experts'})")
     from ..configfile import read_config

@@ -1,4 +1,4 @@
-"""A built-in example on tiny random models: upscale, route, export, reload. Runs in seconds."""
+"""A built-in example on tiny random models: upcycle, route, export, reload. Runs in seconds."""
 
 from __future__ import annotations
 

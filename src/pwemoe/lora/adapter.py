@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.checks import positive_int_problem
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -89,23 +91,23 @@ def _config_errors(cfg: object) -> list[str]:
     def number(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def rank(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
     errors = []
-    if not rank(cfg.get("r", 8)):
-        errors.append(f"r must be an integer >= 1, got {cfg.get('r')!r}")
+    if why := positive_int_problem("r", cfg.get("r", 8)):
+        errors.append(why)
     if not number(cfg.get("lora_alpha", 8)):
         errors.append(f"lora_alpha must be a finite number, got {cfg.get('lora_alpha')!r}")
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(cfg.get(key, False), bool):
             errors.append(f"{key} must be true or false, got {cfg.get(key)!r}")
-    for key, ok, what in (("rank_pattern", rank, "an integer >= 1"), ("alpha_pattern", number, "a finite number")):
+    for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
         if not isinstance(pat, dict):
             errors.append(f"{key} must map module patterns to values, got {pat!r}")
             continue
-        errors += [f"{key}[{k!r}] must be {what}, got {v!r}" for k, v in pat.items() if not ok(v)]
+        if key == "rank_pattern":
+            errors += [why for k, v in pat.items() if (why := positive_int_problem(f"{key}[{k!r}]", v))]
+        else:
+            errors += [f"{key}[{k!r}] must be a finite number, got {v!r}" for k, v in pat.items() if not number(v)]
         errors += [f"{key}: {k!r} is not a valid regex ({why})" for k in pat if (why := _regex_error(k))]
     tm = cfg.get("target_modules")
     if isinstance(tm, str) and tm != "all-linear" and (why := _regex_error(tm)):

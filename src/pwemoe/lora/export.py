@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import positive_int
 from ..core.factored import FactoredEnsemblingModule, LowRank, lowrank_columns
 from ..core.preference import PreferenceLike
 from ..routing import modules_or_raise, preference
@@ -70,11 +71,8 @@ def save_lora_adapter(
                 transposed |= lr.transposed
     if rank is not None:
         most = max(a.shape[0] for a, _ in layers.values())
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= most:
-            raise ValueError(
-                f"adapter rank must be an integer in [1, {most}] (the largest rank sum_i r_i of a layer), got "
-                f"{rank!r}; at {most} the adapter is exact"
-            )
+        hint = f"; at {most}, the largest rank sum_i r_i of a layer, the adapter is exact"
+        positive_int("adapter rank", rank, maximum=most, hint=hint)
         for full, (a, b) in list(layers.items()):
             a2, b2, err = compress_lowrank(a, b, rank)
             layers[full] = (a2, b2)

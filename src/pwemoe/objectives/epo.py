@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.checks import positive_int
 from .base import Objective
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ class EPO(Objective):
             raise ValueError(f"epo normalize must be 'none' or 'initial', got {normalize!r}")
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 0.5:
             raise ValueError(f"epo floor must be a number in [0, 1/k), got {floor!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"epo warmup must be an integer >= 1, got {warmup!r}")
+        positive_int("epo warmup", warmup)
         self.eps, self.normalize, self.floor, self.warmup = float(eps), normalize, float(floor), warmup
         self.fallbacks = 0
         self.calls = 0

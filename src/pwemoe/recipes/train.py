@@ -156,7 +156,7 @@ class TrainRecipe:
             gradient_checkpointing(wb.backbone, scope=scope)
         self.micro_batch_size = tc.micro_batch_size or default_micro_batch_size(wb.device)
         self.objective: Objective = build_objective(tc.objective, **tc.objective_args)
-        # Each rank draws its own preferences and batches (documented in the README).
+        # Each rank draws its own preferences and batches (docs/guides/gpus.md).
         self.sampler = DirichletSampler(k, tc.alpha, seed=tc.seed + 7919 * self.rank)
         self.streams = [
             TaskStream(len(t.train_data), tc.batch_size, tc.seed + 104729 * self.rank + i)
@@ -178,7 +178,7 @@ class TrainRecipe:
         self.sampler.load_state_dict(mine["sampler"])
         for s, ss in zip(self.streams, mine["streams"]):
             s.load_state_dict(ss)
-        self.objective.load_state_dict(mine.get("objective", st["objective"]))  # (rank 0's in older states)
+        self.objective.load_state_dict(mine["objective"])
         if st.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(st["scaler"])
         self.step_no = self.saved_step = int(st["step"])
@@ -233,7 +233,6 @@ class TrainRecipe:
                 "lr_segment": self.segment,
                 "ranks": ranks,
                 "metadata_hashes": self.wb.info.hashes,
-                "objective": self.objective.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "val_best": self.val_best,
             },

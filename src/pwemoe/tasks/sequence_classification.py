@@ -54,7 +54,7 @@ class SequenceClassificationTask(Task):
         self.model_type: str | None = None
 
     def load_expert_backbone(self, path: str) -> nn.Module:
-        """Load the expert task model, keep its head (frozen shell), return its backbone for upscaling."""
+        """Load the expert task model, keep its head (frozen shell), return its backbone for upcycling."""
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(path)

@@ -1,44 +1,22 @@
-"""Typed run configuration: pydantic models read from YAML, every error reported at once with its key path.
+"""The run configuration's schema: pydantic models of every section, with their defaults, help texts and checks.
 
-This module knows no registries (task types, objectives): callers that have them pass them in
-`Registries`, and the names are checked in the same validation pass as everything else.
+The schema knows no registries (task types, objectives): callers that have them pass them in `Registries`, and
+the names are checked in the same validation pass as everything else.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Union
+from typing import Any
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    ValidationError,
-    ValidationInfo,
-    create_model,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .core.router import ROUTER_INITS
-from .devices import CHECKPOINT_SCOPES, PRECISIONS, check_device_spec
-
-
-class ConfigError(ValueError):
-    """All problems of a config, one per line, each with its key path."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = errors
-        super().__init__(f"{len(errors)} config error(s):\n" + "\n".join(f"  - {e}" for e in errors))
-
+from ..core.router import ROUTER_INITS
+from ..devices import CHECKPOINT_SCOPES, DEVICE_CHOICES, PRECISIONS, check_device_spec
+from .errors import key_error, keys_error
 
 # Settings that may change when a run is resumed; any other difference is refused.
 # Where and how fast a run computes may change too (resume a CPU run on a GPU), not what it computes.
@@ -66,6 +44,9 @@ def resumable_keys() -> str:
 
 
 DEFAULT_TASK_TYPE = "sequence_classification"
+# Where a task's examples come from (`tasks[i].data.source`); `tasks.data.load_split` reads each.
+DATA_SOURCES = ("hub", "csv", "json", "parquet", "imagefolder", "adapter")
+TASK_VECTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -95,11 +76,6 @@ def _one_of(v: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
-def _key_error(key: str, why: str) -> PydanticCustomError:
-    """An error of one field found by a validator of the whole model: reported at `<model path>.<key>`."""
-    return PydanticCustomError("pwemoe_key", "{why}", {"key": key, "why": why})
-
-
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
 # A plain name: used as a directory name on export, so no separators, no '..', no leading dot.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # matched whole (fullmatch)
@@ -109,7 +85,7 @@ class DataConfig(BaseModel):
     """Where a task's examples come from (through the `datasets` library)."""
 
     model_config = _STRICT
-    source: str = Field("hub", description="hub | csv | json | parquet | imagefolder | adapter")
+    source: str = Field("hub", description=" | ".join(DATA_SOURCES))
     path: str = Field(
         "", description="dataset id, file, directory or glob; for source=adapter a registered name or 'module:function'"
     )
@@ -147,23 +123,23 @@ class DataConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        return _one_of(v, ("hub", "csv", "json", "parquet", "imagefolder", "adapter"))
+        return _one_of(v, DATA_SOURCES)
 
     @model_validator(mode="after")
     def _where(self, info: ValidationInfo) -> DataConfig:
         if not self.path and not self.files:
-            raise _key_error("path", "required (dataset id, file, or adapter 'module:function')")
+            raise key_error("path", "required (dataset id, file, or adapter 'module:function')")
         reg = (info.context or {}).get("registries")
         if self.source == "adapter" and reg is not None and reg.check_adapter is not None:
             why = reg.check_adapter(self.path, self.trust_remote_code)
             if why:
-                raise _key_error("path", why)
+                raise key_error("path", why)
         if self.validation_split and self.validation_fraction:
-            raise _key_error(
+            raise key_error(
                 "validation_fraction", "give validation_split or validation_fraction, not both (one validation set)"
             )
         if self.validation_split is not None and self.validation_split in (self.train_split, self.test_split):
-            raise _key_error(
+            raise key_error(
                 "validation_split",
                 f"must differ from train_split and test_split, got {self.validation_split!r}; "
                 "or carve one from the training split with validation_fraction",
@@ -185,36 +161,11 @@ class TaskConfig(BaseModel):
 
     model_config = _STRICT
     name: str = Field(description="a plain name (letters, digits, _ . -); also the export sub-directory")
-    type: str = Field(
-        DEFAULT_TASK_TYPE, description="task type: sequence_classification, clip_zero_shot, causal_lm_choice, causal_lm"
-    )
+    type: str = Field(DEFAULT_TASK_TYPE, description="the task type", json_schema_extra={"registry": "task_types"})
     expert: str = Field(description="hub id or local directory of this task's fine-tuned model")
     data: DataConfig = Field(description="where the examples come from")
     class_names: list[str] | None = Field(None, description="default: the expert's id2label or the ClassLabel names")
     max_length: int = Field(128, ge=1, description="tokens per text input (truncation)")
-
-    # option key -> names of the TaskConfig subclasses that declare it (filled as subclasses are defined)
-    _OPTION_OWNERS: ClassVar[dict[str, list[str]]] = {}
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        for key in cls.model_fields:
-            if key not in TaskConfig.model_fields:
-                owners = TaskConfig._OPTION_OWNERS.setdefault(key, [])
-                if cls.__name__ not in owners:
-                    owners.append(cls.__name__)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unset_options_of_other_types(cls, data: Any) -> Any:
-        # Configs written before task options had their own models carry every option of every type, unset
-        # (null); such a key is dropped. A value set for another type's option is refused (extra="forbid").
-        if isinstance(data, dict):
-            drop = [k for k, v in data.items() if v is None and k not in cls.model_fields and k in cls._OPTION_OWNERS]
-            if drop:
-                data = {k: v for k, v in data.items() if k not in drop}
-        return data
 
     @field_validator("name")
     @classmethod
@@ -245,7 +196,7 @@ class ModelConfig(BaseModel):
         description="constant (the paper's: lambda = init_lambda, task arithmetic) | preference "
         "(lambda(r) = init_lambda * k * r: starts at preference-weighted task arithmetic)",
     )
-    task_vector_dtype: str = Field("float32", description="storage of task vectors: float32 | bfloat16 | float16")
+    task_vector_dtype: str = Field("float32", description=f"storage of task vectors: {' | '.join(TASK_VECTOR_DTYPES)}")
     path_map: dict[str, str] = Field(default_factory=dict, description="hub id -> local path (offline mirrors)")
     task_vector_rank: int | float | None = Field(
         None,
@@ -279,14 +230,18 @@ class ModelConfig(BaseModel):
     @field_validator("task_vector_dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        return _one_of(v, ("float32", "bfloat16", "float16"))
+        return _one_of(v, TASK_VECTOR_DTYPES)
 
 
 class TrainConfig(BaseModel):
     """Router training: the objective, the schedule and the sampling of preferences."""
 
     model_config = _STRICT
-    objective: str = Field("ls", description="ls | epo | tchebycheff | stch")
+    objective: str = Field(
+        "ls",
+        description="the training objective (docs/guides/objectives.md)",
+        json_schema_extra={"registry": "objectives"},
+    )
     objective_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the objective")
     steps: int = Field(2000, ge=1, description="optimizer steps (may be raised on --resume)")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate (may change on --resume)")
@@ -352,7 +307,7 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _rays(self) -> TrainConfig:
         if self.rays_per_step > self.batch_size:
-            raise _key_error(
+            raise key_error(
                 "rays_per_step", f"must be at most train.batch_size ({self.batch_size}), got {self.rays_per_step}"
             )
         return self
@@ -413,11 +368,9 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="router training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     run_dir: str = Field("runs/pwemoe", description="the run directory (a new or pwemoe-made directory)")
-    device: str = Field(
-        "auto", description="auto | cpu | cuda | cuda:N (auto: the local rank's GPU if there is one, else CPU)"
-    )
+    device: str = Field("auto", description=f"{DEVICE_CHOICES} (auto: the local rank's GPU if there is one, else CPU)")
     precision: str = Field(
-        "fp32", description="fp32 | bf16 | fp16: autocast of the forward (routers and optimizer stay fp32)"
+        "fp32", description=f"{' | '.join(PRECISIONS)}: autocast of the forward (routers and optimizer stay fp32)"
     )
 
     @field_validator("device")
@@ -461,7 +414,7 @@ class Config(BaseModel):
         if reg is not None and reg.check_objective is not None and t.objective in reg.objectives:
             why = reg.check_objective(t.objective, t.objective_args, len(self.tasks))
             if why:
-                raise _key_error("train.objective_args", why)
+                raise key_error("train.objective_args", why)
         return self
 
     @model_validator(mode="after")
@@ -471,24 +424,24 @@ class Config(BaseModel):
         if reg is not None and reg.check_baselines is not None:
             errors = reg.check_baselines(self.eval.baselines, self.eval.merge_grids, len(self.tasks))
             if errors:
-                raise PydanticCustomError("pwemoe_keys", "{why}", {"why": "\n".join(errors)})
+                raise keys_error(errors)
         return self
 
     @model_validator(mode="after")
     def _validation(self) -> Config:
         t = self.train
         if t.select == "best_val_hv" and t.val_interval is None:
-            raise _key_error("train.select", "best_val_hv needs train.val_interval (how often to validate)")
+            raise key_error("train.select", "best_val_hv needs train.val_interval (how often to validate)")
         losses = [x.name for x in self.tasks if x.type == "causal_lm"]
         if t.val_interval is not None and losses and self.eval.loss_reference is None:
-            raise _key_error(
+            raise key_error(
                 "eval.loss_reference",
                 f"validation hypervolumes of lower-is-better (loss) tasks {losses} need a fixed reference point: "
                 "set eval.loss_reference (e.g. a little above the base model's loss)",
             )
         missing = [x.name for x in self.tasks if not x.data.has_validation]
         if t.val_interval is not None and missing:
-            raise _key_error(
+            raise key_error(
                 "train.val_interval",
                 f"needs validation data for every task; {missing} have none: set tasks.<i>.data.validation_split "
                 "or tasks.<i>.data.validation_fraction",
@@ -503,338 +456,7 @@ class Config(BaseModel):
         return [t.name for t in self.tasks]
 
 
-# --- the config model of a registry: tasks keyed by type -----------------------------------------------
-def _task_type(v: Any) -> str | None:
-    """The discriminator of a task entry: its `type` (default sequence_classification)."""
-    t = v.get("type", DEFAULT_TASK_TYPE) if isinstance(v, dict) else getattr(v, "type", None)
-    return t if isinstance(t, str) else None
-
-
-_MODELS: dict[tuple, type[Config]] = {}
-
-
-def config_model(registries: Registries | None = None) -> type[Config]:
-    """`Config` whose `tasks` is the union of the registered task types' config models, keyed by `type`
-    (a discriminated union: each entry is validated by its own type's model). Without task types: `Config`,
-    whose tasks have the options every type shares."""
-    configs = dict(registries.task_configs) if registries is not None else {}
-    if not configs:
-        return Config
-    key = tuple(configs.items())
-    if key not in _MODELS:
-        members = [Annotated[c, Tag(t)] for t, c in configs.items()]
-        if len(members) == 1:  # a union needs two members; this tag never matches
-            members.append(Annotated[TaskConfig, Tag("\x00")])
-        union = Annotated[Union[tuple(members)], Discriminator(_task_type)]  # noqa: UP007
-        name = f"Config_{len(_MODELS)}"
-        model = create_model(name, __base__=Config, tasks=(list[union], Config.model_fields["tasks"]))
-        model.__module__ = __name__  # picklable by reference, like any model of this module
-        globals()[name] = model
-        _MODELS[key] = model
-    return _MODELS[key]
-
-
-def task_config_class(registries: Registries | None, task_type: str) -> type[BaseModel]:
-    """The config model of one task type (the shared `TaskConfig` when it is not registered)."""
-    return (registries.task_configs.get(task_type) if registries is not None else None) or TaskConfig
-
-
-# --- errors in pwemoe's words ----------------------------------------------------------------------
-_EXPECTED = {
-    "float_type": "float",
-    "int_type": "int",
-    "string_type": "str",
-    "bool_type": "bool",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-_EXPONENT = re.compile(r"\s*([-+]?[0-9]+)(?:\.([0-9]*))?[eE]([-+]?)([0-9]+)\s*")
-
-
-def _number_hint(typ: str, inp: Any) -> str:
-    """YAML 1.1 reads 1e-3 and 1.0e30 as text (a float needs a dot and a signed exponent: 1.0e-3, 1.0e+30);
-    say how to write the number that was meant."""
-    m = _EXPONENT.fullmatch(inp) if isinstance(inp, str) and typ in ("float_type", "int_type") else None
-    if m is None:
-        return ""
-    value = float(inp)
-    if typ == "int_type":
-        return f" (YAML reads {inp.strip()} as text; write the integer {int(value)})" if value.is_integer() else ""
-    fixed = f"{m[1]}.{m[2] or 0}e{m[3] or '+'}{m[4]}"
-    return f" (YAML reads {inp.strip()} as text; write {fixed}, with a dot and a signed exponent)"
-
-
-def _path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
+def submodel(annotation: Any) -> type[BaseModel] | None:
     """The config model inside a field annotation (`DataConfig`, `list[TaskConfig]`), if any."""
     inner = getattr(annotation, "__args__", (annotation,))
     return next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-
-
-def _walk(loc: tuple, registries: Registries | None) -> tuple[tuple, Any, Any]:
-    """(loc without union tags, the model class reached, the last field) by walking the field annotations
-    from Config; a task entry's tag (its type) switches to that type's config model."""
-    cls: Any = Config
-    f = None
-    out: list[Any] = []
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        out.append(part)
-        if isinstance(part, int):
-            if out[:-1] == ["tasks"] and parts and registries is not None and parts[0] in registries.task_configs:
-                cls = registries.task_configs[parts.pop(0)]  # the union member's tag: not a key of the config
-            continue
-        if cls is None:
-            f = None
-            continue
-        f = cls.model_fields.get(part)
-        cls = _submodel(f.annotation) if f is not None else None
-    return tuple(out), cls, f
-
-
-def _allowed_at(loc: tuple, registries: Registries | None) -> tuple[tuple, list[str]]:
-    """(loc without union tags, the keys allowed in the mapping that holds the last key of `loc`)."""
-    clean, cls, _ = _walk(loc[:-1], registries)
-    return clean + loc[-1:], sorted(cls.model_fields) if cls is not None else []
-
-
-def _message(err: Mapping[str, Any], registries: Registries | None = None) -> str:
-    loc, typ, inp = tuple(err["loc"]), err["type"], err.get("input")
-    if typ in ("union_tag_invalid", "union_tag_not_found"):
-        known = sorted(registries.task_configs) if registries is not None else []
-        got = err.get("ctx", {}).get("tag", inp.get("type") if isinstance(inp, dict) else inp)
-        return f"{_path(loc + ('type',))}: unknown task type {got!r}; known: {known}"
-    if typ == "extra_forbidden":
-        loc, allowed = _allowed_at(loc, registries)
-        key = loc[-1]
-        types = registries.task_configs if registries is not None else {}
-        owners = [t for t, c in types.items() if key in c.model_fields]
-        if owners and len(loc) == 3 and loc[0] == "tasks":
-            return (
-                f"{_path(loc)}: an option of {', '.join(owners)} tasks, not of this task's type; "
-                f"allowed keys are {allowed}"
-            )
-        return f"{_path(loc)}: unknown key; allowed keys are {allowed}"
-    loc, _, f = _walk(loc, registries)
-    if typ == "missing":
-        return f"{_path(loc)}: required" + (f" ({f.description})" if f is not None and f.description else "")
-    if typ in _EXPECTED:
-        return f"{_path(loc)}: expected {_EXPECTED[typ]}, got {type(inp).__name__} {inp!r}" + _number_hint(typ, inp)
-    if typ == "pwemoe_key":
-        return f"{_path(loc + (err['ctx']['key'],))}: {err['ctx']['why']}"
-    if typ == "pwemoe_keys":  # several errors found by one validator, each with its key
-        return err["ctx"]["why"]
-    if typ == "value_error":
-        return f"{_path(loc)}: {str(err['msg']).removeprefix('Value error, ')}"
-    return f"{_path(loc)}: {err['msg'].lower()}, got {inp!r}"
-
-
-def config_from_dict(data: Any, registries: Registries | None = None) -> Config:
-    """Build and validate a Config; raise ConfigError listing every problem with its key path."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"<root>: expected a mapping, got {type(data).__name__} {data!r}"])
-    try:
-        return config_model(registries).model_validate(data, context={"registries": registries})
-    except ValidationError as e:
-        lines = (line for x in e.errors() for line in _message(x, registries).split("\n"))
-        raise ConfigError(list(dict.fromkeys(lines))) from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """Apply 'a.b.c=value' overrides (value parsed as YAML; a mapping gives values as they are).
-
-    'tasks.0.name=x' indexes lists. Returns a new dict; `data` is left unchanged.
-    """
-    data = copy.deepcopy(data)
-    items: list[tuple[str, str, Any]] = []
-    errors = []
-    if isinstance(overrides, Mapping):
-        items = [(str(k), f"{k}={v!r}", v) for k, v in overrides.items()]
-    else:
-        for o in overrides:
-            if "=" not in o:
-                errors.append(f"override {o!r}: expected key=value, e.g. train.steps=100")
-                continue
-            key, raw = o.split("=", 1)
-            try:
-                val = load_yaml(raw, f"override {o!r}")
-            except ConfigError as e:
-                errors += e.errors
-                continue
-            items.append((key, o, val))
-    for key, o, val in items:
-        node: Any = data
-        parts = key.split(".")
-        if not all(parts):
-            errors.append(f"override {o!r}: empty key part in {key!r}")
-            continue
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                nxt = node.setdefault(part, {})
-                if not isinstance(nxt, (dict, list)):
-                    errors.append(f"override {o!r}: {part!r} holds a {type(nxt).__name__}, not a mapping")
-                    break
-                node = nxt
-            else:
-                errors.append(f"override {o!r}: cannot descend into {part!r}")
-                break
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = val
-            elif isinstance(node, dict):
-                node[last] = val
-            else:
-                errors.append(f"override {o!r}: cannot set {last!r}")
-    if errors:
-        raise ConfigError(errors)
-    return data
-
-
-# A config is a few kilobytes with hundreds of values; these bounds refuse a hostile document (a "billion laughs"
-# of nested aliases, a huge file) before it is expanded, instead of hanging the parser.
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, counted with every alias expanded
-
-
-def load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load (no tags are executed) within MAX_YAML_BYTES and MAX_YAML_VALUES; ConfigError naming
-    `where` for a malformed, too large, too deeply nested or self-referencing document."""
-    if len(text) > MAX_YAML_BYTES:
-        raise ConfigError([f"{where}: {len(text)} characters, more than a config may have ({MAX_YAML_BYTES})"])
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        n = _expanded_values(node, MAX_YAML_VALUES)
-        if n is None:
-            raise ConfigError([f"{where}: an alias refers to the value that contains it (*name inside &name)"])
-        if n > MAX_YAML_VALUES:
-            raise ConfigError(
-                [
-                    f"{where}: more than {MAX_YAML_VALUES} values once its aliases (*name) are expanded; a "
-                    "config has hundreds: write the values out, or use fewer nested aliases"
-                ]
-            )
-        return loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{where}: not valid YAML ({str(e).splitlines()[0]})"]) from None
-    except RecursionError:
-        raise ConfigError([f"{where}: nested too deeply to be a config"]) from None
-    finally:
-        loader.dispose()
-
-
-def _expanded_values(root: yaml.Node, limit: int) -> int | None:
-    """How many values the document holds with every alias expanded (counting stops past `limit`), or None
-    when an alias refers to a value that contains it. Linear in the document's size: shared nodes are
-    counted once and their size reused."""
-    sizes: dict[int, int] = {}
-    open_: set[int] = set()
-
-    def size(n: yaml.Node) -> int | None:
-        if id(n) in sizes:
-            return sizes[id(n)]
-        if id(n) in open_:
-            return None
-        open_.add(id(n))
-        kids = n.value if isinstance(n, yaml.SequenceNode) else []
-        if isinstance(n, yaml.MappingNode):
-            kids = [x for kv in n.value for x in kv]
-        total = 1
-        for c in kids:
-            k = size(c)
-            if k is None:
-                return None
-            total += k
-            if total > limit:
-                break
-        open_.discard(id(n))
-        sizes[id(n)] = min(total, limit + 1)
-        return sizes[id(n)]
-
-    return size(root)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file, with one-line errors for a missing, unreadable, malformed or hostile file."""
-    path = Path(path)
-    if path.is_dir():
-        inside = path / "config.yaml"
-        raise FileNotFoundError(
-            f"config file {path} is a directory; give the YAML file"
-            + (f" ({inside}, if that is a run's config)" if inside.is_file() else "")
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(MAX_YAML_BYTES + 1)
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: not valid YAML (not UTF-8 text: {e.reason} at byte {e.start})"]) from None
-    data = load_yaml(text, str(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"<root>: expected a mapping at the top of {path}, got {type(data).__name__}"])
-    return data
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None, registries: Registries | None = None) -> Config:
-    return config_from_dict(apply_overrides(read_yaml(path), overrides or []), registries)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def explain(model: type[BaseModel] = Config, prefix: str = "", registries: Registries | None = None) -> list[str]:
-    """Every config key with its type, default and help text (for `pwemoe config --explain`); with registries,
-    each task type's own options too, marked with the types that have them."""
-    lines = []
-    for name, f in model.model_fields.items():
-        key = f"{prefix}{name}"
-        sub = _submodel(f.annotation)
-        if sub is not None:
-            lines.append(f"{key}{'[i]' if 'list' in str(f.annotation) else ''}: {f.description or ''}")
-            lines += explain(sub, f"{key}{'[i]' if 'list' in str(f.annotation) else ''}.")
-            if sub is TaskConfig and registries is not None:
-                lines += _task_options(f"{key}[i].", registries)
-            continue
-        lines.append(_key_line(key, f))
-    return lines
-
-
-def _key_line(key: str, f: Any, types: str = "") -> str:
-    if f.is_required():
-        default = "required"
-    else:
-        d = f.get_default(call_default_factory=True)
-        default = f"default {d!r}"
-    tp = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) else None
-    tp = tp or str(f.annotation).replace("typing.", "")
-    return f"{key} ({tp}; {default}{'; ' + types if types else ''}): {f.description or ''}"
-
-
-def _task_options(prefix: str, registries: Registries) -> list[str]:
-    """The options task types add to TaskConfig, each once, with the types that have it."""
-    owners: dict[str, list[str]] = {}
-    fields: dict[str, Any] = {}
-    for t, c in registries.task_configs.items():
-        for name, f in c.model_fields.items():
-            if name not in TaskConfig.model_fields:
-                owners.setdefault(name, []).append(t)
-                fields.setdefault(name, f)
-    return [_key_line(f"{prefix}{n}", fields[n], "type " + " | ".join(owners[n])) for n in owners]
