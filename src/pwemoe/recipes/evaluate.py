@@ -11,6 +11,7 @@ import torch
 
 from ..baselines import METHODS, EvalSettings, selected
 from ..configfile import read_config
+from ..core.checks import positive_int
 from ..core.preference import Preference, parse_preference, simplex_grid
 from ..devices import join_launch, rank_and_world, wait_for_everyone
 from ..evaluation import PointEvaluator, eval_settings
@@ -53,11 +54,6 @@ def read_preferences(path: str | Path, k: int) -> list[Preference]:
     return rows
 
 
-def _check_int(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def evaluate_run(
     run: str | Path,
     grid: int | None = None,
@@ -76,9 +72,13 @@ def evaluate_run(
     everything is written under RUN/validation/, apart from the test results).
     baselines: None (the config's eval.baselines: true, false or a list of names) or False (none).
     """
-    _check_int("--grid", grid, 2)
-    _check_int("--batch-size", batch_size, 1)
-    _check_int("--max-test-samples", max_test_samples, 1)
+    for name, value, minimum in (
+        ("--grid", grid, 2),
+        ("--batch-size", batch_size, 1),
+        ("--max-test-samples", max_test_samples, 1),
+    ):
+        if value is not None:
+            positive_int(name, value, minimum)
     if split not in ("test", "validation"):
         raise ValueError(f"--split must be test or validation, got {split!r}")
     run = require_run_dir(run)

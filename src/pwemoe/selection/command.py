@@ -20,6 +20,7 @@ import torch
 from ..baselines import EvalSettings, Point, with_role
 from ..config import Config
 from ..configfile import read_config
+from ..core.checks import positive_int, positive_int_problem
 from ..evaluation import PointEvaluator
 from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, prepare_output, require_run_dir
 from ..results import ResultStore, row_inputs
@@ -66,23 +67,21 @@ def check_request(
 ) -> tuple[Query, int]:
     """The parsed query and the starting grid's levels; every problem with the query and the settings at
     once, in one ValueError, before any model loads."""
-    errors = []
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
+    errors = [
+        p
+        for p in (
+            positive_int_problem("--budget (preferences evaluated at most)", s.budget, 2),
+            None if s.grid is None else positive_int_problem("--grid", s.grid, 2),
+            positive_int_problem("resamples", s.resamples, 100),
+        )
+        if p is not None
+    ]
     if not isinstance(s.confidence, (int, float)) or not 0.5 <= s.confidence < 1:
-        errors.append(f"--confidence must be in [0.5, 1), e.g. 0.95; got {s.confidence!r}")
-    if not is_int(s.budget) or s.budget < 2:
-        errors.append(f"--budget (preferences evaluated at most) must be an integer >= 2, got {s.budget!r}")
-    if s.grid is not None and (not is_int(s.grid) or s.grid < 2):
-        errors.append(f"--grid must be an integer >= 2, got {s.grid!r}")
-    if not is_int(s.seed):
+        errors.insert(0, f"--confidence must be in [0.5, 1), e.g. 0.95; got {s.confidence!r}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int):
         errors.append(f"--seed must be an integer, got {s.seed!r}")
     if not isinstance(s.certify_fraction, (int, float)) or not 0 < s.certify_fraction < 1:
         errors.append(f"--certify-fraction must be in (0, 1), e.g. 0.5; got {s.certify_fraction!r}")
-    if not is_int(s.resamples) or s.resamples < 100:
-        errors.append(f"resamples must be an integer >= 100, got {s.resamples!r}")
     no_val = [t.name for t in cfg.tasks if not t.data.has_validation]
     if no_val:
         errors.append(
@@ -120,8 +119,8 @@ def prepare(
     the batch size, the record's name (and a file there that pwemoe did not write), the export folder."""
     s = settings or Settings()
     q, m = check_request(cfg, maximize, minimize, require, s)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if batch_size is not None:
+        positive_int("--batch-size", batch_size)
     path = record_path(run, name or default_name(q, s))
     if export is not None:
         prepare_output(export, overwrite, "export")
