@@ -32,7 +32,7 @@ class Kills:
 
     def __init__(self, area: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.area, self.states, self.mp = area, [], monkeypatch
-        monkeypatch.setattr(files, "_before_step", self)
+        monkeypatch.setattr(files.writes, "_before_step", self)
 
     def __call__(self, kind: str, path: Path) -> None:
         d = self.area.parent / f"kill{len(self.states):03d}"
@@ -40,7 +40,7 @@ class Kills:
         self.states.append(d)
 
     def off(self) -> None:
-        self.mp.setattr(files, "_before_step", None)
+        self.mp.setattr(files.writes, "_before_step", None)
 
     def restore(self, state: Path) -> None:
         shutil.rmtree(self.area)
@@ -97,7 +97,7 @@ def _check_output_state(state: Path, name: str, a: dict, b: dict) -> str:
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_killed_export_overwrite_leaves_the_old_or_the_new_export_whole(trained_run, tmp_path, monkeypatch, exchange):
     if not exchange:  # a filesystem without RENAME_EXCHANGE: two renames, finished by the next run
-        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files.outputs, "_exchange", lambda a, b: False)
     area = tmp_path / "area"
     out = area / "out"
 
