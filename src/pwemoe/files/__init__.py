@@ -6,7 +6,7 @@ reader sees the complete previous output or the complete new one, never a mix). 
 replaces a symbolic link inside a run or an output directory, and files get the modes the umask gives, as files
 written by `save_pretrained` do.
 
-    writes   one file: atomic_write*, append_line, read_json, refuse_link, subdir, cache_dir, file_sha256
+    writes   one file: atomic_write*, append_line, read_bounded, read_json, refuse_link, subdir, the fsyncs
     rundir   the run directory: its file names, RunLock, clear_run_dir, remove_leftovers
     outputs  output directories: staged_dir, publish_dir, prepare_output, recover_output
 """
@@ -37,15 +37,21 @@ from .rundir import (
     require_run_dir,
 )
 from .writes import (
+    MAX_RESULTS_FILE,
+    MAX_SMALL_FILE,
     append_line,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     cache_dir,
     file_sha256,
+    make_dirs,
+    read_bounded,
     read_json,
     refuse_link,
     subdir,
+    sync_dir,
+    sync_file,
 )
 
 __all__ = [
@@ -53,6 +59,8 @@ __all__ = [
     "CONFIG",
     "CORRECT",
     "LOCK",
+    "MAX_RESULTS_FILE",
+    "MAX_SMALL_FILE",
     "MANIFEST",
     "METRICS",
     "PLOT_KINDS",
@@ -74,9 +82,11 @@ __all__ = [
     "file_sha256",
     "is_run_dir",
     "is_selection_record",
+    "make_dirs",
     "plot_file_name",
     "prepare_output",
     "publish_dir",
+    "read_bounded",
     "read_json",
     "recover_output",
     "refuse_link",
@@ -84,4 +94,6 @@ __all__ = [
     "require_run_dir",
     "staged_dir",
     "subdir",
+    "sync_dir",
+    "sync_file",
 ]

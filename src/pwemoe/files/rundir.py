@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .writes import _step, atomic_write_json, refuse_link
+from .writes import MAX_SMALL_FILE, _step, atomic_write_json, make_dirs, read_bounded, refuse_link
 
 # Files in a run directory; all written by pwemoe (see `RUN_FILES` for what `--overwrite` may replace).
 CONFIG = "config.yaml"
@@ -44,7 +44,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         from filelock import FileLock, Timeout
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         path = refuse_link(self.dir / LOCK)
         self._lock = FileLock(str(refuse_link(str(path) + ".flock")))
         try:
@@ -52,9 +52,9 @@ class RunLock:
         except Timeout:
             holder = "another process"
             try:
-                h = json.loads(path.read_text())
+                h = json.loads(read_bounded(path, MAX_SMALL_FILE, "the run lock's note", ""))
                 holder = f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
             raise RunDirInUse(
                 f"{self.dir} is in use by {holder}; wait for it to finish, or stop it, then run this command again"
@@ -155,7 +155,7 @@ def _written_by_pwemoe(run: Path, rel: tuple[str, ...]) -> bool:
 def is_selection_record(path: Path) -> bool:
     """A JSON file that `pwemoe select` wrote (it carries the key `pwemoe_selection`)."""
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(read_bounded(path, MAX_SMALL_FILE, "selection record", ""))
     except (OSError, ValueError):
         return False
     return isinstance(obj, dict) and "pwemoe_selection" in obj

@@ -14,7 +14,7 @@ from ..configfile import read_config
 from ..core.preference import normalize_preference, parse_preference, simplex_grid
 from ..devices import join_launch, rank_and_world, wait_for_everyone
 from ..export import PlainCopy
-from ..files import CONFIG, RunLock, require_run_dir, subdir
+from ..files import CONFIG, MAX_SMALL_FILE, RunLock, read_bounded, require_run_dir, subdir
 from ..merges import MERGES, MergekitBank, require_mergekit
 from ..results import (
     ResultStore,
@@ -39,10 +39,7 @@ def read_preferences(path: str | Path, k: int) -> torch.Tensor:
     warning: one results row per preference, not the same row computed twice and reported stale.
     """
     rows, seen, dropped = [], {}, []
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the preferences file {path}: {e}") from None
+    text = read_bounded(path, MAX_SMALL_FILE, "the preferences file", "evaluate the preferences in several files")
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:

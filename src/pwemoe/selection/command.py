@@ -23,6 +23,7 @@ from ..files import (
     RunLock,
     atomic_write_json,
     is_selection_record,
+    make_dirs,
     prepare_output,
     require_run_dir,
 )
@@ -148,7 +149,7 @@ def select_open(
     try:
         record = _choose(wb, meta, run, q, s, m, batch_size or wb.cfg.eval.batch_size, lock, workers)
         record["name"] = path.stem
-        path.parent.mkdir(exist_ok=True)
+        make_dirs(path.parent)  # selections/, its entry synced: a power loss keeps the record
         atomic_write_json(path, record)  # the choice is on disk before the test split is read
         if report_test and record["chosen"] is not None:
             record["test"] = _test_values(wb, meta, run, q, record, batch_size, test_samples, lock, workers)
@@ -174,7 +175,7 @@ def _choose(
         t.name: t.test_data[t.cfg.data.label_column] if t.has_labels else [0] * len(t.test_data) for t in wb.tasks
     }
     search_part, cert_part = certification_split(labels, s.certify_fraction, s.seed)
-    (run / "validation").mkdir(exist_ok=True)
+    make_dirs(run / "validation")
     store = ResultStore(run / "validation")
     inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
     rows = PointRows(wb, store, inputs, bs, lock, workers)
