@@ -465,6 +465,8 @@ def main() -> None:
             "end": round(end["rss_mb"], 1),
             "max": round(max([start["rss_mb"], *(s[1] for s in samples)]), 1),
             "slope_after_warmup_mb_per_min": (lambda s: round(s, 2) if s is not None else None)(slope(after)),
+            # growth is often a step (a bigger batch than before), then flat: the second half says whether it goes on
+            "growth_last_half_mb": round(after[-1][1] - after[len(after) // 2][1], 1) if len(after) > 1 else None,
         },
         "threads": {
             "start": start["threads"],
@@ -502,6 +504,7 @@ def markdown(r: dict) -> str:
         ("time to first token p50 / p99 (s)", f"{f(r['ttft_s']['p50'])} / {f(r['ttft_s']['p99'])}"),
         ("RSS start / after warm-up / end (MB)", f"{rss['start']} / {rss['after_warmup']} / {rss['end']}"),
         ("RSS slope after warm-up (MB/min)", str(rss["slope_after_warmup_mb_per_min"])),
+        ("RSS growth over the last half (MB)", str(rss["growth_last_half_mb"])),
         ("threads start / end (max)", f"{th['start']} / {th['end']} ({th['max']})"),
         ("generation queue at the end", json.dumps(r["generation_at_end"])),
     ]
