@@ -233,6 +233,22 @@ def test_contradicting_task_configs_are_refused_before_the_model_loads(causal_se
     cfg["tasks"][1]["class_names"] = ["red", "blue", "very"]  # said on purpose: the data lacks a class
     with pytest.raises(AssertionError, match="weights loaded"):
         Workbench(build_config(cfg), upcycle=False)
+    # data that declares its classes (a ClassLabel): the count must match; a slice that lacks one is no error
+    import datasets
+
+    from pwemoe.modalities.causal_lm import CausalLMModality
+    from pwemoe.tasks import TASK_TYPES
+
+    del cfg["tasks"][1]["class_names"]
+    modality = CausalLMModality(cfg["model"]["base"])
+    modality.load_preprocessing()
+    for names, want in ((["red", "blue", "very"], []), (["red", "blue"], ["3 label_words for the 2 classes"])):
+        task = TASK_TYPES["causal_lm_choice"](build_config(cfg).tasks[1])
+        feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        task.train_data = datasets.Dataset.from_dict({"text": ["red", "blue"], "label": [0, 1]}, features=feats)
+        errors: list[str] = []
+        task.check_before_load(modality, errors, 1)
+        assert len(errors) == len(want) and all(w in e for w, e in zip(want, errors)), errors
 
     cfg = json.loads(json.dumps(causal_setup["config"]))
     cfg["model"]["base"] = str(gpt2)
