@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # --- output directories (export, finetune, LoRA adapters): built beside, then swapped in whole -------------
 MANIFEST = ".pwemoe_files.json"  # in a published output: the files pwemoe wrote there
+MAX_MANIFEST = 64 << 20  # a manifest lists file names: 64 MiB is hundreds of thousands of them
 # The ownership marker: {"pwemoe_output": NAME, "role": "new" | "previous"}, in a directory beside the output NAME
 # that pwemoe builds ("new") or that holds the previous output while it is replaced ("previous"). Only a directory
 # whose marker names NAME is recovered or removed; a folder of someone else's at that name is left alone.
@@ -294,9 +295,6 @@ def _manifest(d: Path) -> set[str]:
     except (ValueError, KeyError, TypeError):
         return set()
     return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
-
-
-MAX_MANIFEST = 64 << 20  # a manifest lists file names: 64 MiB is hundreds of thousands of them
 
 
 def _move_others(prev: Path, new: Path, apply: bool) -> list[str]:
