@@ -201,6 +201,75 @@ def test_label_word_that_tokenises_to_nothing_is_refused(causal_setup):
         Workbench(build_config(cfg), load_train=False, upcycle=False)
 
 
+def test_contradicting_task_configs_are_refused_before_the_model_loads(causal_setup, tmp_path, monkeypatch, caplog):
+    """Label words the data has no class for, an example longer than a learned position table (the prompt
+    template's own tokens on top of max_length), max_length beyond it: one config error each, naming the task and
+    the fix, before any weights load; with rotary positions a warning only."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pwemoe.config import ConfigError
+
+    gpt2 = tmp_path / "gpt2"  # 16 learned positions, the same word-level tokenizer
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=len(_tokenizer()), n_positions=16)
+    ).save_pretrained(gpt2)
+    _tokenizer().save_pretrained(gpt2)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("model weights loaded before the config was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loaded)
+
+    def refused(cfg: dict) -> list[str]:
+        with pytest.raises(ConfigError) as e:
+            Workbench(build_config(cfg), upcycle=False)
+        return e.value.errors
+
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["tasks"][1]["label_words"] = [" red", " blue", " very"]  # the data's labels are 0 and 1
+    (err,) = refused(cfg)
+    assert err.startswith("tasks[1].label_words: task 'color': label_words [' very'] stand for class(es) [2], which")
+    assert "set class_names to list every class" in err
+    cfg["tasks"][1]["class_names"] = ["red", "blue", "very"]  # said on purpose: the data lacks a class
+    with pytest.raises(AssertionError, match="weights loaded"):
+        Workbench(build_config(cfg), upcycle=False)
+    # data that declares its classes (a ClassLabel): the count must match; a slice that lacks one is no error
+    import datasets
+
+    from pwemoe.modalities.causal_lm import CausalLMModality
+    from pwemoe.tasks import TASK_TYPES
+
+    del cfg["tasks"][1]["class_names"]
+    modality = CausalLMModality(cfg["model"]["base"])
+    modality.load_preprocessing()
+    for names, want in ((["red", "blue", "very"], []), (["red", "blue"], ["3 label_words for the 2 classes"])):
+        task = TASK_TYPES["causal_lm_choice"](build_config(cfg).tasks[1])
+        feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        task.train_data = datasets.Dataset.from_dict({"text": ["red", "blue"], "label": [0, 1]}, features=feats)
+        errors: list[str] = []
+        task.check_before_load(modality, errors, 1)
+        assert len(errors) == len(want) and all(w in e for w, e in zip(want, errors)), errors
+
+    cfg = json.loads(json.dumps(causal_setup["config"]))
+    cfg["model"]["base"] = str(gpt2)
+    cfg["tasks"][0]["prompt_template"] = "review : the film was very good , bad ? {text} answer :"  # 12 tokens
+    cfg["tasks"][0]["max_length"] = 8
+    cfg["tasks"][1]["max_length"] = 20
+    first, second = refused(cfg)
+    assert first == (
+        "tasks[0].max_length: task 'polarity': an example can take 20 tokens (12 of prompt template, max_length 8), "
+        "beyond the model's 16 positions (a learned position table: longer inputs fail); set tasks[0].max_length <= 4"
+    )
+    assert second.startswith("tasks[1].max_length: task 'color': an example can take 24 tokens") and "<= 12" in second
+
+    cfg = json.loads(json.dumps(causal_setup["config"]))  # rotary Llama with 64 positions: it runs, with a warning
+    cfg["tasks"][0]["max_length"] = 100
+    with caplog.at_level("WARNING", logger="pwemoe.tasks.causal_lm"), pytest.raises(AssertionError, match="weights"):
+        Workbench(build_config(cfg), upcycle=False)
+    (warning,) = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert "task 'polarity': an example can take 104 tokens" in warning and "rotary" in warning, warning
+
+
 def test_causal_lm_loss_task_matches_transformers_loss(causal_setup, tmp_path):
     cfg = json.loads(json.dumps(causal_setup["config"]))
     for t in cfg["tasks"]:

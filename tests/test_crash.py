@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Kills:
 
     def __init__(self, area: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.area, self.states, self.mp = area, [], monkeypatch
-        monkeypatch.setattr(files, "_before_step", self)
+        monkeypatch.setattr(files.writes, "_before_step", self)
 
     def __call__(self, kind: str, path: Path) -> None:
         d = self.area.parent / f"kill{len(self.states):03d}"
@@ -40,7 +41,7 @@ class Kills:
         self.states.append(d)
 
     def off(self) -> None:
-        self.mp.setattr(files, "_before_step", None)
+        self.mp.setattr(files.writes, "_before_step", None)
 
     def restore(self, state: Path) -> None:
         shutil.rmtree(self.area)
@@ -97,7 +98,7 @@ def _check_output_state(state: Path, name: str, a: dict, b: dict) -> str:
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_killed_export_overwrite_leaves_the_old_or_the_new_export_whole(trained_run, tmp_path, monkeypatch, exchange):
     if not exchange:  # a filesystem without RENAME_EXCHANGE: two renames, finished by the next run
-        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files.outputs, "_exchange", lambda a, b: False)
     area = tmp_path / "area"
     out = area / "out"
 
@@ -245,3 +246,86 @@ def test_killed_evaluate_is_completed_by_the_next_run(trained_run, tmp_path, mon
         assert json.loads((run / "summary.json").read_text())["methods"] == want_hv
         assert not list(run.rglob("*.tmp"))
     capsys.readouterr()
+
+
+class Syncs:
+    """What pwemoe.files does, in order: ("fsync", path) for every os.fsync (the path the descriptor has then), and
+    ("replace" | "rename" | "create" | ..., path) before every step that changes a file."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(files.writes, "_before_step", lambda kind, p: self.events.append((kind, str(p))))
+
+    def index(self, kind: str, path: Path | str, start: int = 0) -> int:
+        """The first event (kind, path) at or after `start`; a clear failure when there is none."""
+        for i in range(start, len(self.events)):
+            if self.events[i] == (kind, str(path)):
+                return i
+        raise AssertionError(f"no ({kind}, {path}) after event {start} in {self.events[start:]}")
+
+    def synced_before_published(self, path: Path) -> None:
+        """An atomic write of `path`: its temporary file synced, then the rename, then the directory synced."""
+        publish = self.index("replace", path)
+        temp = [
+            i
+            for i, (k, p) in enumerate(self.events[:publish])
+            if k == "fsync" and p.startswith(f"{path.parent}/.{path.name}.")
+        ]
+        assert temp, f"{path}: the written file was not synced before the rename: {self.events[:publish]}"
+        self.index("fsync", path.parent, publish)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_every_publish_syncs_the_files_then_the_directory(tmp_path, monkeypatch):
+    """A power loss after a write returns keeps it: the data is synced before the rename that publishes it,
+    the directory after it (routers, trainer state, results, metrics, selections, exports, a replaced export)."""
+    import torch
+
+    from pwemoe.checkpoint import save_routers, save_state
+
+    syncs = Syncs(monkeypatch)
+    run = tmp_path / "new" / "run"
+    files.make_dirs(run)  # a new directory's entry is synced in its parent
+    assert syncs.events[:2] == [("fsync", str(tmp_path)), ("fsync", str(tmp_path / "new"))]
+    save_routers(run / files.ROUTERS, {"w": torch.ones(2)}, {"step": 1})  # safetensors does not sync its file
+    save_state(run / files.STATE, {"step": 1})
+    files.atomic_write_json(run / files.RESULTS, [])
+    start = len(syncs.events)
+    files.atomic_write_json(run / files.SELECTIONS / "pick.json", {"pwemoe_selection": 1})
+    for name in (files.ROUTERS, files.STATE, files.RESULTS):
+        syncs.synced_before_published(run / name)
+    syncs.synced_before_published(run / files.SELECTIONS / "pick.json")
+    assert syncs.index("fsync", run, start) < syncs.index("replace", run / files.SELECTIONS / "pick.json")  # made
+    start = len(syncs.events)
+    files.append_line(run / files.METRICS, "{}")  # a new file: its line, then its entry in the directory
+    syncs.index("fsync", run, syncs.index("fsync", run / files.METRICS, start))
+
+    out = tmp_path / "export"
+    start = len(syncs.events)
+    with files.staged_dir(out, False, "export") as d:
+        (d / "model").mkdir()
+        (d / "model" / "weights.bin").write_bytes(b"v1")  # as save_pretrained writes: no sync of its own
+    publish = syncs.index("rename", out, start)
+    built = {p for k, p in syncs.events[start:publish] if k == "fsync"}
+    tmp = tmp_path / ".export.pwemoe-tmp"
+    assert {str(tmp / "model" / "weights.bin"), str(tmp / "model"), str(tmp)} <= built, built
+    syncs.index("fsync", tmp_path, publish)  # the rename, in the directory that holds the output
+    (out / "notes.txt").write_text("mine")
+    start = len(syncs.events)
+    with files.staged_dir(out, True, "export") as d:
+        (d / "model").mkdir()
+        (d / "model" / "weights.bin").write_bytes(b"v2")
+    swap = syncs.index("rename", out, start)  # the exchange (or the first of two renames)
+    assert str(tmp / "model" / "weights.bin") in {p for k, p in syncs.events[start:swap] if k == "fsync"}
+    old = str(tmp_path / ".export.pwemoe-old")
+    last = max(i for i, (k, p) in enumerate(syncs.events) if i >= swap and k == "rename" and p in (str(out), old))
+    syncs.index("fsync", tmp_path, last)  # after the swap's last rename (one exchange and one rename, or two)
+    assert (out / "model" / "weights.bin").read_bytes() == b"v2" and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "new"]

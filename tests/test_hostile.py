@@ -104,6 +104,109 @@ def test_the_server_export_folder_is_checked_whole(trained, tmp_path):
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
 
 
+def _tree(d: Path) -> dict[str, bytes]:
+    """Every file under d (relative path -> bytes), and each directory (-> b"<dir>")."""
+    return {p.relative_to(d).as_posix(): b"<dir>" if p.is_dir() else p.read_bytes() for p in sorted(d.rglob("*"))}
+
+
+def test_a_folder_named_like_a_staging_sibling_is_left_alone(trained, tmp_path, monkeypatch, capsys):
+    """Only a folder whose ownership marker names the output is recovered: a user's folder named like the staging
+    or the displaced sibling of an output stays where it is, with a one-line message; pwemoe's own leftover of a
+    killed swap is still recovered."""
+    from pwemoe import files
+
+    area = tmp_path / "area"
+    out = area / "out"
+    with files.staged_dir(out, False, "export") as d:
+        (d / "model.bin").write_bytes(b"v1")
+    (out / "notes.txt").write_text("mine")
+    for sibling in (".out.pwemoe-tmp", ".out.pwemoe-old"):
+        mine = area / sibling
+        (mine / "data").mkdir(parents=True)
+        (mine / "data" / "thesis.txt").write_text("my own")
+        (mine / files.MANIFEST).write_text('{"files": ["data/thesis.txt"]}')  # looks like an output pwemoe wrote
+        before = _tree(area)
+        with pytest.raises(ValueError) as e:
+            with files.staged_dir(out, True, "export") as d:
+                (d / "model.bin").write_bytes(b"v2")
+        msg = str(e.value)
+        assert f"{mine} was not made by pwemoe for {out}" in msg and "rename or move that folder" in msg, msg
+        assert "\n" not in msg and _tree(area) == before  # nothing moved, nothing removed
+        # the same through the CLI, before any model loads
+        assert main(["export", str(trained), "--preference", "0.5,0.5", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "was not made by pwemoe" in err and "Traceback" not in err and _tree(area) == before
+        # a marker naming another output is not a match either
+        (mine / files.STAGED).write_text('{"pwemoe_output": "other", "role": "previous"}')
+        with pytest.raises(ValueError, match="was not made by pwemoe"):
+            files.recover_output(out, "export")
+        shutil.rmtree(mine)
+    # pwemoe's own leftover: a kill right after the exchange leaves the previous output at .out.pwemoe-tmp
+    # (marked "previous") and the new one at out; the next run finishes the swap and keeps the user's file
+    states = []
+
+    def snapshot(kind: str, path: Path) -> None:
+        if (kind, path) == ("rename", area / ".out.pwemoe-old"):
+            shutil.copytree(area, tmp_path / f"state{len(states)}", symlinks=True)
+            states.append(tmp_path / f"state{len(states)}")
+
+    monkeypatch.setattr(files.writes, "_before_step", snapshot)
+    with files.staged_dir(out, True, "export") as d:
+        (d / "model.bin").write_bytes(b"v2")
+    monkeypatch.setattr(files.writes, "_before_step", None)
+    if not states:
+        pytest.skip("no renameat2 exchange on this filesystem")
+    shutil.rmtree(area)
+    shutil.copytree(states[0], area, symlinks=True)
+    assert (area / ".out.pwemoe-tmp" / "notes.txt").is_file() and (out / "model.bin").read_bytes() == b"v2"
+    files.recover_output(out, "export")
+    assert _tree(area) == {
+        "out": b"<dir>",
+        "out/.pwemoe_files.json": b'{\n "files": [\n  "model.bin"\n ]\n}',
+        "out/model.bin": b"v2",
+        "out/notes.txt": b"mine",
+    }
+
+
+def test_files_read_whole_are_bounded(trained, tmp_path, capsys):
+    """A file pwemoe reads whole stops at its limit with one line naming it: `evaluate --preferences /dev/zero`
+    (which read until the process was killed), a named pipe no one writes (which blocked), a huge adapter config,
+    a results file that is not pwemoe's. Run in a child process with a memory limit: a regression fails, not hangs."""
+    import subprocess
+    import sys
+
+    from pwemoe.lora.adapter import ADAPTER_CONFIG, read_lora_adapter
+
+    fifo = tmp_path / "prefs.fifo"
+    os.mkfifo(fifo)
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+        "from pwemoe.cli import main\n"
+        "sys.exit(main(['evaluate', sys.argv[1], '--preferences', sys.argv[2]]))\n"
+    )
+    for source, words in (("/dev/zero", "holds more than 16 MiB"), (str(fifo), "holds no preferences")):
+        p = subprocess.run(
+            [sys.executable, "-c", script, str(trained), source], capture_output=True, text=True, timeout=300
+        )
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and err and words in err[-1], p.stderr[-2000:]
+        if source == "/dev/zero":
+            assert "the preferences file /dev/zero holds more than 16 MiB, the most pwemoe reads of it; " in err[-1]
+    # a regular file over the limit is refused from its size, without reading it
+    ad = _lora(tmp_path / "ad")
+    with open(ad / ADAPTER_CONFIG, "r+b") as f:
+        f.truncate(17 << 20)  # sparse: 17 MiB of zeros
+    with pytest.raises(ValueError, match=r"expert 'big': the adapter config .* holds more than 16 MiB"):
+        read_lora_adapter(ad, "expert 'big'")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "results.json").symlink_to("/dev/zero")
+    assert main(["evaluate", str(run), "--grid", "2", "--no-baselines"]) == 2
+    err = capsys.readouterr().err
+    assert "results.json holds more than 256 MiB" in err and "move it away" in err, err
+
+
 def _laughs(levels: int = 9) -> str:
     """A "billion laughs" document: each level 10 aliases of the one below (10**levels leaves)."""
     lines = ["l0: &l0 [ha, ha, ha, ha, ha, ha, ha, ha, ha, ha]"]

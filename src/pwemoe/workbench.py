@@ -104,6 +104,15 @@ class Workbench:
         if len(kinds) != 1:
             raise ConfigError([f"tasks: all tasks must share one modality (one backbone), got {sorted(kinds)}"])
         self.modality: Modality = MODALITIES[kinds.pop()](self.resolve(cfg.model.base))
+        # the data, the tokenizer and the model's config first: what contradicts itself is refused before any
+        # weights load (`Task.check_before_load`)
+        self.modality.load_preprocessing()
+        errors = self._read_data(load_train, load_test, max_test_samples)
+        for i, t in enumerate(self.tasks):
+            if not any(e.startswith(f"tasks[{i}].") for e in errors):
+                t.check_before_load(self.modality, errors, i)
+        if errors:
+            raise ConfigError(errors)
         self.modality.load()
         self.model, self.backbone = self.modality.model, self.modality.backbone
         self.info = None
@@ -112,7 +121,7 @@ class Workbench:
         if upcycle:
             self._upcycle()  # builds the task vectors on the device, experts streamed from disk
         self.model.to(self.device)  # the rest (e.g. CLIP's text tower and projections) joins it
-        self._load_data(load_train, load_test, max_test_samples)
+        self._check_data()  # class names may come from the experts (their id2label)
         for t in self.tasks:  # heads that need the class names (which may come from the data) are built here
             t.attach(self.modality)
             t.to(self.device)
@@ -163,6 +172,14 @@ class Workbench:
         self.info = info
 
     def _load_data(self, load_train: bool, load_test: bool, max_test: int | None) -> None:
+        """Load and check each task's data; every problem of every task in one ConfigError."""
+        errors = self._read_data(load_train, load_test, max_test)
+        if errors:
+            raise ConfigError(errors)
+        self._check_data()
+
+    def _read_data(self, load_train: bool, load_test: bool, max_test: int | None) -> list[str]:
+        """Read each task's splits (`train_data`, `test_data`); the problems, one per task."""
         from .tasks.data import first_n, load_task_data
 
         errors: list[str] = []
@@ -176,7 +193,17 @@ class Workbench:
                     t.test_data = first_n(load_task_data(d, self.eval_split, pm), max_test)
             except (ValueError, FileNotFoundError) as e:
                 errors.append(f"tasks[{i}].data: {e}")
-                continue
+        return errors
+
+    def _check_data(self) -> None:
+        """Class names from the data where neither the config nor the expert gave them, and each task's data
+        checked against them (`Task.validate_data`); every problem in one ConfigError."""
+        from .tasks.data import load_task_data
+
+        errors: list[str] = []
+        pm = self.cfg.model.path_map
+        for i, t in enumerate(self.tasks):
+            d = t.cfg.data
             if not t.class_names and t.has_labels:  # e.g. CLIP zero-shot: the names of a ClassLabel column
                 ds = t.train_data if t.train_data is not None else t.test_data
                 if ds is None:  # nothing loaded (export): read the features of the test split

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.checks import positive_int_problem
+from ..files import MAX_SMALL_FILE, read_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -173,9 +174,10 @@ def read_lora_adapter(path: str | Path, name: str = "adapter") -> LoraAdapter:
             else ""
         )
         raise ValueError(f"{name}: {p} has no {ADAPTER_WEIGHTS}{bin_hint}")
+    text = read_bounded(cfg_path, MAX_SMALL_FILE, f"{name}: the adapter config", "a LoRA adapter's config is a few kB")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{name}: {cfg_path} is not valid JSON ({e})") from None
     errors = _config_errors(cfg)
     if errors:  # the values below are read with these types

@@ -36,6 +36,11 @@ class Modality(ABC):
         self.processor: Any = None
         self.export_info: dict[str, Any] = {}  # set by save_export: recorded in the export's pwemoe.json
 
+    def load_preprocessing(self) -> None:
+        """Load what tasks check before any weights load (`Task.check_before_load`): a tokenizer, a config.
+        `load` does it too; a modality without such checks needs nothing here."""
+        return None
+
     @abstractmethod
     def load(self) -> None:
         """Load the base model (eval mode: the heads were fit to the experts' dropout-free features)."""

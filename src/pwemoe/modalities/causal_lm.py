@@ -133,11 +133,31 @@ class CausalLMModality(Modality):
         config = AutoConfig.from_pretrained(base)
         return AutoModelForCausalLM._model_mapping[type(config)].base_model_prefix
 
+    def load_preprocessing(self) -> None:
+        """The tokenizer and the model's config, no weights: tasks check their prompts, label words and
+        lengths against them before the model loads."""
+        from transformers import AutoConfig
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.base)
+            self.tokenizer.padding_side = "right"  # heads find each row's last token from the attention mask
+            self.config = AutoConfig.from_pretrained(self.base)
+
+    def shell(self) -> nn.Module:
+        """The model built from its config on the meta device: its modules (a position table, say) without
+        weights or memory, known before the model loads."""
+        from transformers import AutoModelForCausalLM
+
+        if getattr(self, "_shell", None) is None:
+            self.load_preprocessing()
+            with torch.device("meta"):
+                self._shell = AutoModelForCausalLM.from_config(self.config)
+        return self._shell
+
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.tokenizer = load_tokenizer(self.base)
-        self.tokenizer.padding_side = "right"  # heads find each row's last token from the attention mask
+        self.load_preprocessing()
         self.model = AutoModelForCausalLM.from_pretrained(self.base).eval()
         self.backbone = self.model.base_model
         # sliding-window caches crop keys from the left, where shared prefixes sit: such models run whole rows

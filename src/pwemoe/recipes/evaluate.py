@@ -15,7 +15,7 @@ from ..core.checks import positive_int
 from ..core.preference import Preference, parse_preference, simplex_grid
 from ..devices import join_launch, rank_and_world, wait_for_everyone
 from ..evaluation import PointEvaluator, eval_settings
-from ..files import CONFIG, RunLock, require_run_dir, subdir
+from ..files import CONFIG, MAX_SMALL_FILE, RunLock, read_bounded, require_run_dir, subdir
 from ..merges import MERGES, require_mergekit
 from ..results import ResultStore, row_inputs, summarize, write_tables
 from ..runs import open_run, with_placement
@@ -31,10 +31,7 @@ def read_preferences(path: str | Path, k: int) -> list[Preference]:
     warning: one results row per preference, not the same row computed twice and reported stale.
     """
     rows, seen, dropped = [], {}, []
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the preferences file {path}: {e}") from None
+    text = read_bounded(path, MAX_SMALL_FILE, "the preferences file", "evaluate the preferences in several files")
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             try:

@@ -27,6 +27,8 @@ from ..evaluation import PointEvaluator, task_values
 from ..files import (
     BEST_ROUTERS,
     CONFIG,
+    MAX_RESULTS_FILE,
+    MAX_SMALL_FILE,
     METRICS,
     ROUTERS,
     RUN_FILES,
@@ -38,6 +40,9 @@ from ..files import (
     atomic_write_text,
     clear_run_dir,
     is_run_dir,
+    make_dirs,
+    read_bounded,
+    read_json,
     require_run_dir,
 )
 from ..objectives import Objective, build_objective
@@ -440,7 +445,7 @@ class TrainRecipe:
                     " (selected: train.select=best_val_hv)" if chosen else " (train.select=last uses the last step)"
                 )
                 marker = self.run_dir / RUN_MARKER
-                info = json.loads(marker.read_text()) if marker.is_file() else {}
+                info = read_json(marker, "run marker", MAX_SMALL_FILE) if marker.is_file() else {}
                 info["selection"] = {
                     "select": tc.select,
                     "selected_step": b["step"] if chosen else self.step_no,
@@ -523,7 +528,7 @@ def _prepare_new_run(run_dir: Path, overwrite: bool) -> None:
                 f"{run_dir} is not empty and is not a pwemoe run ({sorted(others)[:5]}); pwemoe "
                 "writes runs only into new or empty directories: set run_dir=<new directory>"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)  # its entry synced too: a power loss keeps the run
     atomic_write_json(
         run_dir / RUN_MARKER, {"created_by": f"pwemoe {__version__}", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     )
@@ -534,7 +539,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for ln in path.read_text().splitlines():
+    more = "it was not written by pwemoe: move it away"
+    for ln in read_bounded(path, MAX_RESULTS_FILE, "metrics file", more).splitlines():
         try:
             if ln.strip() and json.loads(ln)["step"] <= step:
                 keep.append(ln)

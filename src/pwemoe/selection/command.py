@@ -22,7 +22,7 @@ from ..config import Config
 from ..configfile import read_config
 from ..core.checks import positive_int, positive_int_problem
 from ..evaluation import PointEvaluator
-from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, prepare_output, require_run_dir
+from ..files import CONFIG, SELECTIONS, RunLock, atomic_write_json, make_dirs, prepare_output, require_run_dir
 from ..results import ResultStore, row_inputs
 from ..runs import open_run, with_placement, write_export
 from ..workbench import Workbench
@@ -199,7 +199,7 @@ def _select(
     try:
         record = _choose(wb, meta, run, req.query, req.settings, req.grid, bs, lock, workers)
         record["name"] = req.path.stem
-        req.path.parent.mkdir(exist_ok=True)
+        make_dirs(req.path.parent)  # selections/, its entry synced: a power loss keeps the record
         atomic_write_json(req.path, record)  # the choice is on disk before the test split is read
         if report_test and record["chosen"] is not None:
             record["test"] = _test_values(wb, meta, run, req.query, record, bs, test_samples, lock, workers)
@@ -225,7 +225,7 @@ def _choose(
         t.name: t.test_data[t.cfg.data.label_column] if t.has_labels else [0] * len(t.test_data) for t in wb.tasks
     }
     search_part, cert_part = certification_split(labels, s.certify_fraction, s.seed)
-    (run / "validation").mkdir(exist_ok=True)
+    make_dirs(run / "validation")
     store = ResultStore(run / "validation")
     inputs = row_inputs(meta, wb.tasks, wb.precision, wb.device.type)
     evaluator = PointEvaluator(wb, inputs, bs, store, lock=lock, workers=workers)

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..baselines import describe_methods
 from ..files import RunDirInUse
@@ -78,7 +79,8 @@ class SelectBody(BaseModel):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before they are read whole."""
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, before they are read whole; drop a
+    request whose client hung up before its body was whole."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -110,6 +112,8 @@ class BodyLimit:
         except _BodyTooLarge:
             if not started:
                 await _too_large(self.limit, scope.get("path", ""))(scope, receive, send)
+        except ClientDisconnect:  # it hung up before its body was whole: no one to answer, nothing to log as an error
+            return
 
 
 class _BodyTooLarge(HTTPException):

@@ -257,6 +257,7 @@ class PreferenceModel:
             "device": str(self.wb.device),
             "precision": self.wb.precision,
             "cache": self.cache.stats(),
+            "decoding": self._scheduler.stats() if self._scheduler is not None else None,  # running, waiting
             "max_batch": self.max_batch,
             "max_test_samples": self.max_test_samples,
         }

@@ -49,10 +49,12 @@ class Finetuning:
 class Task(ABC):
     """One objective. A subclass is registered in `pwemoe.tasks.TASK_TYPES` under its `type` name.
 
-    Life cycle, driven by the workbench: `load_expert_backbone` (once per expert, while the
-    experts stream into the upcycled model), then data is loaded and checked, then `attach`
-    gives the task the modality's tokenizer / processor and model (heads that need them are built
-    there). After that `encode`, `head`, `loss` and `labels` are used by training and evaluation.
+    Life cycle, driven by the workbench: data is loaded and checked (`validate_data`), then
+    `check_before_load` checks the task against its data and the modality's tokenizer and config,
+    all before any weights load; then `load_expert_backbone` (once per expert, while the experts
+    stream into the upcycled model), then `attach` gives the task the modality's tokenizer /
+    processor and model (heads that need them are built there). After that `encode`, `head`,
+    `loss` and `labels` are used by training and evaluation.
     """
 
     modality: str = "text"  # the key of the modality in `pwemoe.modalities.MODALITIES`
@@ -148,6 +150,12 @@ class Task(ABC):
                 f"task {self.name!r}: max_length {self.cfg.max_length} is beyond the model's "
                 f"{limit} positions; set tasks[].max_length <= {limit}"
             )
+
+    def check_before_load(self, modality: Modality, errors: list[str], index: int) -> None:
+        """Append to `errors` what contradicts itself in this task's options, its data and what the modality
+        knows before the weights load (`Modality.load_preprocessing`: a tokenizer, the model's config).
+        Called after `validate_data`; nothing to check by default."""
+        return None
 
     def validate_data(self, errors: list[str], index: int) -> None:
         """Append every problem with this task's data (columns, empty cells, label range) to `errors`."""

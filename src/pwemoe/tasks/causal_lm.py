@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import string
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 from ..config import TaskConfig
 from ..modalities.causal_lm import LABEL
 from .base import Finetuning, Task, max_positions
+
+log = logging.getLogger(__name__)
 
 
 class CausalLMConfig(TaskConfig):
@@ -111,14 +114,75 @@ class _CausalTask(Task):
         self.lm_head = modality.lm_head
         self.position_limit = _learned_position_limit(getattr(modality, "model", None))
         self.check_max_length(self.position_limit)
-        has_chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.use_chat = self._chat(modality)
+
+    def _chat(self, modality: Any) -> bool:
+        """Whether prompts go through the tokenizer's chat template; a ValueError when asked for and absent."""
+        has_chat = getattr(modality.tokenizer, "chat_template", None) is not None
         want = self.cfg.chat_template
         if want and not has_chat:
             raise ValueError(
                 f"task {self.name!r}: chat_template is true but the tokenizer of {modality.base} has none; "
                 "set chat_template: false"
             )
-        self.use_chat = has_chat if want is None else bool(want)
+        return has_chat if want is None else bool(want)
+
+    def check_before_load(self, modality: Any, errors: list[str], index: int) -> None:
+        """With the tokenizer and the model's config, before the weights load: the label words (choice tasks)
+        and the longest example against the model's positions: an error where they are a learned table (GPT-2:
+        an index error past it), a warning where they are rotary (it runs; quality beyond them is unknown)."""
+        self.tokenizer = modality.tokenizer
+        if self.has_labels and not self.class_names:  # no expert names them: the data's ClassLabel, as later
+            col = self.cfg.data.label_column
+            found = (
+                getattr(ds.features.get(col), "names", None)
+                for ds in (self.train_data, self.test_data)
+                if ds is not None
+            )
+            self.class_names = list(next((n for n in found if n), []))
+            if not self.class_names:
+                return  # the data checks say that class_names are required
+        try:
+            self.use_chat = self._chat(modality)
+            self._check_labels(modality)
+        except ValueError as e:
+            errors.append(f"tasks[{index}]: {e}")
+            return
+        errors.extend(f"tasks[{index}].label_words: {e}" for e in self._label_data_problems())
+        shell = modality.shell() if hasattr(modality, "shell") else None
+        learned, declared = _learned_position_limit(shell), max_positions(shell)
+        longest, parts, per_token = self._longest()
+        limit = learned if learned is not None else declared
+        if limit is None or longest <= limit:
+            return
+        fit = (limit - (longest - per_token * self.cfg.max_length)) // per_token
+        fix = f"set tasks[{index}].max_length <= {fit}" if fit >= 1 else "shorten the prompt template"
+        what = (
+            f"task {self.name!r}: an example can take {longest} tokens ({parts}), beyond the model's {limit} positions"
+        )
+        if learned is not None:
+            errors.append(f"tasks[{index}].max_length: {what} (a learned position table: longer inputs fail); {fix}")
+        else:
+            log.warning("%s (rotary: it runs, but quality past %d tokens is not known); %s", what, limit, fix)
+
+    def _check_labels(self, modality: Any) -> None:
+        """Raise a ValueError when the label words cannot be used with this tokenizer (choice tasks)."""
+
+    def _label_data_problems(self) -> list[str]:
+        """What contradicts the data in the label words (choice tasks)."""
+        return []
+
+    def _fixed_tokens(self, template: str) -> int:
+        """Tokens a prompt takes besides its texts: the template's own text and the chat template's turn."""
+        return len(self._prompt_ids([template.format(text="", text_pair="")])[0])
+
+    def _longest(self) -> tuple[int, str, int]:
+        """(the most tokens one example's row can take, how they add up, how many times max_length counts in it)."""
+        n = self.cfg.max_length
+        if not getattr(self.cfg.data, "prompt_column", None):
+            return n, f"max_length {n}", 1
+        fixed, eos = self._fixed_tokens("{text}"), int(self.tokenizer.eos_token_id is not None)
+        return fixed + 2 * n + eos, f"{fixed} of chat template, max_length {n} for the prompt and for the text", 2
 
     def _fits(self, seqs: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
         """seqs, or a clear error when one is longer than a model with learned positions has positions
@@ -181,14 +245,16 @@ class _CausalTask(Task):
 
         lora = {**self.LORA_DEFAULTS, **(options.get("lora") or {})}
         modality = MODALITIES[self.modality](base)
-        modality.load()
+        modality.load_preprocessing()
         self.train_data = data
         if not self.class_names and self.has_labels:
             self.class_names = list(getattr(data.features[self.cfg.data.label_column], "names", None) or [])
         errors: list[str] = []
         self.validate_data(errors, 0)
+        self.check_before_load(modality, errors, 0)
         if errors:
             raise ConfigError(errors)
+        modality.load()
         self.attach(modality)
         torch.manual_seed(seed)
         pcfg = peft.LoraConfig(
@@ -262,6 +328,10 @@ class CausalLMChoiceTask(_CausalTask):
 
     def attach(self, modality: Any) -> None:
         super().attach(modality)
+        self._check_labels(modality)
+
+    def _check_labels(self, modality: Any) -> None:
+        """Tokenise the label words (`label_ids`); a ValueError when one is empty, or two are the same."""
         words = self.label_words
         if self.cfg.label_words and self.class_names and len(words) != len(self.class_names):
             raise ValueError(
@@ -269,7 +339,7 @@ class CausalLMChoiceTask(_CausalTask):
             )
         if not self.class_names:
             self.class_names = [w.strip() for w in words]
-        self.label_ids = [self.tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+        self.label_ids = [modality.tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
         empty = [w for w, ids in zip(words, self.label_ids) if not ids]
         if empty:
             raise ValueError(
@@ -278,6 +348,45 @@ class CausalLMChoiceTask(_CausalTask):
             )
         if len({tuple(ids) for ids in self.label_ids}) != len(self.label_ids):
             raise ValueError(f"task {self.name!r}: two label words tokenise to the same ids: {words}")
+
+    def _label_data_problems(self) -> list[str]:
+        """Label words given without class_names stand for the classes 0..C-1: the data must have those classes
+        (its ClassLabel names, or else the labels of its training split), or a word can be predicted and never
+        be right."""
+        if not self.cfg.label_words or self.cfg.class_names:
+            return []
+        words, col = self.label_words, self.cfg.data.label_column
+        for ds in (self.train_data, self.test_data):
+            names = getattr(getattr(ds, "features", {}).get(col), "names", None) if ds is not None else None
+            if names and len(names) != len(words):
+                return [
+                    f"task {self.name!r}: {len(words)} label_words for the {len(names)} classes of its data "
+                    f"({names}); give one label word per class, in that order"
+                ]
+            if names:  # the data declares its classes: a slice that lacks one is no contradiction
+                return []
+        if self.train_data is None or col not in self.train_data.column_names:
+            return []
+        present = {v for v in self.train_data[col] if isinstance(v, int)}
+        missing = [i for i in range(len(words)) if i not in present]
+        if not missing:
+            return []
+        return [
+            f"task {self.name!r}: label_words {[words[i] for i in missing]} stand for class(es) {missing}, which its "
+            f"training data never has (its labels: {sorted(present)[:10]}); give one label word per class of the "
+            "data, or set class_names to list every class if the data only lacks some"
+        ]
+
+    def _longest(self) -> tuple[int, str, int]:
+        n = self.cfg.max_length
+        tpl = self.cfg.prompt_template or "{text}"
+        fields = sum(f is not None for _, f, _, _ in string.Formatter().parse(tpl))  # each text up to max_length
+        fixed = self._fixed_tokens(tpl)
+        label = max((len(ids) for ids in self.label_ids), default=0) if self.rows_per_example > 1 else 0
+        parts = f"{fixed} of prompt template{' and chat template' if self.use_chat else ''}, " + (
+            f"max_length {n}" if fields == 1 else f"{fields} x max_length {n}"
+        )
+        return fixed + fields * n + label, parts + (f", {label} of the longest label" if label else ""), fields
 
     def _provenance(self) -> dict[str, Any]:
         return super()._provenance() | {"template": self.cfg.prompt_template, "labels": self.label_ids}
