@@ -121,6 +121,52 @@ def test_finetune_writes_a_peft_adapter_that_learned_the_task(causal_setup):
         assert own > max(base, 0.75), (t.name, own, base)
 
 
+def test_finetuned_experts_answer_and_stop(causal_setup):
+    """`pwemoe finetune` trains the label followed by EOS: greedy generation from each expert (peft on the plain
+    base, without pwemoe) gives one label word, then EOS, and stops there."""
+    cfg = causal_setup["config"]
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    for t in wb.tasks:
+        base = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"])
+        model = peft.PeftModel.from_pretrained(base, t.cfg.expert).eval()
+        labels = {ids[0] for ids in t.label_ids}
+        for prompt in t.prompts(t.test_data[:8]):
+            ids = torch.tensor([t.tokenizer(prompt)["input_ids"]])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            new = out[0, ids.shape[1] :].tolist()
+            assert len(new) == 2 and new[0] in labels and new[1] == t.tokenizer.eos_token_id, (t.name, new)
+
+
+def test_finetuning_targets_the_label_and_the_end_of_the_answer(causal_setup):
+    """The training rows are prompt + true label + end; the end is EOS, or the chat template's end-of-turn token
+    when prompts go through a template that ends turns with a special token. Scoring rows are unchanged."""
+    from pwemoe.tasks.causal_lm import SCORED, end_of_turn_id
+
+    wb = Workbench(build_config(causal_setup["config"]), load_train=False, upcycle=False)
+    t = wb.tasks[0]
+    rows = t.test_data[:6]
+    scoring = t.encode(rows)
+    eos = t.tokenizer.eos_token_id
+    for f, s, y in zip(t.finetune_features(rows), scoring, rows["label"]):
+        assert f["input_ids"] == s["input_ids"] + t.label_ids[y] + [eos]
+        assert f[SCORED] == [0] * len(s["input_ids"]) + [1] * (len(t.label_ids[y]) + 1)
+    tok = _tokenizer()
+    assert end_of_turn_id(tok) is None  # no chat template
+    tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    turns = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}END{% endfor %}"
+    tok.chat_template = turns.replace("END", " \n")  # a turn ended by plain text: EOS ends the answer
+    assert end_of_turn_id(tok) is None
+    tok.chat_template = turns.replace("END", "<end> \n")
+    end = tok.convert_tokens_to_ids("<end>")
+    assert end_of_turn_id(tok) == end != eos
+    t.tokenizer, t.use_chat = tok, True
+    assert t.answer_end_id() == end
+    assert all(f["input_ids"][-1] == end for f in t.finetune_features(rows))
+    t.use_chat = False
+    assert t.answer_end_id() == eos
+
+
 def test_choice_scores_are_the_plain_models_label_log_likelihoods(causal_setup):
     cfg = dict(causal_setup["config"])
     wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
