@@ -201,6 +201,7 @@ class _CausalTask(Task):
             raise ValueError("LoRA experts are trained with peft: pip install 'pwemoe[llm]'") from None
         from ..config import ConfigError
         from ..devices import move
+        from ..lora.adapter import peft_wrapping
         from ..modalities import MODALITIES
         from ..modalities.causal_lm import HEAD_ONLY_PREFIX
 
@@ -223,7 +224,8 @@ class _CausalTask(Task):
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(modality.model, pcfg)  # LoRA layers are injected into modality.backbone too
+        with peft_wrapping():
+            model = peft.get_peft_model(modality.model, pcfg)  # LoRA layers are injected into modality.backbone too
 
         def loss(rows: dict[str, list], device: torch.device) -> torch.Tensor:
             inputs = move(modality.collate(self.finetune_features(rows)), device)
@@ -232,7 +234,9 @@ class _CausalTask(Task):
 
         def save(out: Path) -> None:
             model.peft_config["default"].base_model_name_or_path = options.get("base_name") or base
-            model.save_pretrained(out)
+            # the embeddings are never adapted: no need for peft to look up the base's vocabulary (on the hub,
+            # for a hub id, where it warns "Could not find a config file" offline)
+            model.save_pretrained(out, save_embedding_layers=False)
 
         return Finetuning(
             model,
