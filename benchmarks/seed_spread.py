@@ -15,6 +15,9 @@ Each seed's row is written to the output file as soon as it is done, so an inter
 a rerun with the same --out skips the seeds already there.
 
     .venv/bin/python benchmarks/seed_spread.py [--demo minilm|llm|both] [--seeds 0,1,2,3,4] [--out FILE]
+
+`--workdir DIR` reads the experts of a demo run elsewhere (one demo at a time) and `--set key=value` overrides the
+demo's config (both for a quick check of this script on small slices, e.g. a `run_demo` with overrides).
 """
 
 from __future__ import annotations
@@ -33,18 +36,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORKDIRS = {"minilm": Path("demo_runs"), "llm": Path("demo_runs_llm")}
 
 
-def demo_cfg(demo: str) -> tuple[dict, int]:
+def demo_cfg(demo: str, overrides: dict) -> tuple[dict, int]:
     """The demo's config (its experts, data and settings; run_dir left to the caller) and its grid."""
     if demo == "llm":
         from pwemoe.configfile import build_config
         from pwemoe.demo.llm import converted_base, demo_precision, llm_demo_config
 
-        cfg = llm_demo_config(WORKDIRS[demo].resolve(), converted_base())
+        cfg = llm_demo_config(WORKDIRS[demo].resolve(), converted_base(), overrides)
         cfg.setdefault("precision", demo_precision(build_config(cfg)))  # as the demo trains and evaluates
     else:
         from pwemoe.demo.offline import demo_config
 
-        cfg = demo_config(WORKDIRS[demo].resolve())
+        cfg = demo_config(WORKDIRS[demo].resolve(), overrides)
     return cfg, int(cfg["eval"]["grid"])
 
 
@@ -60,12 +63,12 @@ def copy_baseline_rows(src: Path, dst: Path) -> None:
     atomic_write_json(dst / CORRECT, {k: v for k, v in correct.items() if v.get("inputs") in digests})
 
 
-def one_seed(demo: str, seed: int, root: Path, baseline_run: Path | None) -> tuple[dict, Path]:
+def one_seed(demo: str, seed: int, root: Path, baseline_run: Path | None, overrides: dict) -> tuple[dict, Path]:
     from pwemoe.demo.offline import finished_run
     from pwemoe.recipes.evaluate import evaluate_run
     from pwemoe.recipes.train import train
 
-    cfg, grid = demo_cfg(demo)
+    cfg, grid = demo_cfg(demo, overrides)
     cfg["train"]["seed"] = seed
     demo_run = Path(cfg["run_dir"])
     run = root / f"seed{seed}"
@@ -73,9 +76,11 @@ def one_seed(demo: str, seed: int, root: Path, baseline_run: Path | None) -> tup
     path = root / f"seed{seed}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
-    demo_yaml = WORKDIRS[demo].resolve() / ("llm.yaml" if demo == "llm" else "demo.yaml")
-    if seed == 0 and demo_yaml.is_file() and finished_run(demo_run, demo_yaml):
-        run, reused = demo_run, True  # the demo's own run is this seed's
+    as_demo = root / "seed0-as-demo.yaml"  # seed 0's config in the demo's own run directory
+    if seed == 0:
+        as_demo.write_text(yaml.safe_dump(dict(cfg, run_dir=str(demo_run)), sort_keys=False))
+    if seed == 0 and finished_run(demo_run, as_demo):
+        run, reused = demo_run, True  # the demo's own run is this seed's (the same config, trained to its end)
     else:
         reused = False
         if not finished_run(run, path):
@@ -141,7 +146,14 @@ def main() -> None:
     ap.add_argument("--demo", choices=["minilm", "llm", "both"], default="both")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated router-training seeds")
     ap.add_argument("--out", default="seed_spread.json")
+    ap.add_argument("--workdir", help="the demo's work directory (default demo_runs or demo_runs_llm)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo's config")
     a = ap.parse_args()
+    if a.workdir:
+        if a.demo == "both":
+            raise SystemExit("--workdir needs one --demo (minilm or llm)")
+        WORKDIRS[a.demo] = Path(a.workdir)
+    overrides = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.set)}
     import torch
 
     seeds = [int(x) for x in a.seeds.split(",")]
@@ -149,13 +161,13 @@ def main() -> None:
     done = json.loads(out.read_text())["rows"] if out.is_file() else []
     machine = numerics_description(torch.device("cpu"))
     for demo in ["minilm", "llm"] if a.demo == "both" else [a.demo]:
-        root = WORKDIRS[demo] / "seeds"
+        root = WORKDIRS[demo].resolve() / "seeds"
         root.mkdir(parents=True, exist_ok=True)
         baseline_run = None
         for seed in seeds:
             if any(x["demo"] == demo and x["seed"] == seed for x in done):
                 continue
-            row, run = one_seed(demo, seed, root, baseline_run)
+            row, run = one_seed(demo, seed, root, baseline_run, overrides)
             baseline_run = baseline_run or run
             done.append(row)
             print(json.dumps(row), flush=True)
