@@ -206,7 +206,8 @@ def numerics_description(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (native bf16: {bf16})"
     kernels = torch.backends.cpu.get_cpu_capability()
     env = ", ".join(f"{k}={os.environ[k]}" for k in NUMERICS_ENV if os.environ.get(k))
-    return f"{cpu_name()} (native bf16: {bf16}; ATen kernels {kernels}; {torch.get_num_threads()} threads" + (
+    n = torch.get_num_threads()
+    return f"{cpu_name()} (native bf16: {bf16}; ATen kernels {kernels}; {n} thread{'s' * (n != 1)}" + (
         f"; {env})" if env else ")"
     )
 

@@ -212,7 +212,7 @@ def demo_precision(cfg: Any) -> str:
 def generation_prompts(cfg: dict) -> list[str]:
     """GENERATION_TEXTS, each in its task's prompt template (the config's tasks that have one)."""
     return [
-        t.get("prompt_template", "{text}").format(text=GENERATION_TEXTS[t["name"]], text_pair="")
+        (t.get("prompt_template") or "{text}").format(text=GENERATION_TEXTS[t["name"]], text_pair="")
         for t in cfg["tasks"]
         if t["name"] in GENERATION_TEXTS
     ]
