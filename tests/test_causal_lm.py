@@ -534,3 +534,20 @@ def test_evaluation_takes_the_shared_paths_and_scores_as_the_plain_model(causal_
     with torch.enable_grad():
         wb.logits([(wb.tasks[0], wb.tasks[0].test_data[:2])])
     assert calls == before
+
+
+def test_peft_wrapping_silences_only_peft_s_deprecated_attribute_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; pwemoe filters that
+    one FutureWarning where it wraps, and lets every other warning through."""
+    import warnings
+
+    from pwemoe.lora.adapter import peft_wrapping
+    from tests.conftest import tiny_llama
+
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with peft_wrapping():
+            peft.get_peft_model(tiny_llama(), cfg)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in got if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]
