@@ -74,9 +74,8 @@ def load_causal_expert(path: str, task: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path).eval().base_model
 
 
-SCORED = (
-    "pwemoe_scored"  # per token: 1 where the token is a training (or scoring) target, predicted from the one before
-)
+# Per token: 1 where the token is a training (or scoring) target, predicted from the token before it.
+SCORED = "pwemoe_scored"
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:
