@@ -133,7 +133,8 @@ def markdown(rows: list[dict]) -> str:
         s = spread([x for x in rows if x["demo"] == demo])
         lines.append(
             f"\n{demo}: median ratio {s['median_ratio']:.3f} over {s['seeds']} seeds, range {s['range'][0]:.3f}–"
-            f"{s['range'][1]:.3f}; the interval of the difference excludes zero for {s['intervals_excluding_zero']}"
+            f"{s['range'][1]:.3f}; the interval of the difference excludes zero for {s['intervals_excluding_zero']} "
+            f"of {s['seeds']}"
         )
     return "\n".join(lines)
 
