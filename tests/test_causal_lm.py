@@ -121,6 +121,52 @@ def test_finetune_writes_a_peft_adapter_that_learned_the_task(causal_setup):
         assert own > max(base, 0.75), (t.name, own, base)
 
 
+def test_finetuned_experts_answer_and_stop(causal_setup):
+    """`pwemoe finetune` trains the label followed by EOS: greedy generation from each expert (peft on the plain
+    base, without pwemoe) gives one label word, then EOS, and stops there."""
+    cfg = causal_setup["config"]
+    wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
+    for t in wb.tasks:
+        base = AutoModelForCausalLM.from_pretrained(cfg["model"]["base"])
+        model = peft.PeftModel.from_pretrained(base, t.cfg.expert).eval()
+        labels = {ids[0] for ids in t.label_ids}
+        for prompt in t.prompts(t.test_data[:8]):
+            ids = torch.tensor([t.tokenizer(prompt)["input_ids"]])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            new = out[0, ids.shape[1] :].tolist()
+            assert len(new) == 2 and new[0] in labels and new[1] == t.tokenizer.eos_token_id, (t.name, new)
+
+
+def test_finetuning_targets_the_label_and_the_end_of_the_answer(causal_setup):
+    """The training rows are prompt + true label + end; the end is EOS, or the chat template's end-of-turn token
+    when prompts go through a template that ends turns with a special token. Scoring rows are unchanged."""
+    from pwemoe.tasks.causal_lm import SCORED, end_of_turn_id
+
+    wb = Workbench(build_config(causal_setup["config"]), load_train=False, upcycle=False)
+    t = wb.tasks[0]
+    rows = t.test_data[:6]
+    scoring = t.encode(rows)
+    eos = t.tokenizer.eos_token_id
+    for f, s, y in zip(t.finetune_features(rows), scoring, rows["label"]):
+        assert f["input_ids"] == s["input_ids"] + t.label_ids[y] + [eos]
+        assert f[SCORED] == [0] * len(s["input_ids"]) + [1] * (len(t.label_ids[y]) + 1)
+    tok = _tokenizer()
+    assert end_of_turn_id(tok) is None  # no chat template
+    tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    turns = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}END{% endfor %}"
+    tok.chat_template = turns.replace("END", " \n")  # a turn ended by plain text: EOS ends the answer
+    assert end_of_turn_id(tok) is None
+    tok.chat_template = turns.replace("END", "<end> \n")
+    end = tok.convert_tokens_to_ids("<end>")
+    assert end_of_turn_id(tok) == end != eos
+    t.tokenizer, t.use_chat = tok, True
+    assert t.answer_end_id() == end
+    assert all(f["input_ids"][-1] == end for f in t.finetune_features(rows))
+    t.use_chat = False
+    assert t.answer_end_id() == eos
+
+
 def test_choice_scores_are_the_plain_models_label_log_likelihoods(causal_setup):
     cfg = dict(causal_setup["config"])
     wb = Workbench(build_config(cfg), load_train=False, upcycle=False)
@@ -457,6 +503,9 @@ def test_select_follows_a_loss_tasks_direction(causal_setup, tmp_path):
     for t in cfg["tasks"]:
         t["data"]["validation_fraction"] = 0.25
     cfg["run_dir"] = str(tmp_path / "run")
+    # routers that start at lambda(r) = 0.6 r: the color expert is there at r = (0, 1) after 4 steps (merged with the
+    # polarity adapter at 0.3 each, the color task is near chance with these tiny adapters)
+    cfg["model"]["router_init"] = "preference"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     run = train(tmp_path / "c.yaml", ["train.steps=4"], verbose=-1)
     assert main(["select", str(run), "--maximize", "polarity"]) == 2  # a loss is minimised
@@ -557,3 +606,20 @@ def test_evaluation_takes_the_shared_paths_and_scores_as_the_plain_model(causal_
     with torch.enable_grad():
         wb.logits([(wb.tasks[0], wb.tasks[0].test_data[:2])])
     assert calls == before
+
+
+def test_peft_wrapping_silences_only_peft_s_deprecated_attribute_warning():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; pwemoe filters that
+    one FutureWarning where it wraps, and lets every other warning through."""
+    import warnings
+
+    from pwemoe.lora.adapter import peft_wrapping
+    from tests.conftest import tiny_llama
+
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with peft_wrapping():
+            peft.get_peft_model(tiny_llama(), cfg)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in got if issubclass(w.category, FutureWarning)] == ["another FutureWarning"]

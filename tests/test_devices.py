@@ -445,3 +445,18 @@ def test_epo_task_gradients_from_one_forward_across_tasks(arch, checkpointing):
         assert any(len(p.segments) > 1 for p in groups(micro, False))  # really across tasks
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-7)
+
+
+def test_numerics_description_names_the_cpu_its_kernels_and_the_kernel_variables(monkeypatch):
+    """What the demos print beside their tables: the CPU, ATen's kernel level, the threads, and each variable of
+    NUMERICS_ENV that is set (and none that is not)."""
+    from pwemoe.devices import NUMERICS_ENV, cpu_name, numerics_description
+
+    for k in NUMERICS_ENV:
+        monkeypatch.delenv(k, raising=False)
+    cpu = torch.device("cpu")
+    plain = numerics_description(cpu)
+    assert plain.startswith(cpu_name()) and torch.backends.cpu.get_cpu_capability() in plain
+    assert f"{torch.get_num_threads()} thread" in plain and not any(k in plain for k in NUMERICS_ENV)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert numerics_description(cpu).endswith("; MKL_CBWR=COMPATIBLE)")

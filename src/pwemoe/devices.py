@@ -178,6 +178,40 @@ def native_bf16(device: torch.device) -> str | None:
     return None
 
 
+# The environment variables that pick the CPU's kernels, and so the last bits of every result (a hypervolume's
+# digits after 100 optimizer steps): oneDNN's instruction set (bf16 matmuls), ATen's vectorised kernels (softmax,
+# activations), MKL's code path (fp32 GEMMs; MKL_CBWR=COMPATIBLE: the same on any x86 CPU, slower) and the threads
+# (parallel reductions). docs/guides/gpus.md, "Numerics differ between CPUs".
+NUMERICS_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OMP_NUM_THREADS")
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it (/proc/cpuinfo on Linux), else the platform's word for it."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def numerics_description(device: torch.device) -> str:
+    """One line naming what decides the last bits of results on `device`: the device (a CPU's model name), the
+    instruction set that computes bf16 natively, ATen's kernel level, the threads, and any NUMERICS_ENV set."""
+    bf16 = native_bf16(device) or "none"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (native bf16: {bf16})"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    env = ", ".join(f"{k}={os.environ[k]}" for k in NUMERICS_ENV if os.environ.get(k))
+    n = torch.get_num_threads()
+    return f"{cpu_name()} (native bf16: {bf16}; ATen kernels {kernels}; {n} thread{'s' * (n != 1)}" + (
+        f"; {env})" if env else ")"
+    )
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,14 +224,17 @@ def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
 
 __all__ = [
     "DEVICE_CHOICES",
+    "NUMERICS_ENV",
     "PRECISIONS",
     "autocast",
     "check_device_spec",
+    "cpu_name",
     "full_precision",
     "grad_scaler",
     "local_rank",
     "move",
     "native_bf16",
+    "numerics_description",
     "rank_and_world",
     "resolve_device",
     "synchronize",

@@ -124,7 +124,7 @@ def run_llm_demo(
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
     from ..runs import export_run
-    from .offline import _print_table, train_demo_run
+    from .offline import _print_table, numerics, train_demo_run
 
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -165,22 +165,34 @@ def run_llm_demo(
     check = check_llm_export(out, run, parsed, pref, base_dir, precision)
     ranks = adapter_rank_table(out, run, parsed, pref, base_dir, check, precision)
     print("[7/7] generate at each vertex and the centre of the preference simplex, all in one batch")
-    answers = generate_at_vertices(run, GENERATION_PROMPT, GENERATION_TOKENS, precision=precision)
+    answers = generate_at_vertices(run, generation_prompts(cfg), GENERATION_TOKENS, precision=precision)
     elapsed = time.perf_counter() - t0
-    _print_table(summary, check, elapsed, run)
+    machine = numerics(run, parsed.device)
+    _print_table(summary, check, elapsed, run, machine)
     _print_generation(answers, ranks, run)
     atomic_write_json(
         workdir / "demo_summary.json",
-        {"summary": summary, "export_check": check, "adapter_ranks": ranks, "generation": answers, "seconds": elapsed},
+        {
+            "summary": summary,
+            "export_check": check,
+            "adapter_ranks": ranks,
+            "generation": answers,
+            "numerics": machine,
+            "seconds": elapsed,
+        },
     )
     print(f"\nExplore the front and chat at any preference in the browser:\n\n    pwemoe serve {run}\n")
     return summary
 
 
-# One fixed request asked at every vertex and at the centre: each expert answers in its own task's label words
-# (sentiment for the reviews and the tweets, a topic for the news), so the vertices visibly differ.
-GENERATION_PROMPT = "The striker scored twice and the fans loved every minute of it.\nAnswer:"
-GENERATION_TOKENS = 4
+# One short input per task, each asked in its task's own prompt at every vertex and at the centre. The experts were
+# fine-tuned on the label word followed by EOS (`pwemoe finetune`), so each answer is a label word that stops.
+GENERATION_TEXTS = {
+    "rt_sentiment": "A dull plot, but the actors are wonderful and the ending moved me.",
+    "bbc_news": "The striker scored twice and the fans loved every minute of it.",
+    "tweet_sentiment": "Rain again and the bus is late. Great start to the week.",
+}
+GENERATION_TOKENS = 8
 ADAPTER_RANKS = (8, 16)
 
 
@@ -195,23 +207,40 @@ def demo_precision(cfg: Any) -> str:
     return "bf16" if native else "fp32"
 
 
+def generation_prompts(cfg: dict) -> list[str]:
+    """GENERATION_TEXTS, each in its task's prompt template (the config's tasks that have one)."""
+    return [
+        (t.get("prompt_template") or "{text}").format(text=GENERATION_TEXTS[t["name"]], text_pair="")
+        for t in cfg["tasks"]
+        if t["name"] in GENERATION_TEXTS
+    ]
+
+
 def generate_at_vertices(
-    run: Path, prompt: str, max_new_tokens: int = 16, precision: str | None = None
+    run: Path, prompts: str | list[str], max_new_tokens: int = 16, precision: str | None = None
 ) -> list[dict[str, Any]]:
-    """Greedy answers to `prompt` at each vertex of the simplex and at its centre, decoded in one batch (each row
-    at its own preference)."""
+    """Greedy answers to each prompt at each vertex of the simplex and at its centre, all decoded in one batch (each
+    row at its own preference): one {prompt, preference, text, finish_reason, tokens} per (prompt, preference)."""
     from ..serve.model import PreferenceModel
 
-    pm = PreferenceModel(run, max_test_samples=1, max_batch=8, precision=precision)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    pm = PreferenceModel(run, max_test_samples=1, max_batch=16, precision=precision)
     k = pm.k
     prefs = [[1.0 if i == j else 0.0 for j in range(k)] for i in range(k)] + [[1.0 / k] * k]
+    rows = [(p, r) for p in prompts for r in prefs]
     try:
-        outs = pm.generate([prompt] * len(prefs), prefs, max_new_tokens=max_new_tokens)
+        outs = pm.generate([p for p, _ in rows], [r for _, r in rows], max_new_tokens=max_new_tokens)
     finally:
         pm.scheduler().close()
     return [
-        {"preference": pm.preference(r), "text": o["text"], "finish_reason": o["finish_reason"]}
-        for r, o in zip(prefs, outs)
+        {
+            "prompt": p,
+            "preference": pm.preference(r),
+            "text": o["text"],
+            "finish_reason": o["finish_reason"],
+            "tokens": o["usage"]["completion_tokens"],
+        }
+        for (p, r), o in zip(rows, outs)
     ]
 
 
@@ -237,10 +266,15 @@ def adapter_rank_table(
 
 
 def _print_generation(answers: list[dict], ranks: list[dict], run: Path) -> None:
-    print(f"\nOne prompt at each vertex and at the centre (greedy, {GENERATION_TOKENS} tokens):")
-    print("    " + GENERATION_PROMPT.replace("\n", "\n    "))
-    for a in answers:
-        print(f"  r = {a['preference']}: {a['text'].strip()!r}")
+    print(
+        "\nOne input per task in its own prompt, at each vertex and at the centre "
+        f"(greedy, at most {GENERATION_TOKENS} tokens):"
+    )
+    for prompt in dict.fromkeys(a["prompt"] for a in answers):
+        print("    " + prompt.replace("\n", "\n    "))
+        for a in (a for a in answers if a["prompt"] == prompt):
+            r = ", ".join(f"{x:.2f}" for x in a["preference"])
+            print(f"      r = ({r}): {a['text']!r} ({a['finish_reason']}, {a['tokens']} tokens)")
     print("\nThe exported preference's adapter at one rank per layer (engines' max_lora_rank), accuracy by task:")
     for row in ranks:
         acc = row["accuracy"] or {}
@@ -248,11 +282,13 @@ def _print_generation(answers: list[dict], ranks: list[dict], run: Path) -> None
         print(f"  rank {row['rank']}: {cells} (largest relative error of a layer {row['max_relative_error']:.3f})")
     name = run.resolve().name
     print(
-        "\nAsk it anything at any preference through the OpenAI API (pwemoe serve "
-        f"{run}):\n\n    from openai import OpenAI\n"
+        "\nAsk it at any preference through the OpenAI API (pwemoe serve "
+        f"{run}); its experts answer the demo's three questions in one word:\n\n    from openai import OpenAI\n"
         '    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")\n'
         f'    answer = client.chat.completions.create(\n        model="{name}",\n'
-        '        messages=[{"role": "user", "content": "Hi!"}],\n'
+        '        messages=[{"role": "user", "content": "Is this movie review positive or negative?\\n'
+        'A dull plot, great actors.\\nAnswer:"}],\n'
+        "        max_tokens=16,\n"
         '        extra_body={"preference": [0.6, 0.2, 0.2]},\n    )\n'
         "    print(answer.choices[0].message.content)"
     )
@@ -293,7 +329,10 @@ def adapter_accuracy(
     import peft
     from transformers import AutoModelForCausalLM
 
-    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    from ..lora.adapter import peft_wrapping
+
+    with peft_wrapping():
+        pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
     return _accuracy(pm.merge_and_unload(), cfg, tokenizer_dir, precision)
 
 

@@ -153,11 +153,18 @@ def run_demo(
     s = Settings(q["confidence"], q["budget"], q["grid"])
     choice = select_run(run, q["maximize"], None, q["require"], s, name="demo", print_summary=False)
     elapsed = time.perf_counter() - t0
-    _print_table(summary, check, elapsed, run)
+    machine = numerics(run, parsed.device)
+    _print_table(summary, check, elapsed, run, machine)
     print("\n" + "\n".join(summary_lines(choice)))
     atomic_write_json(
         workdir / "demo_summary.json",
-        {"summary": summary, "export_check": check, "selection": _selection_summary(choice), "seconds": elapsed},
+        {
+            "summary": summary,
+            "export_check": check,
+            "selection": _selection_summary(choice),
+            "numerics": machine,
+            "seconds": elapsed,
+        },
     )
     print(f"\nInteractive report: {run / 'report.html'}")
     print(f"Explore the front, routing weights and predictions in the browser:\n\n    pwemoe serve {run}\n")
@@ -210,13 +217,35 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
     return {"preference": rn, "exported": got, "evaluated": want, "match": ok}
 
 
-def _print_table(summary: dict, check: dict, elapsed: float, run: Path) -> None:
+def numerics(run: Path, device: str = "cpu") -> dict[str, Any]:
+    """What decides the digits of a demo's table: the machine (`devices.numerics_description`) and short sha256
+    prefixes of the base, each expert as upcycled (the hashes the router checkpoint records) and the trained
+    routers. Two users whose tables differ see here where their runs part: at the experts' fine-tuning (expert
+    hashes differ), at the routers' training (only the routers' hash differs), or at the evaluation (none)."""
+    from ..checkpoint import load_routers
+    from ..devices import numerics_description, resolve_device
+    from ..files import ROUTERS
+    from ..models import fingerprint_tensors
+
+    state, meta = load_routers(run / ROUTERS)
+    hashes = {name: h[:10] for name, h in meta.get("hashes", {}).items() if ":" not in name}  # not the heads
+    hashes["routers"] = fingerprint_tensors(state)[:10]
+    return {"machine": numerics_description(resolve_device(device)), "sha256": hashes}
+
+
+def _print_table(summary: dict, check: dict, elapsed: float, run: Path, machine: dict | None = None) -> None:
     from ..baselines import METHODS, with_role
     from ..report import comparison_sentence
 
     boot = summary.get("bootstrap")
     ci = f"{round(100 * boot['level'])}% CI" if boot else ""
-    print(f"\nDone in {elapsed / 60:.1f} min. Report: {run / 'report.md'}\n")
+    print(f"\nDone in {elapsed / 60:.1f} min. Report: {run / 'report.md'}")
+    if machine:
+        print(f"Computed on {machine['machine']}, precision {summary.get('precision', 'fp32')}.")
+        print("sha256 (first 10 hex): " + ", ".join(f"{k} {v}" for k, v in machine["sha256"].items()))
+        print("Other digits than these on another CPU are expected; the hashes show where two runs part")
+        print('(docs/guides/gpus.md, "Numerics differ between CPUs").')
+    print()
     print(f"{'method':<22}{'hypervolume':>12}{ci:>20}{'normalised':>12}{ci:>20}")
 
     def span(c: list[float] | None) -> str:

@@ -10,10 +10,13 @@ is refused by name, never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,20 @@ from ..files import MAX_SMALL_FILE, read_bounded
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+
+# peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` each time it wraps a model, and transformers
+# 5 answers with a FutureWarning: harmless (peft only asks whether to prepare checkpointing) and not pwemoe's call to
+# change. Filtered where pwemoe wraps a model with peft, nowhere else (docs/guides/language-models.md).
+PEFT_WRAP_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Wrap a model with peft (`get_peft_model`, `PeftModel.from_pretrained`) without PEFT_WRAP_WARNING."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_WRAP_WARNING, category=FutureWarning)
+        yield
+
 
 # Config fields that change what the adapted layer computes, and the value pwemoe implements.
 _UNSUPPORTED: dict[str, tuple[object, str]] = {

@@ -77,6 +77,30 @@ def load_causal_expert(path: str, task: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path).eval().base_model
 
 
+# Per token: 1 where the token is a training (or scoring) target, predicted from the token before it.
+SCORED = "pwemoe_scored"
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token that the tokenizer's chat template puts right after an assistant's message (ChatML's
+    `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), or None: no template, a template that fails on
+    a user + assistant exchange, or one that ends a turn with plain text (a newline)."""
+    mark = "PWEMOE_ANSWER_MARK"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001  (a template may raise anything from its own jinja code)
+        return None
+    if not isinstance(text, str) or mark not in text:
+        return None
+    ids = tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    return ids[0] if ids and ids[0] in special else None
+
+
 def _last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last attended token (right padding): LongTensor[n]."""
     return (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(-1)
@@ -240,6 +264,7 @@ class _CausalTask(Task):
             raise ValueError("LoRA experts are trained with peft: pip install 'pwemoe[llm]'") from None
         from ..config import ConfigError
         from ..devices import move
+        from ..lora.adapter import peft_wrapping
         from ..modalities import MODALITIES
         from ..modalities.causal_lm import HEAD_ONLY_PREFIX
 
@@ -264,16 +289,19 @@ class _CausalTask(Task):
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(modality.model, pcfg)  # LoRA layers are injected into modality.backbone too
+        with peft_wrapping():
+            model = peft.get_peft_model(modality.model, pcfg)  # LoRA layers are injected into modality.backbone too
 
         def loss(rows: dict[str, list], device: torch.device) -> torch.Tensor:
-            inputs = move(modality.collate(self.encode(rows)), device)
+            inputs = move(modality.collate(self.finetune_features(rows)), device)
             outputs = modality.backbone(**{k: v for k, v in inputs.items() if not k.startswith(HEAD_ONLY_PREFIX)})
-            return self.loss(self.head(outputs, inputs), self.labels(rows).to(device))
+            return self.finetune_loss(outputs, inputs, rows)
 
         def save(out: Path) -> None:
             model.peft_config["default"].base_model_name_or_path = options.get("base_name") or base
-            model.save_pretrained(out)
+            # the embeddings are never adapted: no need for peft to look up the base's vocabulary (on the hub,
+            # for a hub id, where it warns "Could not find a config file" offline)
+            model.save_pretrained(out, save_embedding_layers=False)
 
         return Finetuning(
             model,
@@ -283,6 +311,14 @@ class _CausalTask(Task):
             weight_decay=0.0,
             description=f"finetune {self.name} (LoRA r={lora['r']})",
         )
+
+    def finetune_features(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
+        """What `pwemoe finetune` trains on: the task's own encoding (overridden where training differs)."""
+        return self.encode(rows)
+
+    def finetune_loss(self, outputs: Any, inputs: dict[str, torch.Tensor], rows: dict[str, list]) -> torch.Tensor:
+        """The fine-tuning loss of a batch: the task's own head and loss."""
+        return self.loss(self.head(outputs, inputs), self.labels(rows).to(inputs["input_ids"].device))
 
     def expert_provenance(self, options: dict[str, Any]) -> dict[str, Any]:
         """The prompt, the answers and the LoRA settings are part of what the adapter learned."""
@@ -305,9 +341,13 @@ class _CausalTask(Task):
 class CausalLMChoiceTask(_CausalTask):
     """Classification by label words: the prediction is the label whose tokens are most likely after the prompt.
 
-    `head` returns Tensor[n, C]: log p(label_c | prompt), summed over the label's tokens. The training
+    `head` returns Tensor[n, C]: log p(label_c | prompt), summed over the label's tokens. The routers' training
     loss is the cross-entropy of the true label's tokens over the whole vocabulary (-log p(label_y | prompt)).
     Labels that are one token each take one forward per example; otherwise each example runs once per label.
+
+    `pwemoe finetune` trains the expert on the answer and its end: -log p(label_y, end | prompt), where the end is
+    the chat template's end-of-turn token when prompts go through the chat template, else the EOS token
+    (`answer_end_id`). Scoring still reads only the label words; the end teaches generation to stop after them.
     """
 
     config_class = CausalLMChoiceConfig
@@ -398,9 +438,7 @@ class CausalLMChoiceTask(_CausalTask):
         tpl = self.cfg.prompt_template or "{text}"
         return [tpl.format(text=t, text_pair=pairs[i] if pairs else "") for i, t in enumerate(texts)]
 
-    def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
-        out = []
-        per = self.rows_per_example
+    def _encoded_prompts(self, rows: dict[str, list]) -> list[list[int]]:
         prompts = self._prompt_ids(self.prompts(rows))
         empty = sum(not ids for ids in prompts)
         if empty:  # the answer is scored from the position before it: there must be one
@@ -408,6 +446,12 @@ class CausalLMChoiceTask(_CausalTask):
                 f"task {self.name!r}: {empty} prompt(s) encode to no tokens; give a prompt_template with visible "
                 "text around {text}, or drop the examples whose text the tokenizer drops"
             )
+        return prompts
+
+    def encode(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
+        out = []
+        per = self.rows_per_example
+        prompts = self._encoded_prompts(rows)
         for ids in prompts:
             if per == 1:
                 out.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
@@ -435,6 +479,37 @@ class CausalLMChoiceTask(_CausalTask):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         nll = -logits.gather(-1, labels.to(logits.device)[:, None]).squeeze(-1)
         return nll.sum() if reduction == "sum" else nll.mean() if reduction == "mean" else nll
+
+    def answer_end_id(self) -> int | None:
+        """The token that ends an answer: the chat template's end-of-turn token when prompts go through the chat
+        template (and it ends turns with a special token), else the tokenizer's EOS; None if it has neither."""
+        end = end_of_turn_id(self.tokenizer) if self.use_chat else None
+        return end if end is not None else self.tokenizer.eos_token_id
+
+    def finetune_features(self, rows: dict[str, list]) -> list[dict[str, list[int]]]:
+        """One row per example: prompt + the true label's tokens + the end of the answer, the answer and its end
+        marked as targets (`SCORED`)."""
+        end = self.answer_end_id()
+        tail = [end] if end is not None else []
+        out = []
+        for ids, y in zip(self._encoded_prompts(rows), self.labels(rows).tolist()):
+            answer = self.label_ids[y] + tail
+            seq = ids + answer
+            out.append({"input_ids": seq, "attention_mask": [1] * len(seq), SCORED: [0] * len(ids) + [1] * len(answer)})
+        return self._fits(out)
+
+    def finetune_loss(self, outputs: Any, inputs: dict[str, torch.Tensor], rows: dict[str, list]) -> torch.Tensor:
+        """-log p(label_y, end | prompt), averaged over the batch: the label's tokens and the end, summed per
+        example (the label part is the routers' loss; the end is what makes generation stop)."""
+        hidden, ids = outputs.last_hidden_state, inputs["input_ids"]
+        pos = inputs[SCORED][:, 1:].bool().nonzero()  # token t+1 is predicted from position t
+        lp = self._token_logprobs(hidden[pos[:, 0], pos[:, 1]], ids[pos[:, 0], pos[:, 1] + 1])
+        return -lp.sum() / ids.shape[0]
+
+    def expert_provenance(self, options: dict[str, Any]) -> dict[str, Any]:
+        out = super().expert_provenance(options)
+        out["task_format"]["trained_answer"] = "label tokens + end of answer"  # experts of label tokens only differ
+        return out
 
 
 class CausalLMTask(_CausalTask):
