@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..baselines import with_role
 from ..config import apply_overrides, dump_yaml, load_yaml
 from ..files import MANIFEST, atomic_write_json, atomic_write_text, cache_dir, staged_dir
 
@@ -158,7 +159,7 @@ def run_llm_demo(
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
     summary = evaluate_run(run, grid=grid)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
-    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
+    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == with_role("subject").name]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
     out = export_run(run, pref, workdir / "export", overwrite=True)
     print("[6/7] reload both exports without pwemoe and check their accuracy; adapters of one rank for serving engines")
@@ -309,7 +310,8 @@ def check_llm_export(
 
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
-    want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
+    subject = with_role("subject").name
+    want = next((r["accuracy"] for r in rows if r["method"] == subject and r["preference"] == rn), None)
     dense = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     got = {"dense": _accuracy(dense, cfg, out / "model", precision)}
     if (out / "adapter").is_dir():

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..baselines import with_role
 from ..config import apply_overrides, dump_yaml, load_yaml
 from ..files import atomic_write_json, atomic_write_text
 
@@ -143,7 +144,7 @@ def run_demo(
     summary = evaluate_run(run, grid=grid)
     print(f"[4/6] report: {run / 'report.md'}")
     # export the grid preference with the best mean normalised accuracy (a typical "pick one" use)
-    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == "pwemoe"]
+    rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == with_role("subject").name]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
     out = export_run(run, pref, workdir / "export", overwrite=True)  # only the previous demo export is replaced
     print("[5/6] reload the export with plain transformers and check its accuracy")
@@ -193,7 +194,8 @@ def _check_export(out: Path, run: Path, cfg: dict, pref: list[float]) -> dict:
 
     rows = json.loads((run / "results.json").read_text())
     rn = preference_key(pref, len(pref))
-    want = next((r["accuracy"] for r in rows if r["method"] == "pwemoe" and r["preference"] == rn), None)
+    subject = with_role("subject").name
+    want = next((r["accuracy"] for r in rows if r["method"] == subject and r["preference"] == rn), None)
     c = build_config(cfg)
     got = {}
     for t in c.tasks:
@@ -234,7 +236,7 @@ def numerics(run: Path, device: str = "cpu") -> dict[str, Any]:
 
 
 def _print_table(summary: dict, check: dict, elapsed: float, run: Path, machine: dict | None = None) -> None:
-    from ..baselines import METHODS, with_role
+    from ..baselines import METHODS
     from ..report import comparison_sentence
 
     boot = summary.get("bootstrap")
