@@ -576,3 +576,45 @@ def test_sliding_window_models_are_refused_not_mis_served():
 class _tokenizer_stub:  # noqa: N801 - what BatchDecoder reads of a tokenizer
     eos_token_id = 2
     pad_token_id = 0
+
+
+def test_refusals_are_typed_and_the_api_edge_maps_them_by_type_not_by_text(served):
+    from pwemoe.generation import SamplingParams
+    from pwemoe.generation_errors import (
+        BudgetExceeded,
+        ContextExceeded,
+        PromptTooLong,
+        RequestRefused,
+        SamplingFieldError,
+    )
+    from pwemoe.serve.openai_common import submit_error
+
+    pm, _ = served
+    sched = pm.scheduler()
+    ctx = sched.decoder.max_positions
+    kinds = {
+        "prompt": ([1] * ctx, SamplingParams(max_new_tokens=1), PromptTooLong),
+        "context": ([1] * (ctx - 2), SamplingParams(max_new_tokens=5), ContextExceeded),
+        "temperature": ([1, 2], SamplingParams(max_new_tokens=1, temperature=-1), SamplingFieldError),
+    }
+    for name, (ids, params, kind) in kinds.items():
+        with pytest.raises(RequestRefused) as e:
+            sched.submit(ids, [1, 1, 1], params)
+        assert isinstance(e.value, ValueError) and type(e.value.first) is kind, (name, e.value.problems)
+    # several sampling fields wrong at once: every one reported, each naming its field
+    problems = SamplingParams(max_new_tokens=0, temperature=-1, top_p=2, seed="x").problems()
+    assert [p.param for p in problems] == ["max_new_tokens", "temperature", "top_p", "seed"]
+    # the edge reads the type, whatever the message says
+    cases = [
+        (PromptTooLong("anything"), False, "prompt", "context_length_exceeded"),
+        (PromptTooLong("anything"), True, "messages", "context_length_exceeded"),
+        (ContextExceeded("anything"), True, "max_tokens", "context_length_exceeded"),
+        (BudgetExceeded("anything"), False, "max_tokens", None),
+        (SamplingFieldError("anything", "top_p"), False, "top_p", None),
+    ]
+    for problem, chat, param, code in cases:
+        err = submit_error(RequestRefused([problem]), chat)
+        assert (err.status, err.param, err.code, err.message) == (400, param, code, "anything")
+    assert submit_error(RequestRefused([BudgetExceeded("x")]), False, "max_completion_tokens").param == (
+        "max_completion_tokens"
+    )

@@ -425,7 +425,7 @@ def test_asynchronous_evaluations_wait_in_a_bounded_queue(model, monkeypatch):
 
     def slow(preference, progress=None, store=True):
         gate.wait(60)
-        return {"preference": preference, "reused": False}
+        return {"preference": list(preference), "reused": False}
 
     def workers() -> int:
         return sum(t.name == "pwemoe-evaluate" for t in threading.enumerate())

@@ -38,6 +38,15 @@ from torch import nn
 from .architectures import sliding_window_attention
 from .core.preference import PreferenceLike, normalize_preference
 from .devices import PRECISIONS, autocast
+from .generation_errors import (
+    BudgetExceeded,
+    ContextExceeded,
+    EmptyPrompt,
+    GenerationError,
+    PromptTooLong,
+    RequestRefused,
+    SamplingFieldError,
+)
 from .routing import check_scales, ensembling_modules, num_tasks, set_row_preferences
 
 
@@ -54,28 +63,36 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # record each sampled token's log-probability and the `logprobs` most likely
 
-    def errors(self) -> list[str]:
-        """Every problem at once, each naming the field, the value and what is allowed."""
+    def problems(self) -> list[SamplingFieldError]:
+        """Every problem at once, each naming the field (`param`), the value and what is allowed."""
         out = []
+
+        def bad(field: str, message: str) -> None:
+            out.append(SamplingFieldError(message, field))
+
         n = self.max_new_tokens
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            out.append(f"max_new_tokens must be an integer >= 1, got {n!r}")
+            bad("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {n!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 100 or t != t:
-            out.append(f"temperature must be a number in [0, 100] (0: greedy), got {t!r}")
+            bad("temperature", f"temperature must be a number in [0, 100] (0: greedy), got {t!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            out.append(f"top_p must be a number in (0, 1], got {p!r}")
+            bad("top_p", f"top_p must be a number in (0, 1], got {p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            out.append(f"seed must be an integer, got {self.seed!r}")
+            bad("seed", f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            out.append(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            bad("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
         elif len(self.stop) > 16:
-            out.append(f"stop takes at most 16 strings, got {len(self.stop)}")
+            bad("stop", f"stop takes at most 16 strings, got {len(self.stop)}")
         lp = self.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
-            out.append(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
+            bad("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}")
         return out
+
+    def errors(self) -> list[str]:
+        """`problems()` as messages."""
+        return [str(p) for p in self.problems()]
 
 
 MAX_LOGPROBS = 20  # the most alternatives a sampled token's record lists (`SamplingParams.logprobs`)
@@ -533,25 +550,32 @@ class Scheduler:
         self._closes_at_exit = False
 
     # --- submitting --------------------------------------------------------------------------------
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> list[str]:
-        """What makes a request impossible here (empty or too long for the context or the budget)."""
-        errors = params.errors()
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> list[GenerationError]:
+        """What makes a request impossible here (bad sampling fields; empty or too long for the context or the
+        budget), each problem typed by what is at fault."""
+        errors: list[GenerationError] = list(params.problems())
         if errors:
             return errors
         n, ctx = len(prompt_ids), self.decoder.max_positions
         if n == 0:
-            errors.append("the prompt is empty; give at least one token of text")
+            errors.append(EmptyPrompt("the prompt is empty; give at least one token of text"))
         elif n >= ctx:
-            errors.append(f"the prompt has {n} tokens; the model takes {ctx} positions in all: shorten the prompt")
+            errors.append(
+                PromptTooLong(f"the prompt has {n} tokens; the model takes {ctx} positions in all: shorten the prompt")
+            )
         elif n + params.max_new_tokens > ctx:
             errors.append(
-                f"the prompt ({n} tokens) and max_tokens ({params.max_new_tokens}) exceed the model's context of {ctx} "
-                f"positions; ask for at most {ctx - n} tokens"
+                ContextExceeded(
+                    f"the prompt ({n} tokens) and max_tokens ({params.max_new_tokens}) exceed the model's context of "
+                    f"{ctx} positions; ask for at most {ctx - n} tokens"
+                )
             )
         if n + params.max_new_tokens > self.token_budget:
             errors.append(
-                f"the prompt ({n} tokens) and max_tokens ({params.max_new_tokens}) exceed the server's token budget "
-                f"({self.token_budget}); ask for fewer tokens (or raise --token-budget)"
+                BudgetExceeded(
+                    f"the prompt ({n} tokens) and max_tokens ({params.max_new_tokens}) exceed the server's token "
+                    f"budget ({self.token_budget}); ask for fewer tokens (or raise --token-budget)"
+                )
             )
         return errors
 
@@ -563,15 +587,16 @@ class Scheduler:
         loop: asyncio.AbstractEventLoop | None = None,
         raw: bool = False,
     ) -> Handle:
-        """Queue a request; its events come through the returned handle. Bad input: ValueError, nothing queued.
+        """Queue a request; its events come through the returned handle. Bad input: `RequestRefused` (a
+        ValueError holding every problem, typed), nothing queued.
 
         raw: `preference` is lambda itself (per-expert scales, the routers bypassed; `routing.check_scales`)."""
-        if params.max_new_tokens is None and not params.errors():
+        if params.max_new_tokens is None and not params.problems():
             room = min(self.decoder.max_positions, self.token_budget) - len(prompt_ids)
             params = dataclasses.replace(params, max_new_tokens=max(1, min(OPEN_ENDED_TOKENS, room)))
         errors = self.check(prompt_ids, params)
         if errors:
-            raise ValueError("; ".join(errors))
+            raise RequestRefused(errors)
         pref = check_scales(preference, self.decoder.k) if raw else normalize_preference(preference, self.decoder.k)
         handle = Handle(loop)
         seq = Request(prompt_ids, pref, params, handle.put, raw)

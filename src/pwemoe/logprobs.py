@@ -28,6 +28,14 @@ from torch import nn
 
 from .devices import autocast
 from .generation import MAX_LOGPROBS, SamplingParams, context_length, sample, token_logprobs
+from .generation_errors import (
+    BadTokens,
+    EmptyPrompt,
+    GenerationError,
+    PromptTooLong,
+    RequestRefused,
+    SamplingFieldError,
+)
 from .routing import ensembling_modules, set_row_preferences
 
 Alternatives = list[tuple[int, float]]  # (token id, log-probability), most likely first
@@ -106,31 +114,35 @@ class PromptScorer:
         self._closes_at_exit = False
 
     # --- submitting --------------------------------------------------------------------------------
-    def check(self, row: ScoreRow) -> list[str]:
-        """What makes a row impossible here: no tokens, ids outside the vocabulary, too long for the context."""
+    def check(self, row: ScoreRow) -> list[GenerationError]:
+        """What makes a row impossible here (no tokens, ids outside the vocabulary, too long for the context, too many
+        alternatives asked for), each problem typed by what is at fault."""
         n, errors = len(row.ids), []
         if n == 0:
-            errors.append("the prompt is empty; give at least one token")
+            errors.append(EmptyPrompt("the prompt is empty; give at least one token"))
         bad = [t for t in row.ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab]
         if bad:
-            errors.append(f"token ids must be integers in [0, {self.vocab}), got {bad[:3]}")
+            errors.append(BadTokens(f"token ids must be integers in [0, {self.vocab}), got {bad[:3]}"))
         room = self.max_positions - (1 if row.params is not None else 0)
         if n > room:
             errors.append(
-                f"the prompt has {n} tokens; the model takes {self.max_positions} positions in all: shorten the prompt"
+                PromptTooLong(
+                    f"the prompt has {n} tokens; the model takes {self.max_positions} positions in all: shorten the "
+                    "prompt"
+                )
             )
         if not 0 <= row.top <= MAX_LOGPROBS:
-            errors.append(f"top must be in [0, {MAX_LOGPROBS}], got {row.top}")
+            errors.append(SamplingFieldError(f"top must be in [0, {MAX_LOGPROBS}], got {row.top}", "logprobs"))
         return errors
 
     def submit(self, rows: list[ScoreRow]) -> concurrent.futures.Future:
         """Queue rows to score together with whatever else is waiting; a Future of list[Scored] (one per row).
-        Bad rows: ValueError naming each, nothing queued."""
-        errors = [f"prompt {i}: {e}" for i, r in enumerate(rows) for e in self.check(r)]
+        Bad rows: `RequestRefused` naming each problem, typed, nothing queued."""
+        errors = [e.prefixed(f"prompt {i}: ") for i, r in enumerate(rows) for e in self.check(r)]
         if not rows:
-            errors.append("no prompt to score")
+            errors.append(EmptyPrompt("no prompt to score"))
         if errors:
-            raise ValueError("; ".join(errors))
+            raise RequestRefused(errors)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             self._waiting.append((rows, fut))

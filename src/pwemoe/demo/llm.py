@@ -236,7 +236,7 @@ def generate_at_vertices(
     return [
         {
             "prompt": p,
-            "preference": pm.preference(r),
+            "preference": pm.preference(r).tolist(),
             "text": o["text"],
             "finish_reason": o["finish_reason"],
             "tokens": o["usage"]["completion_tokens"],

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..baselines import describe_methods
+from ..core.preference import Preference
 from ..files import RunDirInUse
 from ..report.interactive import front_figures, plotly_js_path
 from .model import PreferenceModel, TooLarge
@@ -189,7 +190,7 @@ class _Jobs:
         self.queue: queue.Queue = queue.Queue()
         self.worker: threading.Thread | None = None  # a daemon: a stopped server does not wait for the queue
 
-    def start(self, model: PreferenceModel, preference: list[float]) -> dict[str, Any]:
+    def start(self, model: PreferenceModel, preference: Preference | list[float]) -> dict[str, Any]:
         with self.lock:
             if self.pending > self.max_queued:  # one running, max_queued waiting
                 retry = min(600, max(1, math.ceil(self.last_seconds * self.pending)))
@@ -199,7 +200,13 @@ class _Jobs:
                     retry,
                 )
             self.pending += 1
-            job = {"id": str(next(self.ids)), "status": "running", "done": 0, "total": None, "preference": preference}
+            job = {
+                "id": str(next(self.ids)),
+                "status": "running",
+                "done": 0,
+                "total": None,
+                "preference": list(preference),
+            }
             self.jobs[job["id"]] = job
             finished = [k for k, v in self.jobs.items() if v["status"] != "running"]
             for k in finished[: max(0, len(finished) - self.KEEP)]:  # oldest first (insertion order)
@@ -303,8 +310,9 @@ def create_app(
 
     @app.post("/api/routing_weights")
     def routing(body: PreferenceBody) -> dict:
-        lam = model.routing_weights(body.preference)
-        return {"preference": model.preference(body.preference), "tasks": model.task_names, "routing_weights": lam}
+        pref = model.preference(body.preference)
+        lam = model.routing_weights(pref)
+        return {"preference": pref.tolist(), "tasks": model.task_names, "routing_weights": lam}
 
     @app.post("/api/predict")
     def predict(body: PredictBody) -> dict:

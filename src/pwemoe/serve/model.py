@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..baselines import Point
-from ..core.preference import PreferenceLike, normalize_preference
+from ..core.preference import Preference, PreferenceLike
 from ..devices import PRECISIONS
 from ..evaluation import PointEvaluator, stored_front
 from ..export import PlainCopy
 from ..files import RESULTS, RunLock, subdir
-from ..results import ResultStore, preference_key, row_inputs, summarize
+from ..results import ResultStore, row_inputs, summarize
 from ..routing import routing_weights
 from ..runs import open_run, write_export
 
@@ -207,8 +207,8 @@ class PreferenceModel:
         self.max_batch = max_batch
         self.token_budget = token_budget
         self.max_test_samples = max_test_samples
-        self.default_preference = (
-            self.preference(default_preference) if default_preference is not None else [1.0 / self.k] * self.k
+        self.default_preference = Preference.of(
+            default_preference if default_preference is not None else [1.0 / self.k] * self.k, self.k
         )
         self._scheduler: Any = None  # generation (causal-LM runs), made on first use
         self._scorer: Any = None  # prompt log-probabilities (causal-LM runs), made on first use
@@ -262,9 +262,10 @@ class PreferenceModel:
             "max_test_samples": self.max_test_samples,
         }
 
-    def preference(self, r: PreferenceLike) -> list[float]:
-        """The validated, normalised preference as pwemoe records it (6 decimals): the cache key."""
-        return preference_key(normalize_preference(r, self.k), self.k)
+    def preference(self, r: PreferenceLike) -> Preference:
+        """The validated preference (`core.preference.Preference`: its key, 6 decimals, is the cache key). A
+        `Preference` passes through as it is: validate once where a request enters, then pass the value down."""
+        return Preference.of(r, self.k)
 
     def routing_weights(self, r: PreferenceLike) -> dict[str, list[float]]:
         """{upcycled module: lambda(r) (k numbers)} in model order."""
@@ -279,7 +280,7 @@ class PreferenceModel:
         inputs: texts (or [text, pair] lists for pair tasks), or images (PIL images, bytes, or base64
         strings, data URLs too) for CLIP tasks.
         """
-        key = tuple(self.preference(r))
+        key = self.preference(r).key
         i = self._task_index(task)
         batch = self.wb.encode([(i, self._rows(i, inputs))], with_labels=False)  # CPU, outside the lock
         with self.cache.lease(key) as (plain, hit), torch.no_grad():
@@ -289,12 +290,13 @@ class PreferenceModel:
     def predict(self, r: PreferenceLike, task: str, inputs: Sequence[Any]) -> dict[str, Any]:
         """Labels and class probabilities of `task` for `inputs` under preference r (for a task whose metric
         is not accuracy, e.g. `causal_lm`, each input's value of that metric)."""
-        logits, hit = self.logits(r, task, inputs)
+        pref = self.preference(r)
+        logits, hit = self.logits(pref, task, inputs)
         t = self.wb.tasks[self._task_index(task)]
         if t.metric != "accuracy":  # e.g. a causal LM's next-token loss: the per-example value is the answer
             return {
                 "task": task,
-                "preference": self.preference(r),
+                "preference": pref.tolist(),
                 "cache": "hit" if hit else "miss",
                 "predictions": [{t.metric: float(v)} for v in logits[:, 0]],
             }
@@ -303,7 +305,7 @@ class PreferenceModel:
         probs = logits.softmax(-1)
         return {
             "task": task,
-            "preference": self.preference(r),
+            "preference": pref.tolist(),
             "cache": "hit" if hit else "miss",
             "predictions": [
                 {
@@ -397,24 +399,27 @@ class PreferenceModel:
 
         scorer = self.scorer()
         pref, raw = self._weights(preference, scales)
-        return scorer.submit([ScoreRow(list(ids), pref, raw, top, params) for ids in prompts])
+        t = pref.tensor if isinstance(pref, Preference) else pref
+        return scorer.submit([ScoreRow(list(ids), t, raw, top, params) for ids in prompts])
 
-    def _weights(self, preference: PreferenceLike | None, scales: Sequence[float] | None) -> tuple[torch.Tensor, bool]:
-        """(Tensor[k], raw): the normalised preference, or the per-expert scales (raw lambda); not both."""
+    def _weights(
+        self, preference: PreferenceLike | None, scales: Sequence[float] | None
+    ) -> tuple[Preference | torch.Tensor, bool]:
+        """(the validated preference, False), or (the per-expert scales Tensor[k] (raw lambda), True); not both."""
         from ..routing import check_scales
 
         if scales is not None:
             if preference is not None:
                 raise ValueError("give a preference or per-expert scales, not both")
             return check_scales(scales, self.k), True
-        return torch.tensor(self.preference(self.default_preference if preference is None else preference)), False
+        return self.preference(self.default_preference if preference is None else preference), False
 
     @contextlib.contextmanager
     def _merged_for_decoding(self, r: torch.Tensor, merge: bool) -> Iterator[nn.Module | None]:
         """The cache's merged copy for r while a decoding step uses it, or None. Never waits (the decoder's
         upcycled model serves any preference without a copy), and adds a copy only to an empty cache: decoding
         alone holds at most one backbone's memory more than the upcycled model."""
-        with self.cache.lease(tuple(self.preference(r)), wait=False, merge=merge, grow=False) as (plain, _):
+        with self.cache.lease(self.preference(r).key, wait=False, merge=merge, grow=False) as (plain, _):
             yield plain
 
     def submit(
@@ -494,7 +499,7 @@ class PreferenceModel:
 
         progress(done, total) is called after every evaluated batch. Returns the row, plus `reused`.
         """
-        point = Point.at(self.preference(r))
+        point = Point.at(self.preference(r).tolist())
         bs = self.wb.cfg.eval.batch_size
         with self._eval_lock, RunLock(self.run, "pwemoe serve (evaluate)") if store else contextlib.nullcontext():
             total, done = sum(len(self.wb.eval_batches(t, bs)) for t in self.wb.tasks), 0
@@ -530,7 +535,7 @@ class PreferenceModel:
             )
         with self._lock:
             out = subdir(self.run, "exports") / name  # a link planted as exports/ is refused
-            write_export(self.wb, self.meta, self.run, torch.tensor(key), out, overwrite)
+            write_export(self.wb, self.meta, self.run, key, out, overwrite)
         import json
 
         return {"path": str(out.resolve()), **json.loads((out / "pwemoe.json").read_text())}

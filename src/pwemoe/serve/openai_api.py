@@ -93,7 +93,7 @@ def _model_card(model: PreferenceModel, name: str) -> dict[str, Any]:
         "created": int(model.run.stat().st_mtime),
         "owned_by": "pwemoe",
         "preference_tasks": model.task_names,  # the order of the preference's weights
-        "default_preference": model.default_preference,
+        "default_preference": model.default_preference.tolist(),
     }
 
 
@@ -111,7 +111,7 @@ async def _complete(
     try:
         handle = model.submit(prompt, params=params, loop=asyncio.get_running_loop(), **weights.kwargs())
     except ValueError as e:
-        raise _submit_error(str(e), chat) from None
+        raise _submit_error(e, chat) from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model_name = body["model"]

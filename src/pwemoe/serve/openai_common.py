@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..core.preference import parse_preference
+from ..core.preference import Preference, parse_preference
 from ..generation import SamplingParams
+from ..generation_errors import RequestRefused
 from .dialects import DIALECTS, request_scales
 from .model import PreferenceModel
 
@@ -77,12 +78,12 @@ async def read_json(request: Request) -> dict[str, Any]:
 class Weights:
     """A request's weights: a normalised preference, or raw per-expert scales (the routers bypassed)."""
 
-    preference: list[float] | None = None
+    preference: Preference | None = None  # validated once, here at the edge; passed down as it is
     scales: list[float] | None = None
 
     def fields(self) -> dict[str, list[float]]:
         """What a response reports: {"preference": ...} or {"scales": ...}."""
-        return {"scales": self.scales} if self.scales is not None else {"preference": self.preference}
+        return {"scales": self.scales} if self.scales is not None else {"preference": self.preference.tolist()}
 
     def kwargs(self) -> dict[str, Any]:
         """`PreferenceModel.submit` / `score` keyword arguments."""
@@ -136,7 +137,7 @@ def request_weights(model: PreferenceModel, name: str, body: dict[str, Any]) -> 
             raise OpenAIError(400, f"model {body['model']!r}: {e}", "model") from None
         where = "model"
     if pref is None:
-        return Weights(preference=list(model.default_preference))
+        return Weights(preference=model.default_preference)
     if not isinstance(pref, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pref):
         raise OpenAIError(
             400,
@@ -150,17 +151,16 @@ def request_weights(model: PreferenceModel, name: str, body: dict[str, Any]) -> 
         raise OpenAIError(400, f"{where}: {e} (tasks: {', '.join(model.task_names)})", where) from None
 
 
-def submit_error(msg: str, chat: bool) -> OpenAIError:
-    """A refused submission as OpenAI reports it: a prompt beyond the context is the prompt's fault, a completion
-    beyond it (or beyond the token budget) is max_tokens'."""
+def submit_error(e: ValueError, chat: bool, max_tokens: str = "max_tokens") -> OpenAIError:
+    """A refused submission as OpenAI reports it, by the type of its first problem (`generation_errors`): a prompt
+    beyond the context is the prompt's fault, a completion beyond it (or beyond the token budget) is max_tokens'; a
+    sampling field names itself. max_tokens: the body's name of the engine's max_new_tokens."""
     prompt = "messages" if chat else "prompt"
-    if "the prompt has" in msg:
-        return OpenAIError(400, msg, prompt, "context_length_exceeded")
-    if "model's context" in msg:
-        return OpenAIError(400, msg, "max_tokens", "context_length_exceeded")
-    if "token budget" in msg:
-        return OpenAIError(400, msg, "max_tokens")
-    return OpenAIError(400, msg, prompt)
+    if not isinstance(e, RequestRefused):
+        return OpenAIError(400, str(e), prompt)
+    first = e.first
+    param = {"prompt": prompt, "max_new_tokens": max_tokens}.get(first.param, first.param)
+    return OpenAIError(400, str(e).replace("max_new_tokens", max_tokens), param, first.code)
 
 
 def sampling_params(body: dict[str, Any], chat: bool, extra: set[str] = frozenset(), zero_ok: bool = False) -> Any:
@@ -203,10 +203,9 @@ def sampling_params(body: dict[str, Any], chat: bool, extra: set[str] = frozense
         stop=stops,
         logprobs=_logprobs(body, chat),
     )
-    for problem in params.errors():
-        field = problem.split(" ", 1)[0]
-        param = {"max_new_tokens": key}.get(field, field)
-        raise OpenAIError(400, problem.replace("max_new_tokens", key), param)
+    problems = params.problems()
+    if problems:
+        raise submit_error(RequestRefused(problems), chat, key)
     if zero:
         params.max_new_tokens = 0
     return params

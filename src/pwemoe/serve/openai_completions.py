@@ -90,7 +90,7 @@ async def complete(model: PreferenceModel, name: str, body: dict[str, Any], prom
                 for h in handles:
                     h.cancel()  # a no-op when finished; frees the rows if the client went away
     except ValueError as e:
-        raise submit_error(str(e), chat=False) from None
+        raise submit_error(e, chat=False) from None
     choices = []
     for i, (p, s, (text, finish, records, _)) in enumerate(zip(ids, scored, gens)):
         shown = (prompts[i] if isinstance(prompts[i], str) else tok.decode(p)) if echo else ""
