@@ -489,7 +489,7 @@ def test_merged_copies_keep_linear_weights_in_the_autocast_dtype_with_the_same_o
     another module (tied embeddings) stays as it is."""
     import copy
 
-    from pwemoe.serve.model import linear_weights_to
+    from pwemoe.serve.merge_cache import linear_weights_to
     from tests.conftest import tiny_llama
 
     fp32 = tiny_llama(tied).requires_grad_(False)

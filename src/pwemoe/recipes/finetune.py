@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError
 from ..configfile import read_config
+from ..core.checks import positive_int_problem
 from ..devices import autocast, grad_scaler, resolve_device
 from ..files import atomic_write_json, prepare_output, staged_dir
 from ..tasks import TASK_TYPES
@@ -94,8 +95,9 @@ def finetune_from_config(
         for name, v in (("--epochs", epochs), ("--lr", lr))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf")
     ]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        errors.append(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    problem = positive_int_problem("--batch-size", batch_size)
+    if problem:
+        errors.append(problem)
     if errors:
         raise ConfigError(errors)
     out = prepare_output(out, overwrite, "finetune")  # refuse before any work is done

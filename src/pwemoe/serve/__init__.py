@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .model import MergeCache, PreferenceModel, TooLarge
+from .merge_cache import MergeCache
+from .model import PreferenceModel, TooLarge
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -148,20 +148,10 @@ def check_options(
 ) -> None:
     """The server's limits, checked at start-up before the run loads; every problem in one ConfigError."""
     from ..config import ConfigError
+    from ..core.checks import positive_int_problem
 
-    def count(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    errors = [
-        f"--{k} must be an integer >= 1, got {v!r}"
-        for k, v in (
-            ("cache-size", cache_size),
-            ("max-batch", max_batch),
-            ("eval-queue", eval_queue),
-            ("token-budget", token_budget),
-        )
-        if not count(v)
-    ]
+    counts = {"cache-size": cache_size, "max-batch": max_batch, "eval-queue": eval_queue, "token-budget": token_budget}
+    errors = [p for p in (positive_int_problem(f"--{k}", v) for k, v in counts.items()) if p]
     if isinstance(max_body_mb, bool) or not isinstance(max_body_mb, (int, float)) or not 0 < max_body_mb < math.inf:
         errors.insert(0, f"--max-body-mb must be a number > 0 (megabytes), got {max_body_mb!r}")
     if errors:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +19,15 @@ import torch
 from torch import nn
 
 from ..baselines import Point
+from ..core.checks import positive_int
 from ..core.preference import Preference, PreferenceLike
 from ..devices import PRECISIONS
 from ..evaluation import PointEvaluator, stored_front
-from ..export import PlainCopy
 from ..files import RESULTS, RunLock, subdir
 from ..results import ResultStore, row_inputs, summarize
 from ..routing import routing_weights
 from ..runs import open_run, write_export
+from .merge_cache import MergeCache
 
 Key = tuple[float, ...]
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name (fullmatch)
@@ -46,117 +45,6 @@ def _installed(dist: str) -> str | None:
 
 class TooLarge(ValueError):
     """A request larger than the configured limit (the server answers 413)."""
-
-
-@dataclass
-class _Entry:
-    copy: PlainCopy  # one plain copy of the backbone, re-merged when the entry is reused for another preference
-    users: int = 0
-
-
-class MergeCache:
-    """Plain merged backbones theta(r), keyed by the normalised preference, least recently used out first.
-
-    A miss re-merges into the least recently used copy that no caller is using (`PlainCopy.at`: no new
-    allocation); only while the cache is filling is a new copy made, and when
-    every copy is in use the caller waits for one. A copy is never re-merged while a caller holds it
-    (`lease`), so concurrent callers with different preferences never see each other's weights.
-    Merges run under `lock`, the lock that guards the upcycled model's preference state. compute_dtype: the autocast
-    dtype of the forwards (None for fp32): each copy keeps its linear weights in it (`linear_weights_to`).
-    """
-
-    def __init__(
-        self, backbone: nn.Module, size: int, lock: threading.RLock, compute_dtype: torch.dtype | None = None
-    ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"cache_size must be an integer >= 1 (merged copies kept), got {size!r}")
-        self.backbone, self.size, self.lock = backbone, size, lock
-        self.compute_dtype = compute_dtype
-        self.freed = threading.Condition(lock)  # a copy's last user left
-        self.entries: OrderedDict[Key, _Entry] = OrderedDict()
-        self.hits = self.misses = self.reused = self.waits = 0
-        self.declined = 0  # leases answered None (wait=False or merge=False)
-
-    @contextlib.contextmanager
-    def lease(
-        self, key: Key, wait: bool = True, merge: bool = True, grow: bool = True
-    ) -> Iterator[tuple[nn.Module | None, bool]]:
-        """Yield (plain model with theta(key), whether it was cached); the copy is held until exit.
-
-        At most `size` copies ever exist: when all are held, a caller with another preference waits
-        for one to be released (each copy is a whole backbone; an LLM's would not fit many times).
-        For a caller with a cheaper way than a merge (the decoder's upcycled model): wait=False yields (None, False)
-        instead of waiting, merge=False unless theta(key) is cached; grow=False makes a new copy only in an empty
-        cache (otherwise it re-merges a free one).
-        """
-        e: _Entry | None = None
-        hit = False
-        with self.lock:
-            while True:
-                e = self.entries.get(key)
-                if e is not None:
-                    hit = True
-                    self.hits += 1
-                    self.entries.move_to_end(key)
-                    break
-                if not merge:
-                    break
-                if len(self.entries) < self.size and (grow or not self.entries):
-                    e = _Entry(PlainCopy(self.backbone))
-                    plain = e.copy.at(list(key)).requires_grad_(False)
-                    if self.compute_dtype is not None:
-                        linear_weights_to(plain, self.compute_dtype)
-                    break
-                free = next((k for k, v in self.entries.items() if v.users == 0), None)
-                if free is not None:
-                    e = self.entries.pop(free)
-                    e.copy.at(list(key))
-                    self.reused += 1
-                    break
-                if not wait:
-                    break
-                self.waits += 1
-                self.freed.wait()  # every copy is in use: wait for one, then look again
-            if e is None:
-                self.declined += 1
-            else:
-                if not hit:
-                    self.misses += 1
-                    self.entries[key] = e
-                e.users += 1
-        if e is None:
-            yield None, False
-            return
-        try:
-            yield e.copy.plain, hit
-        finally:
-            with self.lock:
-                e.users -= 1
-                if e.users == 0:
-                    self.freed.notify_all()
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "size": self.size,
-            "held": len(self.entries),
-            "hits": self.hits,
-            "misses": self.misses,
-            "waits": self.waits,
-            "declined": self.declined,
-        }
-
-
-def linear_weights_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store the weights of `model`'s linear layers in `dtype` (parameters shared with another module excepted).
-
-    Under autocast to `dtype` the outputs are the same bits: autocast would round those fp32 weights to `dtype` at
-    every call (round to nearest even, as `Tensor.to` does), and a merged copy's weights are frozen, so the cast is
-    done once. Later merges write into them with `copy_`, which rounds the same way. The copy takes half the memory.
-    """
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and all(uses[id(p)] == 1 for p in m.parameters(recurse=False)):
-            m.to(dtype)
 
 
 class PreferenceModel:
@@ -192,13 +80,10 @@ class PreferenceModel:
         default_preference: PreferenceLike | None = None,
         merged_decoding: bool = True,
     ) -> None:
-        for name, v in (("max_batch", max_batch), ("token_budget", token_budget)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if max_test_samples is not None and (
-            isinstance(max_test_samples, bool) or not isinstance(max_test_samples, int) or max_test_samples < 1
-        ):
-            raise ValueError(f"max_test_samples must be an integer >= 1 (or None: all), got {max_test_samples!r}")
+        positive_int("max_batch", max_batch)
+        positive_int("token_budget", token_budget)
+        if max_test_samples is not None:
+            positive_int("max_test_samples", max_test_samples, hint=" (or None: all)")
         self.run = Path(run)
         self.wb, self.meta = open_run(run, True, max_test_samples, device=device, precision=precision)
         self.wb.backbone.requires_grad_(False)

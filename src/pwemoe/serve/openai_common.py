@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..core.checks import positive_int_problem
 from ..core.preference import Preference, parse_preference
 from ..generation import SamplingParams
 from ..generation_errors import RequestRefused
@@ -221,14 +222,14 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
             raise OpenAIError(400, f"logprobs must be true or false, got {on!r:.40}", "logprobs")
         if top is not None and not on:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= most):
-            raise OpenAIError(400, f"top_logprobs must be an integer in [0, {most}], got {top!r:.40}", "top_logprobs")
+        problem = positive_int_problem("top_logprobs", top, 0, most) if top is not None else None
+        if problem:
+            raise OpenAIError(400, problem[:120], "top_logprobs")
         return (top or 0) if on else None
     n = body.get("logprobs")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= most):
-        raise OpenAIError(
-            400, f"logprobs must be an integer in [0, {most}] (alternatives per token), got {n!r:.40}", "logprobs"
-        )
+    problem = positive_int_problem("logprobs", n, 0, most) if n is not None else None
+    if problem:
+        raise OpenAIError(400, problem[:120] + " (alternatives per token)", "logprobs")
     return n
 
 
