@@ -3,8 +3,9 @@
 `require()` imports lm-eval or raises one line naming the extra (`pip install 'pwemoe[lmeval]'`), which the
 command line prints with exit status 2. `write_task` writes an lm-eval task over local data: a JSON-lines file and
 a task YAML beside it (`dataset_path: json`, `data_files` pointing at the file), which lm-eval's `TaskManager
-(include_path=folder)` finds by name, with no network (set HF_DATASETS_OFFLINE=1). `task_fingerprint` is what a row scored by an lm-eval task depends on: lm-eval's
-version, the task's YAML files (with their includes and the Python files beside them) and its local data files.
+(include_path=folder)` finds by name, with no network (set HF_DATASETS_OFFLINE=1). `task_fingerprint` is what a
+row scored by an lm-eval task depends on: lm-eval's version, the task's YAML files (with their includes and the
+Python files beside them) and its local data files.
 """
 
 from __future__ import annotations
