@@ -46,7 +46,7 @@ def lm_run(llm_run, tmp_path):
     return run, folder
 
 
-def test_evaluate_scores_a_task_with_lmeval_and_reuses_or_recomputes(lm_run, tmp_path):
+def test_evaluate_scores_a_task_with_lmeval_and_reuses_or_recomputes(lm_run, tmp_path, monkeypatch):
     """Rows, intervals and the report on lm-eval's acc; the vertex equals lm-eval's hf model on the expert's export,
     document by document; an unchanged task reuses every row, a changed task YAML recomputes them."""
     from lm_eval import simple_evaluate
@@ -69,7 +69,9 @@ def test_evaluate_scores_a_task_with_lmeval_and_reuses_or_recomputes(lm_run, tmp
     assert (run / "report.md").is_file() and "polarity" in (run / "report.md").read_text()
     correct = ResultStore(run).correctness(rows, ["polarity", "color", "nature"])
     assert correct["polarity"].shape == (3, 10) and correct["color"].shape == (3, 8)  # lm-eval's 10 docs, own 8
-    assert "intervals" in json.dumps(summary) or "interval" in json.dumps(summary)
+    assert "hypervolume_ci" in json.dumps(summary), summary  # paired-bootstrap intervals over lm-eval's samples
+    lo, hi = rows[0]["accuracy_ci"]["polarity"]
+    assert lo <= rows[0]["accuracy"]["polarity"] <= hi
 
     vertex = next(i for i, r in enumerate(rows) if r["preference"] == [1.0, 0.0, 0.0])
     out = export_run(run, [1.0, 0.0, 0.0], tmp_path / "export", overwrite=True)
@@ -87,6 +89,10 @@ def test_evaluate_scores_a_task_with_lmeval_and_reuses_or_recomputes(lm_run, tmp
     assert correct["polarity"][vertex].tolist() == want
     assert rows[vertex]["accuracy"]["polarity"] == pytest.approx(ref["results"]["pw_polarity"]["acc,none"], abs=1e-12)
 
+    import pwemoe.report
+
+    for name in ("write_report", "write_report_html"):  # written above; their plots take seconds
+        monkeypatch.setattr(pwemoe.report, name, lambda *a, **k: None)
     again = evaluate_run(run, grid=2, baselines=False, verbose=-1)
     assert (again["rows_reused"], again["rows_computed"]) == (n, 0)
 
