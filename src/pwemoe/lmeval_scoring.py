@@ -89,16 +89,21 @@ class LMEvalScorer:
     def __call__(self, backbone: nn.Module) -> torch.Tensor:
         """Tensor[n_docs] of the metric per lm-eval document (ordered by doc_id): bool when every value is 0 or 1
         (accuracy, exact match), else float32."""
+        out = self.evaluate(backbone)
+        return per_example(out["samples"][self.name], self.spec.metric, self.spec.filter, f"task {self.task.name!r}")
+
+    def evaluate(self, backbone: nn.Module) -> dict[str, Any]:
+        """lm-eval's `evaluate` output of the task through `backbone` (its "results" and logged "samples"), in the
+        run's precision (autocast, as pwemoe's own scoring)."""
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
-        wb, spec = self.wb, self.spec
+        wb = self.wb
         shell = causal_shell(wb.modality.model, backbone)
         with quiet():
             lm = HFLM(pretrained=shell, tokenizer=wb.modality.tokenizer, batch_size=self.batch_size)
             with torch.no_grad(), autocast(wb.device, wb.precision):
-                out = evaluate(lm, self.task_dict, limit=spec.limit, log_samples=True, bootstrap_iters=0)
-        return per_example(out["samples"][self.name], spec.metric, spec.filter, f"task {self.task.name!r}")
+                return evaluate(lm, self.task_dict, limit=self.spec.limit, log_samples=True, bootstrap_iters=0)
 
 
 @contextlib.contextmanager
