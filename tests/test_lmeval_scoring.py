@@ -151,3 +151,25 @@ def test_lmeval_block_errors_are_collected(tmp_path):
     assert "does not exist" in msg and "is not a folder" in msg
     ok = dict(cfg, tasks=[task("a", type="causal_lm", lm_eval={"task": "arc_easy"}), task("b", type="causal_lm")])
     assert build_config(ok).tasks[0].lm_eval.metric == "acc"
+
+
+def test_per_example_reads_one_filter_in_doc_order_and_names_what_is_there():
+    """lm-eval's samples of the configured filter, ordered by doc_id: bool for 0/1 metrics, float otherwise; a
+    missing filter or metric, or a metric with several values per document, is a ValueError naming what exists."""
+    from pwemoe.lmeval_scoring import per_example
+
+    samples = [
+        {"doc_id": 1, "filter": "strict", "exact_match": 1.0, "f1": 0.5, "metrics": ["exact_match", "f1"]},
+        {"doc_id": 0, "filter": "strict", "exact_match": 0.0, "f1": 0.25, "metrics": ["exact_match", "f1"]},
+        {"doc_id": 0, "filter": "loose", "exact_match": 1.0, "f1": 1.0, "metrics": ["exact_match", "f1"]},
+    ]
+    got = per_example(samples, "exact_match", "strict", "task 't'")
+    assert got.dtype.is_floating_point is False and got.tolist() == [False, True]
+    assert per_example(samples, "f1", "strict", "task 't'").tolist() == [0.25, 0.5]
+    with pytest.raises(ValueError, match=r"filter 'none'.*\['loose', 'strict'\]"):
+        per_example(samples, "exact_match", "none", "task 't'")
+    with pytest.raises(ValueError, match=r"no metric 'acc'.*exact_match"):
+        per_example(samples, "acc", "strict", "task 't'")
+    listed = [{"doc_id": 0, "filter": "none", "inst": [True, False], "metrics": ["inst"]}]
+    with pytest.raises(ValueError, match="not one number per document"):
+        per_example(listed, "inst", "none", "task 't'")

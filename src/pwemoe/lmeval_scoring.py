@@ -133,6 +133,12 @@ def per_example(samples: list[dict[str, Any]], metric: str, filter: str, what: s
         raise ValueError(f"{what}: lm-eval logged no samples of filter {filter!r}; its filters: {filters}")
     if metric not in mine[0]:
         raise ValueError(f"{what}: lm-eval's samples have no metric {metric!r}; they have {mine[0].get('metrics')}")
+    several = next((s[metric] for s in mine if not isinstance(s[metric], (int, float))), None)
+    if several is not None:
+        raise ValueError(
+            f"{what}: lm-eval's {metric!r} is not one number per document (e.g. {several!r}); choose a per-document "
+            f"metric of its samples: {mine[0].get('metrics')}"
+        )
     values = torch.tensor([float(s[metric]) for s in mine], dtype=torch.float32)
     return values.bool() if bool(((values == 0) | (values == 1)).all()) else values
 
