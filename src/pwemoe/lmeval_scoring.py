@@ -66,7 +66,11 @@ class LMEvalScorer:
         if spec is None:
             raise ValueError(f"task {task.name!r} has no lm_eval block; it is scored by its own metric")
         require()
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task data; hub data must be cached already
+        if "HF_DATASETS_OFFLINE" not in os.environ:  # no network: local task data, hub data from the cache
+            import datasets
+
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+            datasets.config.HF_DATASETS_OFFLINE = True  # read at import: `datasets` may be imported already
         self.wb, self.task, self.spec = wb, task, spec
         self.batch_size = spec.batch_size or batch_size
         with quiet():
@@ -108,20 +112,33 @@ class LMEvalScorer:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """lm-eval's progress bars and its expected warnings (a model passed as an object) off: a sweep's progress is
-    pwemoe's own. Restored after."""
+    """lm-eval's progress bars (its task, model and HF modules' `tqdm`, and `datasets`' while a task loads) and its
+    expected warnings (a model passed as an object) off: a sweep's progress is pwemoe's own. Restored after."""
+    import datasets
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+    from tqdm.auto import tqdm
+
+    def silent(*args: Any, **kwargs: Any) -> Any:
+        return tqdm(*args, **{**kwargs, "disable": True})  # over lm-eval's own disable=False
+
+    modules = [lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface]
+    bars = [m.__dict__.get("tqdm") for m in modules]
     log_ = logging.getLogger("lm_eval")
-    level, bars = log_.level, os.environ.get("TQDM_DISABLE")
+    level, data_bars = log_.level, datasets.is_progress_bar_enabled()
     log_.setLevel(logging.ERROR)
-    os.environ["TQDM_DISABLE"] = "1"
+    datasets.disable_progress_bars()
+    for m in modules:
+        m.tqdm = silent
     try:
         yield
     finally:
+        for m, bar in zip(modules, bars):
+            m.tqdm = bar
         log_.setLevel(level)
-        if bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = bars
+        if data_bars:
+            datasets.enable_progress_bars()
 
 
 def per_example(samples: list[dict[str, Any]], metric: str, filter: str, what: str) -> torch.Tensor:
