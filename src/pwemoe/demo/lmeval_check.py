@@ -18,9 +18,10 @@ from typing import Any
 
 LMEVAL_DIR = "lm_eval_tasks"
 PREFIX = "pwemoe_demo_"
-# Documents scored per task and point: the first 50 of the demo's 150 test examples keep the step near half a minute
-# on 2 cores (4 points x 3 tasks x 50 prompts at pwemoe's ~27 examples/s in bf16); the YAMLs hold all of them.
-EXAMPLES = 50
+# Documents scored per task and point: the first 40 of the demo's 150 test examples (4 points x 3 tasks x 40 = 480
+# prompts, one forward each: about 20 s at the ~29 examples/s of `pwemoe evaluate` on 2 idle cores in bf16, plus
+# loading the run and 4 merges; docs/benchmarks.md has the measured step). The YAMLs hold all 150.
+EXAMPLES = 40
 
 
 def write_demo_tasks(wb: Any, folder: Path) -> dict[str, str]:
