@@ -12,8 +12,13 @@ so both paths score the same texts). Both paths run on one loaded run, at one pr
   folder's tokenizer (default: the run's base when it is a local folder with a tokenizer, else the server's
   /tokenize).
 
-Each path runs once to warm up (merges, first forwards) and is then timed. The in-process path (lm-eval's hf model
-over the run's model at the preference, no HTTP) is not measured here yet: `in_process` in the output is null.
+- in_process: what `pwemoe evaluate` runs for a task with an `lm_eval` block (`lmeval_scoring.LMEvalScorer`):
+  lm-eval's `evaluate` with its hf model (HFLM) over the merged copy at the preference, `--hf-batch-size` prompts
+  per forward (default: the run's eval.batch_size, as pwemoe's own scoring); the task is loaded once, and each
+  call (timed) builds lm-eval's requests, runs them and logs the samples.
+
+Each path runs once to warm up (merges, first forwards) and is then timed `--repeats` times (the median is
+reported, every time is kept in the JSON); ratios are of the same run.
 
     .venv/bin/python benchmarks/lmeval_speed.py --run demo_runs_llm/run --examples 64 --out /tmp/lmeval_speed.json
 
@@ -70,19 +75,35 @@ def _docs(pm, task, n: int) -> tuple[list[dict], list[str]]:
     return docs, [str(x) for x in rows[text_col]]
 
 
-def own_scoring(pm, task, inputs: list[str], labels: list[int], r: list[float]) -> dict:
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def own_scoring(pm, task, inputs: list[str], labels: list[int], r: list[float], repeats: int = 1) -> dict:
     bs = pm.wb.cfg.eval.batch_size
     pm.logits(r, task.name, inputs[:bs])  # warm-up: the merge at r
-    t0 = time.perf_counter()
-    preds = []
-    for i in range(0, len(inputs), bs):
-        preds += pm.logits(r, task.name, inputs[i : i + bs])[0].argmax(-1).tolist()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        preds = []
+        for i in range(0, len(inputs), bs):
+            preds += pm.logits(r, task.name, inputs[i : i + bs])[0].argmax(-1).tolist()
+        times.append(time.perf_counter() - t0)
+    seconds = _median(times)
     acc = sum(p == y for p, y in zip(preds, labels)) / len(labels)
-    return {"seconds": seconds, "examples_per_s": len(inputs) / seconds, "accuracy": acc, "predictions": preds}
+    return {
+        "seconds": seconds,
+        "times": times,
+        "examples_per_s": len(inputs) / seconds,
+        "accuracy": acc,
+        "predictions": preds,
+    }
 
 
-def over_http(pm, folder: Path, task_name: str, r: list[float], batch_size: int, tokenizer: str | None) -> dict:
+def over_http(
+    pm, folder: Path, task_name: str, r: list[float], batch_size: int, tokenizer: str | None, repeats: int = 1
+) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -114,19 +135,57 @@ def over_http(pm, folder: Path, task_name: str, r: list[float], batch_size: int,
             )
 
         run()  # warm-up
-        t0 = time.perf_counter()
-        out = run()
-        seconds = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t0)
+        seconds = _median(times)
     samples = sorted(out["samples"][task_name], key=lambda s: s["doc_id"])
     preds = [max(range(len(s["resps"])), key=lambda j: float(s["resps"][j][0][0])) for s in samples]
     n = len(samples)
     return {
         "seconds": seconds,
+        "times": times,
         "examples_per_s": n / seconds,
         "accuracy": out["results"][task_name]["acc,none"],
         "predictions": preds,
         "tokenizer": tokenizer or "the server's (/tokenize)",
         "task_index_seconds": indexing,
+    }
+
+
+def in_process(pm, folder: Path, task_name: str, r: list[float], batch_size: int, repeats: int = 1) -> dict:
+    from types import SimpleNamespace
+
+    from pwemoe.baselines import Point
+    from pwemoe.config import LMEvalConfig
+    from pwemoe.evaluation import MergedCopy
+    from pwemoe.lmeval_scoring import LMEvalScorer
+
+    spec = LMEvalConfig(task=task_name, include_path=str(folder), batch_size=batch_size)
+    scorer = LMEvalScorer(pm.wb, SimpleNamespace(name=task_name, cfg=SimpleNamespace(lm_eval=spec)), batch_size)
+    source = MergedCopy(pm.wb)
+    try:
+        with source.model(Point.at(r)) as backbone:
+            scorer.evaluate(backbone)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = scorer.evaluate(backbone)
+                times.append(time.perf_counter() - t0)
+            seconds = _median(times)
+    finally:
+        source.release()
+    samples = sorted(out["samples"][task_name], key=lambda s: s["doc_id"])
+    preds = [max(range(len(s["resps"])), key=lambda j: float(s["resps"][j][0][0])) for s in samples]
+    return {
+        "seconds": seconds,
+        "times": times,
+        "examples_per_s": len(samples) / seconds,
+        "accuracy": out["results"][task_name]["acc,none"],
+        "predictions": preds,
+        "batch_size": batch_size,
     }
 
 
@@ -137,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preference", help="e.g. 0.5,0.3,0.2 (default: uniform)")
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval's prompts per HTTP request")
+    ap.add_argument("--hf-batch-size", type=int, help="in process: lm-eval's batch size (default: eval.batch_size)")
     ap.add_argument("--tokenizer", help="lm-eval's tokenizer folder (default: the run's base, else the server's)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path after its warm-up (median)")
     ap.add_argument("--out", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     from pwemoe.lmeval import require
@@ -170,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         name = f"pwemoe_{task.name}"
         write_task(tmp, name, docs, target_delimiter="")
         labels = [d["label"] for d in docs]
-        own = own_scoring(pm, task, inputs, labels, r)
-        http = over_http(pm, Path(tmp), name, r, args.batch_size, tokenizer)
+        own = own_scoring(pm, task, inputs, labels, r, args.repeats)
+        http = over_http(pm, Path(tmp), name, r, args.batch_size, tokenizer, args.repeats)
+        hf_bs = args.hf_batch_size or pm.wb.cfg.eval.batch_size
+        inproc = in_process(pm, Path(tmp), name, r, hf_bs, args.repeats)
     agree = sum(a == b for a, b in zip(own["predictions"], http["predictions"])) / len(docs)
+    agree_in = sum(a == b for a, b in zip(own["predictions"], inproc["predictions"])) / len(docs)
     result = {
         "run": str(Path(args.run).resolve()),
         "task": task.name,
@@ -181,15 +245,22 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "pwemoe": {k: v for k, v in own.items() if k != "predictions"},
         "http": {k: v for k, v in http.items() if k != "predictions"},
-        "in_process": None,  # lm-eval's hf model in process: measured once `pwemoe evaluate` has that path
+        "in_process": {k: v for k, v in inproc.items() if k != "predictions"},
         "http_over_pwemoe": http["examples_per_s"] / own["examples_per_s"],
+        "in_process_over_pwemoe": inproc["examples_per_s"] / own["examples_per_s"],
         "prediction_agreement": agree,
+        "in_process_prediction_agreement": agree_in,
     }
     print(f"{task.name} at {r}, {len(docs)} examples, {torch.get_num_threads()} threads")
-    for key in ("pwemoe", "http"):
+    for key in ("pwemoe", "http", "in_process"):
         v = result[key]
-        print(f"  {key:7s} {v['examples_per_s']:8.2f} examples/s  ({v['seconds']:.2f} s)  accuracy {v['accuracy']:.4f}")
+        print(
+            f"  {key:10s} {v['examples_per_s']:8.2f} examples/s  ({v['seconds']:.2f} s)  accuracy {v['accuracy']:.4f}"
+        )
     print(f"  http / pwemoe {result['http_over_pwemoe']:.3f}; the two agree on {agree:.1%} of predictions")
+    print(
+        f"  in_process / pwemoe {result['in_process_over_pwemoe']:.3f}; the two agree on {agree_in:.1%} of predictions"
+    )
     if args.out:
         atomic_write_json(args.out, result)
     pm.scheduler().close()

@@ -131,6 +131,13 @@ def test_llm_demo_pipeline_on_real_data_slices(tmp_path, capsys):
         assert a["finish_reason"] in ("stop", "length") and 0 <= a["tokens"] <= GENERATION_TOKENS
         assert a["finish_reason"] == "stop" or a["tokens"] == GENERATION_TOKENS
     assert done["summary"]["precision"] == "fp32"
+    # lm-eval in process at the vertices and the centre, on the same examples as pwemoe's own scoring (same prompt
+    # and label words): the same answers, up to a near tie that their different batches may flip
+    lm = done["lm_eval"]["rows"]
+    assert len(lm) == 12 and {x["task"] for x in lm} == set(GENERATION_TEXTS)
+    assert all(x["examples"] == 8 and x["same_examples"] >= 7 for x in lm), lm
+    assert sum(x["same_examples"] for x in lm) >= 0.95 * 96
+    assert (tmp_path / "llm" / "lm_eval_tasks" / "pwemoe_demo_bbc_news.yaml").is_file()
     _check_numerics(done, capsys)
     assert (tmp_path / "llm" / "export" / "adapter" / "adapter_model.safetensors").is_file()
     info = json.loads((tmp_path / "llm" / "experts" / "rt_sentiment" / "adapter_config.json").read_text())

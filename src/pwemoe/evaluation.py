@@ -168,6 +168,7 @@ class PointEvaluator:
         self._sources: dict[str, ModelSource] = dict(self._given)
         # the models this evaluator has scored, by their merge weights: (per-task metric, packed values)
         self._same: dict[tuple[float, ...], tuple[dict[str, float], dict[str, Any]]] = {}
+        self._lmeval: dict[str, Scorer] = {}  # the lm-eval scorers of tasks scored by one, loaded on first use
 
     # --- models -----------------------------------------------------------------------------------------
     def source(self, kind: str) -> ModelSource:
@@ -188,8 +189,16 @@ class PointEvaluator:
 
     # --- scoring ----------------------------------------------------------------------------------------
     def scorer(self, task: Task) -> Scorer:
-        """How a task is scored: its own per-example metric on its evaluation split (`Workbench.correct`)."""
+        """How a task is scored: on the test split, by its lm-eval task when its config has one (`tasks[i].lm_eval`,
+        loaded once: `lmeval_scoring.LMEvalScorer`); else by its own per-example metric on its evaluation split
+        (`Workbench.correct`)."""
         wb, bs = self.wb, self.batch_size
+        if wb.scored_by_lmeval(task):
+            if task.name not in self._lmeval:
+                from .lmeval_scoring import LMEvalScorer
+
+                self._lmeval[task.name] = LMEvalScorer(wb, task, bs)
+            return self._lmeval[task.name]
         return lambda model: wb.correct(task, bs, model, wb.eval_data(task, bs, self.workers), self.on_batch)
 
     def values(self, point: Point) -> dict[str, torch.Tensor]:

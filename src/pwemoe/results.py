@@ -45,6 +45,19 @@ def split_fingerprint(task: Task) -> str:
     return dataset_fingerprint(task.test_data, task.data_columns())  # a causal LM's text has no label
 
 
+def lmeval_inputs(tasks: list[Task]) -> dict[str, Any]:
+    """{task: `lmeval.task_fingerprint`} of the tasks scored by an lm-eval task (`tasks[i].lm_eval`): a changed
+    task YAML, data file or lm-eval release recomputes their rows; an unchanged one reuses them."""
+    from .lmeval import task_fingerprint
+
+    out = {}
+    for t in tasks:
+        spec = getattr(t.cfg, "lm_eval", None)
+        if spec is not None:
+            out[t.name] = task_fingerprint(spec.task, spec.metric, spec.filter, spec.limit, spec.include_path)
+    return out
+
+
 def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> dict[str, str]:
     """The `inputs` digests of a run's rows: what every row depends on, the models (base, experts,
     heads), the test data as evaluated and how it was computed (precision, device type: a bf16 or a
@@ -58,6 +71,9 @@ def row_inputs(meta: dict, tasks: list[Task], precision: str, device: str) -> di
         "data": {t.name: split_fingerprint(t) for t in tasks},
         "computed": {"precision": precision, "device": device},
     }
+    scored = lmeval_inputs(tasks)
+    if scored:  # only then: the rows of runs without lm-eval tasks keep their digests
+        common["lm_eval"] = scored
     return {"preference": digest({**common, "routers": meta["routers_sha256"]}), "weights": digest(common)}
 
 

@@ -363,7 +363,16 @@ class Workbench:
 
     def directions(self) -> dict[str, str]:
         """{task: "max" | "min"}: which metrics are higher- or lower-is-better (hypervolume, dominance, plots)."""
-        return {t.name: "max" if t.higher_is_better else "min" for t in self.tasks}
+        return {t.name: "max" if self.higher_is_better(t) else "min" for t in self.tasks}
+
+    def scored_by_lmeval(self, task: Task) -> bool:
+        """Whether the evaluation split of `task` is scored by an lm-eval task: its test split, when its config has
+        an `lm_eval` block (validation keeps the task's own metric on its own validation data)."""
+        return self.eval_split == "test" and getattr(task.cfg, "lm_eval", None) is not None
+
+    def higher_is_better(self, task: Task) -> bool:
+        """The direction of the metric the evaluation split of `task` is scored by (its own, or its lm-eval's)."""
+        return task.cfg.lm_eval.higher_is_better if self.scored_by_lmeval(task) else task.higher_is_better
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

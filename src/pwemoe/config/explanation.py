@@ -54,4 +54,13 @@ def _task_options(prefix: str, registries: Registries) -> list[str]:
             if name not in TaskConfig.model_fields:
                 owners.setdefault(name, []).append(t)
                 fields.setdefault(name, f)
-    return [_key_line(f"{prefix}{n}", fields[n], "type " + " | ".join(owners[n])) for n in owners]
+    lines = []
+    for n in owners:
+        types = "type " + " | ".join(owners[n])
+        sub = submodel(fields[n].annotation)
+        if sub is None:
+            lines.append(_key_line(f"{prefix}{n}", fields[n], types))
+            continue
+        lines.append(f"{prefix}{n} ({types}): {fields[n].description or ''}")  # a block: its keys one by one
+        lines += [_key_line(f"{prefix}{n}.{k}", f, registries=registries) for k, f in sub.model_fields.items()]
+    return lines

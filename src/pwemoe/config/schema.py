@@ -151,6 +151,44 @@ class DataConfig(BaseModel):
         return bool(self.validation_split or self.validation_fraction)
 
 
+class LMEvalConfig(BaseModel):
+    """An lm-evaluation-harness task that scores a task's test split (`pwemoe evaluate`), in process: lm-eval's
+    Hugging Face model over the model at each preference (docs/guides/lm-eval.md). The routers still train on the
+    task's own training data; validation keeps the task's own metric."""
+
+    model_config = _STRICT
+    task: str = Field(description="a registered lm-eval task name, or the path of a task YAML file")
+    metric: str = Field("acc", description="the metric of its logged samples that scores each example")
+    filter: str = Field("none", description="the lm-eval filter whose samples are read (generate_until tasks)")
+    higher_is_better: bool = Field(True, description="the metric's direction (as lm-eval's task declares it)")
+    include_path: str | None = Field(None, description="a folder of task YAMLs that lm-eval indexes besides its own")
+    limit: int | None = Field(None, ge=1, description="score only the first N documents of the lm-eval task")
+    batch_size: int | None = Field(None, ge=1, description="lm-eval's batch size (default: eval.batch_size)")
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("required: a registered lm-eval task name (e.g. arc_easy) or a task YAML file")
+        if v.endswith((".yaml", ".yml")) and not Path(v).expanduser().is_file():
+            raise ValueError(f"task YAML {v!r} does not exist; give an existing file or a registered task name")
+        return v
+
+    @field_validator("metric", "filter")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"must be a plain lm-eval metric or filter name (e.g. acc, exact_match, none), got {v!r}")
+        return v
+
+    @field_validator("include_path")
+    @classmethod
+    def _include(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"{v!r} is not a folder; give the folder that holds the task YAMLs (or leave it out)")
+        return v
+
+
 class TaskConfig(BaseModel):
     """One objective: an expert fine-tuned for it, its data, and the options every task type has.
 

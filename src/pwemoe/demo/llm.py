@@ -125,6 +125,7 @@ def run_llm_demo(
     from ..recipes.evaluate import evaluate_run
     from ..recipes.finetune import FINETUNE_INFO, finetune_from_config, finetune_provenance
     from ..runs import export_run
+    from .lmeval_check import lmeval_beside_own
     from .offline import _print_table, numerics, train_demo_run
 
     t0 = time.perf_counter()
@@ -158,6 +159,8 @@ def run_llm_demo(
     train_demo_run(cfg_path, run, fresh_run, trained, verbose)
     print("[4/7] evaluate on the preference grid, with the adapters, their average and preference-weighted sum")
     summary = evaluate_run(run, grid=grid)
+    print("      lm-eval: the three tasks as lm-eval task YAMLs, scored in process at the vertices and the centre")
+    lmeval = lmeval_beside_own(run, workdir, parsed.eval.batch_size)
     print(f"[5/7] report: {run / 'report.md'}; export the best grid point (plain model and PEFT adapter)")
     rows = [r for r in json.loads((run / "results.json").read_text()) if r["method"] == with_role("subject").name]
     pref = max(rows, key=lambda r: sum(r["normalized"].values()))["preference"]
@@ -178,6 +181,7 @@ def run_llm_demo(
             "export_check": check,
             "adapter_ranks": ranks,
             "generation": answers,
+            "lm_eval": lmeval,
             "numerics": machine,
             "seconds": elapsed,
         },

@@ -87,6 +87,10 @@ def evaluate_run(
             "data.validation_fraction in the run's config (before training: the routers must not train on it)"
         )
     out_dir = run if split == "test" else run / split
+    if split == "test" and any(getattr(t, "lm_eval", None) is not None for t in cfg.tasks):
+        from ..lmeval import require
+
+        require()  # tasks scored by lm-eval: one line naming the extra, before anything is loaded or written
     wanted = cfg.eval.baselines if baselines is None or baselines else False
     merges = [m.name for m in METHODS.values() if selected(m, wanted) and m.name in MERGES]
     mergekit_version = _check_merges(cfg, merges)  # before any model loads

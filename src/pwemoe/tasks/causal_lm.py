@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from ..config import TaskConfig
+from ..config import LMEvalConfig, TaskConfig
 from ..modalities.causal_lm import LABEL
 from .base import Finetuning, Task, max_positions
 
@@ -31,6 +31,7 @@ class CausalLMConfig(TaskConfig):
     chat_template: bool | None = Field(
         None, description="wrap the prompt in the tokenizer's chat template (default: if it has one)"
     )
+    lm_eval: LMEvalConfig | None = Field(None, description="score the test split with an lm-eval task instead")
 
 
 class CausalLMChoiceConfig(CausalLMConfig):
