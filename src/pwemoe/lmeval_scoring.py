@@ -6,8 +6,9 @@ point's backbone, as `PointEvaluator.scorer` calls a task's own scorer: the back
 or a baseline's model) goes into a causal-LM shell that shares the run's LM head (`causal_shell`), lm-eval's
 `evaluate` runs the task through `HFLM(pretrained=shell)`, and the samples of the configured metric and filter,
 ordered by `doc_id`, are the task's per-example values: rows, hypervolumes, bootstrap intervals, the report, the
-explorer and `pwemoe select` read them as any task's. Nothing is reloaded per preference and nothing goes over HTTP;
-lm-eval's datasets are read with HF_DATASETS_OFFLINE=1 unless the caller set it otherwise.
+explorer and `pwemoe select` read them as any task's. Nothing is reloaded per preference and nothing goes over HTTP.
+Where the hub is off (HF_HUB_OFFLINE=1, as in the demos) lm-eval's datasets are read offline too
+(HF_DATASETS_OFFLINE=1, unless the caller set that variable); otherwise a hub task downloads its data as lm-eval does.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class LMEvalScorer:
         if spec is None:
             raise ValueError(f"task {task.name!r} has no lm_eval block; it is scored by its own metric")
         require()
-        if "HF_DATASETS_OFFLINE" not in os.environ:  # no network: local task data, hub data from the cache
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline and "HF_DATASETS_OFFLINE" not in os.environ:  # the hub is off: datasets from files and cache
             import datasets
 
             os.environ["HF_DATASETS_OFFLINE"] = "1"
