@@ -250,6 +250,8 @@ class FactoredEnsemblingModule(EnsemblingModule):
 
     def clear_cache(self) -> None:
         self._cache = None
+        for key in ("_lam_rows", "_row_state", "_factors_in"):
+            self.__dict__.pop(key, None)
         self._lam_leaf = self._shared_lam = None
         self._segment_lam_leaves = None
 
@@ -305,10 +307,24 @@ class FactoredEnsemblingModule(EnsemblingModule):
     def _run_rows(self, args: tuple, kwargs: dict) -> Any:
         """A batch whose rows have their own preferences, in one forward: each row's rank columns are scaled by its
         own lambda (`lowrank_apply` with cols Tensor[B, R]); a dense bias of a factored layer adds each row's own
-        merged delta. Other dense parameters (norms of dense experts) need one preference for the whole batch."""
+        merged delta. Other dense parameters (norms of dense experts) need one preference for the whole batch.
+
+        Without autograd (serving) the hooks come from `_row_hooks`, made once per batch composition."""
         rows = self._rows
+        if not self._router_grad():
+            hooks, dense = self._row_hooks(rows)
+            return self._forward_with(hooks, dense, args, kwargs)
         lam_g = self.row_lambdas()  # [G, k]
         lam = lam_g[rows.inverse]  # [B, k]
+        dense, shifts = self._row_dense(rows, lam_g, lam)
+        return self._hooked_forward(lam, dense, args, kwargs, rows, shifts)
+
+    def _row_dense(
+        self, rows: Any, lam_g: torch.Tensor, lam: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(dense merged parameters for the whole batch, {factored path: per-row bias delta Tensor[B, out]})."""
+        if not self._dense:
+            return {}, {}
         biases = {f"{p}.bias" if p else "bias": p for p in self._paths}
         other = [n for n in self._dense if n not in biases]
         if other and len(rows.groups) > 1:
@@ -324,7 +340,72 @@ class FactoredEnsemblingModule(EnsemblingModule):
                 for n in self._dense
                 if n in biases
             }
-        return self._hooked_forward(lam, dense, args, kwargs, rows, shifts)
+        return dense, shifts
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the factored layers compute in: autocast's when it is on, else the layers' weights'."""
+        dev = self.preference.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.base_layer.get_submodule(self._paths[0]).weight.dtype
+
+    def _serving_factors(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{path: (A^T Tensor[in, R], B^T Tensor[R, out])} in `dtype`, contiguous: cast and transposed once (kept
+        while the stored factors are the same tensors, unchanged), not at every decoding step."""
+        stored = [(getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))) for p in self._paths]
+        key = (dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in stored))
+        cached = self.__dict__.get("_factors_in")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                made = {
+                    p: (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
+                    for p, (a, b) in zip(self._paths, stored)
+                }
+            cached = self.__dict__["_factors_in"] = (key, made)
+        return cached[1]
+
+    def _row_hooks(self, rows: Any) -> tuple[list[tuple[nn.Module, Any]], dict[str, torch.Tensor]]:
+        """([(factored layer, forward hook)], dense merged parameters) for a batch of row preferences, without autograd.
+
+        Made once per batch composition (the `RowPreferences` object), compute dtype and router / override version,
+        and kept: each layer's rank columns scaled per row (Tensor[B, R], lambda(r_b)[owner] * s, in the compute
+        dtype) change only when rows join or leave. The serving copy of the factors is cast once
+        (`_serving_factors`), so in bf16 its bits equal what autocast computes from the fp32 factors at each step."""
+        dtype = self._compute_dtype()
+        version = (dtype, self._cache_key()[2:], tuple(id(t) for t in self.stored_tensors()))
+        cached = self.__dict__.get("_row_state")
+        if cached is not None and cached[0] is rows and cached[1] == version:
+            return cached[2]
+        self.__dict__["_row_state"] = None
+        with torch.no_grad():
+            lam_g = self.row_lambdas()  # [G, k], each preference routed once (cached by preference)
+            lam = lam_g[rows.inverse]  # [B, k]
+            dense, shifts = self._row_dense(rows, lam_g, lam)
+            factors = self._serving_factors(dtype)
+            hooks = []
+            for p in self._paths:
+                cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
+                at, bt = factors[p]
+                hook = _serving_row_adder(at, bt, cols.to(dtype), shifts.get(p), rows)
+                hooks.append((self.base_layer.get_submodule(p), hook))
+        made = (hooks, dense)
+        self.__dict__["_row_state"] = (rows, version, made)
+        return made
+
+    def _forward_with(
+        self, hooks: list[tuple[nn.Module, Any]], dense: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> Any:
+        """base_layer's forward with `hooks` on its factored layers for this forward only, `dense` swapped in."""
+        handles = []
+        try:
+            for child, hook in hooks:
+                handles.append(child.register_forward_hook(hook, with_kwargs=True))
+            if dense:
+                return self._call_base(dense, args, kwargs)
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def extra_repr(self) -> str:
         ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
@@ -350,5 +431,21 @@ def _row_adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, shift: torc
         if shift is not None:
             out = out + shift.reshape(shift.shape[0], *([1] * (out.dim() - 2)), shift.shape[1]).to(out.dtype)
         return out
+
+    return hook
+
+
+def _serving_row_adder(at: torch.Tensor, bt: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None, rows: Any):
+    """`_row_adder` for serving (no autograd): at Tensor[in, R], bt Tensor[R, out] and cols Tensor[B, R] already in
+    the compute dtype; the layer's input is cast once, and the low-rank term added to the layer's output in place."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = _rows_input(args, kwargs, rows)
+        h = x.to(at.dtype) @ at  # [B, ..., R]
+        c = cols if h.dim() == 2 else cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
+        y = (h.mul_(c) @ bt).to(output.dtype)
+        if shift is not None:
+            y = y + shift.reshape(shift.shape[0], *([1] * (y.dim() - 2)), shift.shape[1]).to(y.dtype)
+        return output.add_(y)
 
     return hook
