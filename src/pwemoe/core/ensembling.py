@@ -243,6 +243,18 @@ class EnsemblingModule(nn.Module):
     def clear_cache(self) -> None:
         raise NotImplementedError
 
+    _ROW_CACHE = ("_lam_rows", "_row_state", "_factors_in")
+
+    def take_row_cache(self) -> dict[str, Any]:
+        """Remove and return what serving derived for row preferences (lambda per preference, column scales, cast
+        factors), for `put_row_cache`: a copy of the module (`merge_and_unload`) must not carry it. Never needed
+        for correctness: each part is keyed by the router, override and factor versions it was made from."""
+        return {key: self.__dict__.pop(key) for key in self._ROW_CACHE if key in self.__dict__}
+
+    def put_row_cache(self, cache: dict[str, Any]) -> None:
+        """Give back what `take_row_cache` took."""
+        self.__dict__.update(cache)
+
 
 class RowPreferences:
     """One preference per example (row) of a batch, as the upcycled modules use it.
@@ -433,7 +445,6 @@ class WeightEnsemblingModule(EnsemblingModule):
         self._segment_leaves = None
         self._shared_lam = None
         self.__dict__.pop("_row_cache", None)
-        self.__dict__.pop("_lam_rows", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._rows is not None and not self.share_under_grad:

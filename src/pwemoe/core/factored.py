@@ -250,8 +250,6 @@ class FactoredEnsemblingModule(EnsemblingModule):
 
     def clear_cache(self) -> None:
         self._cache = None
-        for key in ("_lam_rows", "_row_state", "_factors_in"):
-            self.__dict__.pop(key, None)
         self._lam_leaf = self._shared_lam = None
         self._segment_lam_leaves = None
 

@@ -17,7 +17,7 @@ from ..devices import PRECISIONS, autocast
 from ..routing import ensembling_modules, num_tasks, row_preferences_table, set_row_preferences
 from .requests import Request
 from .sampling import sample, token_logprobs
-from .weights import ServingWeights
+from .weights import serving_weights
 
 
 class BatchDecoder:
@@ -69,8 +69,7 @@ class BatchDecoder:
         # largest matrix of a small model) at every step; the same bits, cast once
         self._head_attr, self._head = _cast_head(model, PRECISIONS[precision])
         # the upcycled model's frozen linear weights in the autocast dtype, for its forwards here (the same bits)
-        dtype = PRECISIONS[precision]
-        self._weights = ServingWeights(model, dtype) if dtype is not None else None
+        self._weights = serving_weights(model, PRECISIONS[precision])
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]

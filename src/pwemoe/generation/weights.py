@@ -9,6 +9,7 @@ in place only for the forwards it wraps: merges, exports and training keep readi
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -72,4 +73,18 @@ class ServingWeights:
                 params[n] = p
 
 
-__all__ = ["ServingWeights"]
+_MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def serving_weights(model: nn.Module, dtype: torch.dtype | None) -> ServingWeights | None:
+    """The model's `ServingWeights` in `dtype`, one per model and dtype (the decoder and the prompt scorer share
+    it); None for fp32 (no autocast, nothing to cast)."""
+    if dtype is None or dtype == torch.float32:
+        return None
+    per_model = _MADE.setdefault(model, {})
+    if dtype not in per_model:
+        per_model[dtype] = ServingWeights(model, dtype)
+    return per_model[dtype]
+
+
+__all__ = ["ServingWeights", "serving_weights"]
