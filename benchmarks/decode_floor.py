@@ -160,6 +160,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--peft", action="store_true", help="also time the floor through peft")
     ap.add_argument("--profile", action="store_true", help="profile one 8-row step of the per-row path")
+    ap.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also decode whole requests through the Scheduler in this process: mixed against shared-preference "
+        "merged throughput, and time to first token with all rows arriving together against one alone",
+    )
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per request (--throughput)")
     args = ap.parse_args()
 
     from transformers import DynamicCache
@@ -285,6 +292,8 @@ def main() -> None:
             f"  {name:34s} {t * 1e3:7.2f}   x{t / med[floor_name]:.2f} the floor   x{t / med['merged']:.2f} merged"
             f"   rounds {[round(x * 1e3, 1) for x in times[name]]}"
         )
+    if args.throughput:
+        throughput(model, tok, dev, precision, dtype, prefs, merged, args)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -293,6 +302,69 @@ def main() -> None:
             f()
         print(f"\none step of the per-row path, {B} rows at {B} preferences (top ops by self CPU time):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def throughput(model, tok, dev, precision, dtype, prefs, merged, args) -> None:
+    """Whole requests through `generation.Scheduler` in this process (no HTTP): mixed preferences on the upcycled
+    model; the same requests at one preference, which decode on a merged copy (linear weights in the compute dtype,
+    as the server's cache holds it, merged beforehand); time to first token of all rows arriving at once and alone."""
+    import contextlib
+
+    from pwemoe.generation import BatchDecoder, SamplingParams, Scheduler
+
+    B = args.rows
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(3, 1000, (int(n),), generator=g).tolist() for n in torch.randint(16, 40, (B,), generator=g)
+    ]
+    shared_r = torch.full_like(prefs[0], 1.0 / prefs.shape[1])
+    backbone = merged.get_submodule(model.base_model_prefix)
+
+    @contextlib.contextmanager
+    def merged_copy(r: torch.Tensor, merge: bool):
+        yield backbone if torch.allclose(r, shared_r) else None
+
+    def make(with_merged: bool) -> Scheduler:
+        dec = BatchDecoder(model, tok, dev, precision, merged=merged_copy if with_merged else None)
+        return Scheduler(dec, max_batch=B, token_budget=B * (40 + args.tokens + 8))
+
+    sp = SamplingParams(max_new_tokens=args.tokens, temperature=0)
+    scheds = {"mixed": make(False), "shared, merged copy": make(True)}
+
+    def run(name: str, rows: list[int], at: list[torch.Tensor]) -> tuple[float, list[float]]:
+        sched = scheds[name]
+        t0 = time.perf_counter()
+        handles = [sched.submit(prompts[b], at[b], sp) for b in rows]
+        done = [h.result() for h in handles]
+        wall = time.perf_counter() - t0
+        ttft = [h.seq.first_token_at - h.seq.submitted for h in handles]
+        return sum(d["usage"]["completion_tokens"] for d in done) / wall, ttft
+
+    everyone = list(range(B))
+    shared = [shared_r] * B
+    res: dict[str, list[float]] = {"mixed": [], "shared, merged copy": [], "ttft all": [], "ttft alone": []}
+    for _ in range(args.rounds):
+        tps, ttft = run("mixed", everyone, list(prefs))
+        res["mixed"].append(tps)
+        res["ttft all"].append(statistics.median(ttft))
+        res["shared, merged copy"].append(run("shared, merged copy", everyone, shared)[0])
+        res["ttft alone"].append(run("mixed", [0], list(prefs))[1][0])
+    for s in scheds.values():
+        s.close()
+    med = {n: statistics.median(v) for n, v in res.items()}
+    print(
+        f"\nwhole requests through the Scheduler, {B} at once, {args.tokens} new tokens each, greedy, in this process:"
+    )
+    print(f"  mixed, {B} preferences:            {med['mixed']:7.1f} tokens/s  {[round(x, 1) for x in res['mixed']]}")
+    print(
+        f"  shared preference, merged copy:  {med['shared, merged copy']:7.1f} tokens/s  "
+        f"{[round(x, 1) for x in res['shared, merged copy']]}"
+    )
+    print(f"  mixed / shared merged: {med['mixed'] / med['shared, merged copy']:.3f}")
+    print(
+        f"  time to first token p50, {B} arriving together: {med['ttft all'] * 1e3:.0f} ms; alone: "
+        f"{med['ttft alone'] * 1e3:.0f} ms; ratio {med['ttft all'] / med['ttft alone']:.2f}"
+    )
 
 
 def _null():

@@ -146,3 +146,29 @@ def test_serving_weights_in_bf16_give_the_bits_autocast_gives():
     assert torch.equal(plain, swapped)
     dtypes = {p.dtype for n, p in model.named_parameters()}
     assert dtypes == {torch.float32}
+
+
+def test_fused_bf16_serving_layers_stay_close_to_the_fp32_merged_models():
+    """In bf16 the factored layers serve rows from one fused copy [W_0; A] (one matmul, then one addmm): the logits
+    stay within bf16 rounding of each row's fp32 merged model, and a batch of the wrong size is refused."""
+    import pytest
+
+    from pwemoe.devices import autocast
+
+    torch.manual_seed(0)
+    model = _model()
+    ids = torch.tensor([[5, 9, 3, 7], [11, 4, 2, 2]])
+    R = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    assert all(m.fused_layers(torch.bfloat16) for _, m in ensembling_modules(model))
+    with torch.no_grad(), pwemoe.row_preferences(model, R), autocast(torch.device("cpu"), "bf16"):
+        mixed = model(input_ids=ids).logits.float()
+    with torch.no_grad():
+        alone = torch.cat([pwemoe.merge_and_unload(model, R[b])(input_ids=ids[b : b + 1]).logits for b in range(2)])
+    scale = float(alone.abs().max())
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=0.05 * scale)
+    with torch.no_grad():  # row 1 at row 0's preference: beyond that tolerance, so the rows' preferences do matter
+        other = pwemoe.merge_and_unload(model, R[0])(input_ids=ids[1:]).logits[0]
+    assert not torch.allclose(other, alone[1], atol=0.05 * scale)
+    with pytest.raises(ValueError, match="set them again for this batch"):
+        with torch.no_grad(), pwemoe.row_preferences(model, R), autocast(torch.device("cpu"), "bf16"):
+            model(input_ids=ids[:1])

@@ -347,28 +347,56 @@ class FactoredEnsemblingModule(EnsemblingModule):
             return torch.get_autocast_dtype(dev)
         return self.base_layer.get_submodule(self._paths[0]).weight.dtype
 
-    def _serving_factors(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{path: (A^T Tensor[in, R], B^T Tensor[R, out])} in `dtype`, contiguous: cast and transposed once (kept
-        while the stored factors are the same tensors, unchanged), not at every decoding step."""
-        stored = [(getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))) for p in self._paths]
-        key = (dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in stored))
+    def fused_layers(self, dtype: torch.dtype) -> list[str]:
+        """Paths of the factored layers whose serving forward (rows, no autograd, computing in `dtype`) runs on a
+        copy [W_0; A] fused in `dtype` (`_serving_factors`): plain nn.Linear layers whose weight is not in `dtype`
+        already, so a copy in `dtype` is needed anyway. The caller's own serving copies skip them."""
+        out = []
+        for p in self._paths:
+            child = self.base_layer.get_submodule(p)
+            if type(child) is nn.Linear and not self._transposed[p] and child.weight.dtype != dtype:
+                out.append(p)
+        return out
+
+    def _serving_factors(self, dtype: torch.dtype) -> dict[str, tuple]:
+        """Per factored path, the serving copy of its factors in `dtype`, made once (kept while theta_0 and the
+        stored factors are the same tensors, unchanged), not cast at every decoding step:
+        ("fused", [W_0; A] Tensor[out + R, in], bias padded with R zeros or None, B^T Tensor[R, out]) for
+        `fused_layers` (one matmul gives the layer's output and x A^T), else ("apart", A^T Tensor[in, R], B^T)."""
+        fused = set(self.fused_layers(dtype))
+        parts = []
+        for p in self._paths:
+            child = self.base_layer.get_submodule(p)
+            a, b = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+            ts = [a, b] + ([child.weight] + ([child.bias] if child.bias is not None else []) if p in fused else [])
+            parts.append((p in fused, tuple((t.data_ptr(), t._version) for t in ts)))
+        key = (dtype, tuple(parts))
         cached = self.__dict__.get("_factors_in")
         if cached is None or cached[0] != key:
+            made = {}
             with torch.no_grad():
-                made = {
-                    p: (a.t().to(dtype).contiguous(), b.t().to(dtype).contiguous())
-                    for p, (a, b) in zip(self._paths, stored)
-                }
+                for p in self._paths:
+                    child = self.base_layer.get_submodule(p)
+                    a, b = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+                    bt = b.t().to(dtype).contiguous()
+                    if p in fused:
+                        w = torch.cat([child.weight.to(dtype), a.to(dtype)])  # each rounded as autocast rounds it
+                        bias = child.bias
+                        if bias is not None:
+                            bias = torch.cat([bias.to(dtype), bias.new_zeros(a.shape[0], dtype=dtype)])
+                        made[p] = ("fused", w, bias, bt)
+                    else:
+                        made[p] = ("apart", a.t().to(dtype).contiguous(), bt)
             cached = self.__dict__["_factors_in"] = (key, made)
         return cached[1]
 
-    def _row_hooks(self, rows: Any) -> tuple[list[tuple[nn.Module, Any]], dict[str, torch.Tensor]]:
-        """([(factored layer, forward hook)], dense merged parameters) for a batch of row preferences, without autograd.
+    def _row_hooks(self, rows: Any) -> tuple[list[tuple[nn.Module, bool, Any]], dict[str, torch.Tensor]]:
+        """([(factored layer, is a forward in its place, else a forward hook, the function)], dense merged
+        parameters) for a batch of row preferences, without autograd.
 
         Made once per batch composition (the `RowPreferences` object), compute dtype and router / override version,
         and kept: each layer's rank columns scaled per row (Tensor[B, R], lambda(r_b)[owner] * s, in the compute
-        dtype) change only when rows join or leave. The serving copy of the factors is cast once
-        (`_serving_factors`), so in bf16 its bits equal what autocast computes from the fp32 factors at each step."""
+        dtype) change only when rows join or leave. The factors' serving copy is cast once (`_serving_factors`)."""
         dtype = self._compute_dtype()
         version = (dtype, self._cache_key()[2:], tuple(id(t) for t in self.stored_tensors()))
         cached = self.__dict__.get("_row_state")
@@ -383,27 +411,37 @@ class FactoredEnsemblingModule(EnsemblingModule):
             hooks = []
             for p in self._paths:
                 cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
-                at, bt = factors[p]
-                hook = _serving_row_adder(at, bt, cols.to(dtype), shifts.get(p), rows)
-                hooks.append((self.base_layer.get_submodule(p), hook))
+                cols, shift, child = cols.to(dtype), shifts.get(p), self.base_layer.get_submodule(p)
+                kind, *fs = factors[p]
+                if kind == "fused":
+                    hooks.append((child, True, _fused_row_forward(*fs, cols, shift, rows)))
+                else:
+                    hooks.append((child, False, _serving_row_adder(*fs, cols, shift, rows)))
         made = (hooks, dense)
         self.__dict__["_row_state"] = (rows, version, made)
         return made
 
     def _forward_with(
-        self, hooks: list[tuple[nn.Module, Any]], dense: dict[str, torch.Tensor], args: tuple, kwargs: dict
+        self, hooks: list[tuple[nn.Module, bool, Any]], dense: dict[str, torch.Tensor], args: tuple, kwargs: dict
     ) -> Any:
-        """base_layer's forward with `hooks` on its factored layers for this forward only, `dense` swapped in."""
-        handles = []
+        """base_layer's forward with the serving functions of `_row_hooks` on its factored layers for this forward
+        only (a forward set on the layer instance, or a forward hook), `dense` swapped in."""
+        handles, replaced = [], []
         try:
-            for child, hook in hooks:
-                handles.append(child.register_forward_hook(hook, with_kwargs=True))
+            for child, in_place, fn in hooks:
+                if in_place:
+                    child.__dict__["forward"] = fn
+                    replaced.append(child)
+                else:
+                    handles.append(child.register_forward_hook(fn, with_kwargs=True))
             if dense:
                 return self._call_base(dense, args, kwargs)
             return self.base_layer(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
+            for child in replaced:
+                child.__dict__.pop("forward", None)
 
     def extra_repr(self) -> str:
         ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
@@ -447,3 +485,30 @@ def _serving_row_adder(at: torch.Tensor, bt: torch.Tensor, cols: torch.Tensor, s
         return output.add_(y)
 
     return hook
+
+
+def _per_position(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows Tensor[B, C] repeated for the n // B positions of each row (row-major, as Tensor[B, S, C] reshaped)."""
+    s = n // t.shape[0]
+    return t if s == 1 else t.repeat_interleave(s, 0)
+
+
+def _fused_row_forward(
+    w: torch.Tensor, bias: torch.Tensor | None, bt: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None, rows
+):
+    """A factored nn.Linear's forward for rows with their own preferences, on the fused copy w = [W_0; A]
+    (Tensor[out + R, in]): one matmul gives W_0 x (+ bias) and x A^T, then one addmm adds (x A^T * cols) B^T."""
+    out_f = bt.shape[1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = _rows_input((x,), {}, rows)
+        y = torch.nn.functional.linear(x.to(w.dtype), w, bias)  # [B, ..., out + R]
+        lead = y.shape[:-1]
+        y2 = y.reshape(-1, y.shape[-1])
+        h = y2[:, out_f:] * _per_position(cols, y2.shape[0])
+        z = torch.addmm(y2[:, :out_f], h, bt)
+        if shift is not None:
+            z = z + _per_position(shift.to(z.dtype), z.shape[0])
+        return z.view(*lead, out_f)
+
+    return forward

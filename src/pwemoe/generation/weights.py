@@ -22,8 +22,9 @@ from ..core.ensembling import EnsemblingModule, WeightEnsemblingModule
 class ServingWeights:
     """Copies in `dtype` of every frozen floating parameter of `model`'s nn.Linear layers, kept while the originals
     are the same, unchanged tensors. Left as they are: a parameter shared with another module (a tied output layer),
-    the routers (they run in their own dtype, autocast off), and the layers of upcycled modules that merge their
-    weights from theta_0 (dense experts, dense biases or norms): their merges must read the fp32 theta_0.
+    the routers (they run in their own dtype, autocast off), the layers of upcycled modules that merge their
+    weights from theta_0 (dense experts, dense biases or norms): their merges must read the fp32 theta_0, and the
+    LoRA layers a factored module serves from its own copy ([W_0; A] fused, `fused_layers`).
 
     Memory: the linear weights once more, at the width of `dtype` (half of fp32 for bf16)."""
 
@@ -40,6 +41,8 @@ class ServingWeights:
                 skip |= {id(c) for c in m.router.modules()}
                 if isinstance(m, WeightEnsemblingModule) or getattr(m, "dense_names", None):
                     skip |= {id(c) for c in m.base_layer.modules()}
+                else:  # layers the module's serving path runs on its own fused copy
+                    skip |= {id(m.base_layer.get_submodule(p)) for p in m.fused_layers(self.dtype)}
         slots = []
         with torch.no_grad():
             for m in self.model.modules():
