@@ -167,7 +167,13 @@ def main() -> None:
         "merged throughput, and time to first token with all rows arriving together against one alone",
     )
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request (--throughput)")
+    ap.add_argument("--throughput-rounds", type=int, default=3)
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy machine"
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import DynamicCache
 
@@ -343,7 +349,7 @@ def throughput(model, tok, dev, precision, dtype, prefs, merged, args) -> None:
     everyone = list(range(B))
     shared = [shared_r] * B
     res: dict[str, list[float]] = {"mixed": [], "shared, merged copy": [], "ttft all": [], "ttft alone": []}
-    for _ in range(args.rounds):
+    for _ in range(args.throughput_rounds):
         tps, ttft = run("mixed", everyone, list(prefs))
         res["mixed"].append(tps)
         res["ttft all"].append(statistics.median(ttft))
