@@ -301,13 +301,32 @@ def main() -> None:
     if args.throughput:
         throughput(model, tok, dev, precision, dtype, prefs, merged, args)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+        profile_steps(steppers, [f"per-row, {B} preferences", floor_name, "merged"], B)
 
-        f = steppers[f"per-row, {B} preferences"]
+
+def profile_steps(steppers: dict[str, Callable[[], None]], names: list[str], rows: int) -> None:
+    """`torch.profiler` over one step of each of `names` (after a few untimed ones): the per-row path's table (top
+    ops by self CPU time), then the same ops' self time and calls in the others, side by side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stats = {}
+    for name in names:
+        for _ in range(2):
+            steppers[name]()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            f()
-        print(f"\none step of the per-row path, {B} rows at {B} preferences (top ops by self CPU time):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            steppers[name]()
+        stats[name] = prof.key_averages()
+        if name == names[0]:
+            print(f"\none step of the per-row path, {rows} rows at {rows} preferences (top ops by self CPU time):")
+            print(stats[name].table(sort_by="self_cpu_time_total", row_limit=20))
+    per_op = {name: {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in st} for name, st in stats.items()}
+    top = sorted(per_op[names[0]], key=lambda k: -per_op[names[0]][k][0])[:15]
+    print("self CPU ms (calls) of one step, by op: " + " | ".join(names))
+    for op in top:
+        cells = [per_op[n].get(op, (0.0, 0)) for n in names]
+        print(f"  {op:50s} " + " | ".join(f"{ms:8.2f} ({c:4d})" for ms, c in cells))
+    totals = [sum(ms for ms, _ in per_op[n].values()) for n in names]
+    print(f"  {'total':50s} " + " | ".join(f"{t:8.2f}       " for t in totals))
 
 
 def throughput(model, tok, dev, precision, dtype, prefs, merged, args) -> None:
