@@ -15,11 +15,19 @@ When every row of a decode step has one preference (a lone request, or clients t
 on a plain merged copy of the backbone instead (`BatchDecoder(merged=...)`, the server's cache of merged copies):
 the same theta(r) and the same KV cache, without the per-row work of the upcycled modules.
 
+The rows' preferences are made into one table per batch composition (`routing.row_preferences_table`): each request's
+preference goes through the routers once, when it joins, and each LoRA layer keeps its per-row column scales until
+rows join or leave. In bf16 and fp16 the forwards run on a serving copy of the frozen weights in that dtype
+(`weights.ServingWeights`, and the factored layers' fused copies), cast once instead of by autocast at every step.
+
 The package, one job per module: `sampling` (SamplingParams, sample, token_logprobs), `requests` (Request, Handle),
-`decoder` (BatchDecoder), `scheduler` (Scheduler) and `prompts` (check_messages, prompt_ids).
+`decoder` (BatchDecoder), `scheduler` (Scheduler), `prompts` (check_messages, prompt_ids) and `weights`
+(ServingWeights).
 """
 
-from .decoder import BatchDecoder, _cast_head, _one_preference, context_length
+from .decoder import BatchDecoder, context_length
+from .decoder import _cast_head as _cast_head  # for the benchmarks and tests that reach inside
+from .decoder import _one_preference as _one_preference
 from .prompts import ROLES, check_messages, prompt_ids
 from .requests import Handle, Request
 from .sampling import MAX_LOGPROBS, OPEN_ENDED_TOKENS, SamplingParams, sample, token_logprobs
@@ -34,8 +42,6 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Scheduler",
-    "_cast_head",
-    "_one_preference",
     "check_messages",
     "context_length",
     "prompt_ids",
