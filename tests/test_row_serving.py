@@ -172,3 +172,20 @@ def test_fused_bf16_serving_layers_stay_close_to_the_fp32_merged_models():
     with pytest.raises(ValueError, match="set them again for this batch"):
         with torch.no_grad(), pwemoe.row_preferences(model, R), autocast(torch.device("cpu"), "bf16"):
             model(input_ids=ids[:1])
+
+
+def test_a_model_that_served_rows_still_pickles_and_copies():
+    """The row state a module keeps for serving (closures, cast factors) is left out of pickles and deep copies."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = _model()
+    ids = torch.tensor([[5, 9, 3, 7], [11, 4, 2, 2]])
+    table = row_preferences_table(model, torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]))
+    with torch.no_grad(), pwemoe.row_preferences(model, table):
+        want = model(input_ids=ids).logits
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert all("_row_state" not in m.__dict__ for _, m in ensembling_modules(clone))
+        with torch.no_grad(), pwemoe.row_preferences(clone, table):
+            torch.testing.assert_close(clone(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)

@@ -55,6 +55,8 @@ class EnsemblingModule(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_slots"] = None  # weak references do not pickle; the slots are found again on first use
+        for key in self._ROW_CACHE:  # serving's row state holds closures; it is made again on first use
+            state.pop(key, None)
         return state
 
     def _init_router(self, router: Router, task_names: list[str] | None, device: torch.device) -> None:
