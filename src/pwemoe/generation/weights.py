@@ -30,7 +30,7 @@ class ServingWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.model, self.dtype = model, dtype
-        self._slots: list[tuple[dict, str, torch.Tensor, int, torch.Tensor]] = []
+        self._slots: list[tuple[dict, str, torch.Tensor, tuple[int, int], torch.Tensor]] = []
         self._build()
 
     def _build(self) -> None:
@@ -53,11 +53,12 @@ class ServingWeights:
                     continue  # shared, trainable (routers) or not a float: left as it is
                 for n, p in params:
                     if p.dtype != self.dtype:
-                        slots.append((m._parameters, n, p, p._version, p.detach().to(self.dtype)))
+                        slots.append((m._parameters, n, p, (p._version, p.data_ptr()), p.detach().to(self.dtype)))
         self._slots = slots
 
     def _current(self) -> bool:
-        return all(params.get(n) is p and p._version == v for params, n, p, v, _ in self._slots)
+        # the version changes with an in-place update, the data pointer with `.data =` (Module.to moves them so)
+        return all(params.get(n) is p and (p._version, p.data_ptr()) == v for params, n, p, v, _ in self._slots)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
