@@ -580,7 +580,7 @@ class _tokenizer_stub:  # noqa: N801 - what BatchDecoder reads of a tokenizer
 
 def test_refusals_are_typed_and_the_api_edge_maps_them_by_type_not_by_text(served):
     from pwemoe.generation import SamplingParams
-    from pwemoe.generation_errors import (
+    from pwemoe.generation.errors import (
         BudgetExceeded,
         ContextExceeded,
         PromptTooLong,

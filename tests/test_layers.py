@@ -16,7 +16,7 @@ LAYERS = [
     ["models", "objectives", "lora", "lora.adapter", "targets", "routing", "lmeval"],
     ["upcycle", "lora.upcycle", "lora.export", "config", "checkpoint", "recompute", "export"],
     ["tasks", "modalities", "baselines", "merges", "configfile"],
-    ["workbench", "results", "training", "evaluation", "generation", "generation_errors", "logprobs", "lmeval_scoring"],
+    ["workbench", "results", "training", "evaluation", "generation", "logprobs", "lmeval_scoring"],
     ["runs", "mergekit_export", "report"],
     ["recipes", "selection"],
     ["serve"],

@@ -36,7 +36,12 @@ def merge_and_unload(model: nn.Module, r: PreferenceLike | None = None) -> nn.Mo
             for t in m.stored_tensors():
                 memo[id(t)] = torch.empty(0)
             m.clear_cache()  # the copy must not carry (or duplicate) a cached merge
-    new = copy.deepcopy(model, memo)
+    kept = [(m, m.take_row_cache()) for _, m in mods]  # nor serving's row state, which the model keeps
+    try:
+        new = copy.deepcopy(model, memo)
+    finally:
+        for m, cache in kept:
+            m.put_row_cache(cache)
     unwrap(new)  # a plain model: no training-time wrappers
     for name, m in list(ensembling_modules(new)):
         new.set_submodule(name, m.base_layer)

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .devices import autocast
+from .devices import PRECISIONS, autocast
 from .generation import MAX_LOGPROBS, SamplingParams, context_length, sample, token_logprobs
-from .generation_errors import (
+from .generation.errors import (
     BadTokens,
     EmptyPrompt,
     GenerationError,
@@ -36,6 +36,7 @@ from .generation_errors import (
     RequestRefused,
     SamplingFieldError,
 )
+from .generation.weights import serving_weights
 from .routing import ensembling_modules, set_row_preferences
 
 Alternatives = list[tuple[int, float]]  # (token id, log-probability), most likely first
@@ -225,7 +226,9 @@ class PromptScorer:
             else:
                 set_row_preferences(self.model, prefs, raw if any(raw) else None)
                 try:
-                    logits = self._logits(inputs)
+                    weights = serving_weights(self.model, PRECISIONS[self.precision])  # frozen weights cast once
+                    with weights.swapped() if weights is not None else contextlib.nullcontext():
+                        logits = self._logits(inputs)
                 finally:
                     set_row_preferences(self.model, None)
             self.forwards += 1

@@ -90,25 +90,15 @@ def check_scales(lam: PreferenceLike, k: int) -> torch.Tensor:
     return t
 
 
-def set_row_preferences(
-    model: nn.Module, r: PreferenceLike | None, raw: Sequence[bool] | torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """One preference per example of the next forwards: r Tensor[B, k] (rows normalised), row b of every batch
-    input runs at r[b]; None returns to the one preference of `set_preference`. Returns the normalised rows.
+def row_preferences_table(
+    model: nn.Module, r: PreferenceLike, raw: Sequence[bool] | torch.Tensor | None = None
+) -> RowPreferences:
+    """r Tensor[B, k] validated (rows normalised; rows flagged `raw` checked as per-expert scales) into the
+    `RowPreferences` every upcycled module reads, made on the first module's device.
 
-    raw: optionally one flag per row; a flagged row of r is lambda itself (per-expert scales, the routers
-    bypassed: task arithmetic with those scales in every upcycled module), checked by `check_scales`, not normalised.
-
-    Factored modules (LoRA experts, `task_vector_rank`) run the whole batch in one forward, each row's rank
-    columns scaled by its own lambda; dense modules merge once per distinct preference (cached) and run each
-    group of rows through every linear layer with its own weights. Merges and exports keep using the one
-    preference of `set_preference`.
-    """
+    Make it once per batch composition and give it to `set_row_preferences` at every forward: the modules keep what
+    they derive from it (lambda per row, per-layer column scales) while the same table is set."""
     mods = [m for _, m in modules_or_raise(model)]
-    if r is None:
-        for m in mods:
-            m.set_row_preferences(None)
-        return None
     k = mods[0].k
     flags = None if raw is None else torch.as_tensor(raw, dtype=torch.bool).flatten()
     if flags is None or not bool(flags.any()):
@@ -124,18 +114,51 @@ def set_row_preferences(
             except (TypeError, ValueError) as e:
                 raise type(e)(f"row {b}: {e}") from None
         rn = torch.stack(rows)
-    made: dict[torch.device, RowPreferences] = {}
+    return RowPreferences(rn, mods[0].preference.device, flags)
+
+
+def set_row_preferences(
+    model: nn.Module,
+    r: PreferenceLike | RowPreferences | None,
+    raw: Sequence[bool] | torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One preference per example of the next forwards: r Tensor[B, k] (rows normalised), row b of every batch
+    input runs at r[b]; None returns to the one preference of `set_preference`. Returns the normalised rows.
+
+    raw: optionally one flag per row; a flagged row of r is lambda itself (per-expert scales, the routers
+    bypassed: task arithmetic with those scales in every upcycled module), checked by `check_scales`, not normalised.
+    r may also be a table made by `row_preferences_table` (raw then comes from the table): set as it is, so the
+    modules reuse what they derived from it at the previous forward (a decoding batch sets the same table each step).
+
+    Factored modules (LoRA experts, `task_vector_rank`) run the whole batch in one forward, each row's rank
+    columns scaled by its own lambda; dense modules merge once per distinct preference (cached) and group rows
+    at each linear layer. Merges and exports keep using the one preference of `set_preference`.
+    """
+    mods = [m for _, m in modules_or_raise(model)]
+    if r is None:
+        for m in mods:
+            m.set_row_preferences(None)
+        return None
+    if isinstance(r, RowPreferences):
+        if raw is not None:
+            raise ValueError("raw comes with a RowPreferences table (row_preferences_table(model, r, raw)); give one")
+        if r.prefs.shape[1] != mods[0].k:
+            raise ValueError(f"the row table has {r.prefs.shape[1]} columns, the model {mods[0].k} experts")
+        table = r
+    else:
+        table = row_preferences_table(model, r, raw)
+    made: dict[torch.device, RowPreferences] = {table.device: table}
     for m in mods:
         dev = m.preference.device
         if dev not in made:
-            made[dev] = RowPreferences(rn, dev, flags)
+            made[dev] = table.to(dev)
         m.set_row_preferences(made[dev])
-    return rn
+    return table.prefs
 
 
 @contextlib.contextmanager
 def row_preferences(
-    model: nn.Module, r: PreferenceLike, raw: Sequence[bool] | torch.Tensor | None = None
+    model: nn.Module, r: PreferenceLike | RowPreferences, raw: Sequence[bool] | torch.Tensor | None = None
 ) -> Iterator[torch.Tensor]:
     """Context manager: run with one preference per example (`set_row_preferences`), then back to one."""
     try:
@@ -229,6 +252,7 @@ __all__ = [
     "router_state_dict",
     "routing_weights",
     "row_preferences",
+    "row_preferences_table",
     "set_preference",
     "set_row_preferences",
 ]

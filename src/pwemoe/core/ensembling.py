@@ -42,6 +42,7 @@ class EnsemblingModule(nn.Module):
             "_segment_lam_leaves",
             "_slots",
             "_rows",
+            "row_lambda_runs",
         }
     )
 
@@ -54,6 +55,8 @@ class EnsemblingModule(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_slots"] = None  # weak references do not pickle; the slots are found again on first use
+        for key in self._ROW_CACHE:  # serving's row state holds closures; it is made again on first use
+            state.pop(key, None)
         return state
 
     def _init_router(self, router: Router, task_names: list[str] | None, device: torch.device) -> None:
@@ -68,6 +71,7 @@ class EnsemblingModule(nn.Module):
         self._shared_lam: torch.Tensor | None = None
         self._slots: tuple[list, list] | None = None  # see _param_slots
         self._rows: RowPreferences | None = None  # see set_row_preferences
+        self.row_lambda_runs = 0  # preferences whose lambda a router computed for rows (row_lambdas)
 
     # --- preference and lambda -------------------------------------------------------------
     @torch.no_grad()
@@ -80,23 +84,51 @@ class EnsemblingModule(nn.Module):
         preference of `set_preference`. Merges (`merged_weights`) always use that one preference."""
         self._rows = rows
 
+    ROW_LAMBDAS = 256  # lambda of distinct row preferences kept per module (least recently used out)
+
     def row_lambdas(self) -> torch.Tensor:
         """lambda of each distinct row preference: Tensor[G, k] (the router on `RowPreferences.unique`; a row
-        marked raw gives its lambda itself, the router bypassed)."""
+        marked raw gives its lambda itself, the router bypassed).
+
+        Without autograd, each preference's lambda is computed once and kept (keyed by the preference, and by the
+        override and router versions, so a changed router or override never reuses a stale one): a request decoding
+        for many steps runs the routers once, when it joins. `row_lambda_runs` counts the preferences routed."""
         rows = self._rows
         if rows is None:
             raise ValueError("no row preferences are set; call pwemoe.set_row_preferences(model, R) first")
         if self._override is not None:
             return self._override.expand(rows.unique.shape[0], -1)
-        unique = rows.unique.to(self.preference.device, self.router_dtype)
-        if rows.raw is None:
-            with self._full_precision():
-                return self.router(unique)
-        routed = ~rows.raw.to(unique.device)
-        if not bool(routed.any()):
+        if self._router_grad():
+            return self._route_rows(rows.unique, rows.raw)
+        version = self._cache_key()[2:]
+        cached = self.__dict__.get("_lam_rows")
+        if cached is None or cached[0] != version:
+            cached = (version, OrderedDict())
+            self.__dict__["_lam_rows"] = cached
+        table: OrderedDict = cached[1]
+        missing = [g for g, key in enumerate(rows.keys) if key not in table]
+        if missing:
+            idx = torch.tensor(missing)
+            raw = None if rows.raw is None else rows.raw[idx]
+            lam = self._route_rows(rows.unique[idx], raw)
+            for j, g in enumerate(missing):
+                table[rows.keys[g]] = lam[j]
+            while len(table) > self.ROW_LAMBDAS:
+                table.popitem(last=False)
+        for key in rows.keys:
+            table.move_to_end(key)
+        return torch.stack([table[key] for key in rows.keys])
+
+    def _route_rows(self, prefs: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor:
+        """lambda Tensor[G, k] of preferences Tensor[G, k]: the router, or the row itself where `raw` marks it."""
+        unique = prefs.to(self.preference.device, self.router_dtype)
+        routed = None if raw is None else ~raw.to(unique.device)
+        if routed is not None and not bool(routed.any()):
             return unique
+        self.row_lambda_runs += int(unique.shape[0] if routed is None else routed.sum())
         with self._full_precision():
-            return torch.where(routed[:, None], self.router(unique), unique)
+            lam = self.router(unique)
+        return lam if routed is None else torch.where(routed[:, None], lam, unique)
 
     def set_lambda_override(self, lam: torch.Tensor | None) -> None:
         """Bypass the router with fixed lambda (Tensor[k]); None restores the router.
@@ -213,6 +245,18 @@ class EnsemblingModule(nn.Module):
     def clear_cache(self) -> None:
         raise NotImplementedError
 
+    _ROW_CACHE = ("_lam_rows", "_row_state", "_factors_in")
+
+    def take_row_cache(self) -> dict[str, Any]:
+        """Remove and return what serving derived for row preferences (lambda per preference, column scales, cast
+        factors), for `put_row_cache`: a copy of the module (`merge_and_unload`) must not carry it. Never needed
+        for correctness: each part is keyed by the router, override and factor versions it was made from."""
+        return {key: self.__dict__.pop(key) for key in self._ROW_CACHE if key in self.__dict__}
+
+    def put_row_cache(self, cache: dict[str, Any]) -> None:
+        """Give back what `take_row_cache` took."""
+        self.__dict__.update(cache)
+
 
 class RowPreferences:
     """One preference per example (row) of a batch, as the upcycled modules use it.
@@ -241,6 +285,8 @@ class RowPreferences:
         self.unique = unique[:, : prefs.shape[1]]
         self.raw = unique[:, -1].bool() if marked else None
         dev = torch.device(device) if device is not None else prefs.device
+        self.device = dev
+        self._raw_rows = raw if marked else None
         self.inverse = inverse.to(dev)
         self.groups = [torch.nonzero(inverse == g).flatten().to(dev) for g in range(self.unique.shape[0])]
         self.keys = [
@@ -251,6 +297,10 @@ class RowPreferences:
     @property
     def batch_size(self) -> int:
         return int(self.prefs.shape[0])
+
+    def to(self, device: torch.device | str) -> RowPreferences:
+        """The same rows with their indices on `device` (modules on several devices)."""
+        return RowPreferences(self.prefs, device, self._raw_rows)
 
 
 class WeightEnsemblingModule(EnsemblingModule):

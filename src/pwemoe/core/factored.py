@@ -305,10 +305,24 @@ class FactoredEnsemblingModule(EnsemblingModule):
     def _run_rows(self, args: tuple, kwargs: dict) -> Any:
         """A batch whose rows have their own preferences, in one forward: each row's rank columns are scaled by its
         own lambda (`lowrank_apply` with cols Tensor[B, R]); a dense bias of a factored layer adds each row's own
-        merged delta. Other dense parameters (norms of dense experts) need one preference for the whole batch."""
+        merged delta. Other dense parameters (norms of dense experts) need one preference for the whole batch.
+
+        Without autograd (serving) the hooks come from `_row_hooks`, made once per batch composition."""
         rows = self._rows
+        if not self._router_grad():
+            hooks, dense = self._row_hooks(rows)
+            return self._forward_with(hooks, dense, args, kwargs)
         lam_g = self.row_lambdas()  # [G, k]
         lam = lam_g[rows.inverse]  # [B, k]
+        dense, shifts = self._row_dense(rows, lam_g, lam)
+        return self._hooked_forward(lam, dense, args, kwargs, rows, shifts)
+
+    def _row_dense(
+        self, rows: Any, lam_g: torch.Tensor, lam: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(dense merged parameters for the whole batch, {factored path: per-row bias delta Tensor[B, out]})."""
+        if not self._dense:
+            return {}, {}
         biases = {f"{p}.bias" if p else "bias": p for p in self._paths}
         other = [n for n in self._dense if n not in biases]
         if other and len(rows.groups) > 1:
@@ -324,7 +338,110 @@ class FactoredEnsemblingModule(EnsemblingModule):
                 for n in self._dense
                 if n in biases
             }
-        return self._hooked_forward(lam, dense, args, kwargs, rows, shifts)
+        return dense, shifts
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the factored layers compute in: autocast's when it is on, else the layers' weights'."""
+        dev = self.preference.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.base_layer.get_submodule(self._paths[0]).weight.dtype
+
+    def fused_layers(self, dtype: torch.dtype) -> list[str]:
+        """Paths of the factored layers whose serving forward (rows, no autograd, computing in `dtype`) runs on a
+        copy [W_0; A] fused in `dtype` (`_serving_factors`): plain nn.Linear layers whose weight is not in `dtype`
+        already, so a copy in `dtype` is needed anyway. The caller's own serving copies skip them."""
+        out = []
+        for p in self._paths:
+            child = self.base_layer.get_submodule(p)
+            if type(child) is nn.Linear and not self._transposed[p] and child.weight.dtype != dtype:
+                out.append(p)
+        return out
+
+    def _serving_factors(self, dtype: torch.dtype) -> dict[str, tuple]:
+        """Per factored path, the serving copy of its factors in `dtype`, made once (kept while theta_0 and the
+        stored factors are the same tensors, unchanged), not cast at every decoding step:
+        ("fused", [W_0; A] Tensor[out + R, in], bias padded with R zeros or None, B^T Tensor[R, out]) for
+        `fused_layers` (one matmul gives the layer's output and x A^T), else ("apart", A^T Tensor[in, R], B^T)."""
+        fused = set(self.fused_layers(dtype))
+        parts = []
+        for p in self._paths:
+            child = self.base_layer.get_submodule(p)
+            a, b = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+            ts = [a, b] + ([child.weight] + ([child.bias] if child.bias is not None else []) if p in fused else [])
+            parts.append((p in fused, tuple((t.data_ptr(), t._version) for t in ts)))
+        key = (dtype, tuple(parts))
+        cached = self.__dict__.get("_factors_in")
+        if cached is None or cached[0] != key:
+            made = {}
+            with torch.no_grad():
+                for p in self._paths:
+                    child = self.base_layer.get_submodule(p)
+                    a, b = getattr(self, self._buf("A", p)), getattr(self, self._buf("B", p))
+                    bt = b.t().to(dtype).contiguous()
+                    if p in fused:
+                        w = torch.cat([child.weight.to(dtype), a.to(dtype)])  # each rounded as autocast rounds it
+                        bias = child.bias
+                        if bias is not None:
+                            bias = torch.cat([bias.to(dtype), bias.new_zeros(a.shape[0], dtype=dtype)])
+                        made[p] = ("fused", w, bias, bt)
+                    else:
+                        made[p] = ("apart", a.t().to(dtype).contiguous(), bt)
+            cached = self.__dict__["_factors_in"] = (key, made)
+        return cached[1]
+
+    def _row_hooks(self, rows: Any) -> tuple[list[tuple[nn.Module, bool, Any]], dict[str, torch.Tensor]]:
+        """([(factored layer, is a forward in its place, else a forward hook, the function)], dense merged
+        parameters) for a batch of row preferences, without autograd.
+
+        Made once per batch composition (the `RowPreferences` object), compute dtype and router / override version,
+        and kept: each layer's rank columns scaled per row (Tensor[B, R], lambda(r_b)[owner] * s, in the compute
+        dtype) change only when rows join or leave. The factors' serving copy is cast once (`_serving_factors`)."""
+        dtype = self._compute_dtype()
+        version = (dtype, self._cache_key()[2:], tuple(id(t) for t in self.stored_tensors()))
+        cached = self.__dict__.get("_row_state")
+        if cached is not None and cached[0] is rows and cached[1] == version:
+            return cached[2]
+        self.__dict__["_row_state"] = None
+        with torch.no_grad():
+            lam_g = self.row_lambdas()  # [G, k], each preference routed once (cached by preference)
+            lam = lam_g[rows.inverse]  # [B, k]
+            dense, shifts = self._row_dense(rows, lam_g, lam)
+            factors = self._serving_factors(dtype)
+            hooks = []
+            for p in self._paths:
+                cols = lowrank_columns(lam, getattr(self, self._buf("owner", p)), getattr(self, self._buf("scale", p)))
+                cols, shift, child = cols.to(dtype), shifts.get(p), self.base_layer.get_submodule(p)
+                kind, *fs = factors[p]
+                if kind == "fused":
+                    hooks.append((child, True, _fused_row_forward(*fs, cols, shift, rows)))
+                else:
+                    hooks.append((child, False, _serving_row_adder(*fs, cols, shift, rows)))
+        made = (hooks, dense)
+        self.__dict__["_row_state"] = (rows, version, made)
+        return made
+
+    def _forward_with(
+        self, hooks: list[tuple[nn.Module, bool, Any]], dense: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> Any:
+        """base_layer's forward with the serving functions of `_row_hooks` on its factored layers for this forward
+        only (a forward set on the layer instance, or a forward hook), `dense` swapped in."""
+        handles, replaced = [], []
+        try:
+            for child, in_place, fn in hooks:
+                if in_place:
+                    child.__dict__["forward"] = fn
+                    replaced.append(child)
+                else:
+                    handles.append(child.register_forward_hook(fn, with_kwargs=True))
+            if dense:
+                return self._call_base(dense, args, kwargs)
+            return self.base_layer(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            for child in replaced:
+                child.__dict__.pop("forward", None)
 
     def extra_repr(self) -> str:
         ranks = {p or "(self)": self.factors(p).ranks(self.k) for p in self._paths}
@@ -352,3 +469,46 @@ def _row_adder(A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, shift: torc
         return out
 
     return hook
+
+
+def _serving_row_adder(at: torch.Tensor, bt: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None, rows: Any):
+    """`_row_adder` for serving (no autograd): at Tensor[in, R], bt Tensor[R, out] and cols Tensor[B, R] already in
+    the compute dtype; the layer's input is cast once, and the low-rank term added to the layer's output in place."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        x = _rows_input(args, kwargs, rows)
+        h = x.to(at.dtype) @ at  # [B, ..., R]
+        c = cols if h.dim() == 2 else cols.view(cols.shape[0], *([1] * (h.dim() - 2)), cols.shape[1])
+        y = (h.mul_(c) @ bt).to(output.dtype)
+        if shift is not None:
+            y = y + shift.reshape(shift.shape[0], *([1] * (y.dim() - 2)), shift.shape[1]).to(y.dtype)
+        return output.add_(y)
+
+    return hook
+
+
+def _per_position(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows Tensor[B, C] repeated for the n // B positions of each row (row-major, as Tensor[B, S, C] reshaped)."""
+    s = n // t.shape[0]
+    return t if s == 1 else t.repeat_interleave(s, 0)
+
+
+def _fused_row_forward(
+    w: torch.Tensor, bias: torch.Tensor | None, bt: torch.Tensor, cols: torch.Tensor, shift: torch.Tensor | None, rows
+):
+    """A factored nn.Linear's forward for rows with their own preferences, on the fused copy w = [W_0; A]
+    (Tensor[out + R, in]): one matmul gives W_0 x (+ bias) and x A^T, then one addmm adds (x A^T * cols) B^T."""
+    out_f = bt.shape[1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = _rows_input((x,), {}, rows)
+        y = torch.nn.functional.linear(x.to(w.dtype), w, bias)  # [B, ..., out + R]
+        lead = y.shape[:-1]
+        y2 = y.reshape(-1, y.shape[-1])
+        h = y2[:, out_f:] * _per_position(cols, y2.shape[0])
+        z = torch.addmm(y2[:, :out_f], h, bt)
+        if shift is not None:
+            z = z + _per_position(shift.to(z.dtype), z.shape[0])
+        return z.view(*lead, out_f)
+
+    return forward

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from ..core.checks import positive_int_problem
 from ..core.preference import Preference, parse_preference
 from ..generation import SamplingParams
-from ..generation_errors import RequestRefused
+from ..generation.errors import RequestRefused
 from .dialects import DIALECTS, request_scales
 from .model import PreferenceModel
 
