@@ -618,3 +618,20 @@ def test_refusals_are_typed_and_the_api_edge_maps_them_by_type_not_by_text(serve
     assert submit_error(RequestRefused([BudgetExceeded("x")]), False, "max_completion_tokens").param == (
         "max_completion_tokens"
     )
+
+
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [1, 1, 1]])
+def test_a_chat_completion_validates_its_preference_once(served, weights):
+    """The preference is validated where the request enters (the body) into a `Preference`, then passed down: the
+    scheduler, the decoding steps and the merged copies take it as it is (a shared preference decodes on a merged
+    copy, mixed rows on the upcycled model: both paths)."""
+    from pwemoe.core.preference import VALIDATIONS
+
+    pm, url = served
+    name = pm.run.resolve().name
+    _wait_idle(pm.scheduler())
+    before = VALIDATIONS["count"]
+    body = {"model": name, "messages": [{"role": "user", "content": "good"}], "preference": weights}
+    got, res = call(url + "/v1/chat/completions", {**body, "max_tokens": 4, "temperature": 0})
+    assert got == 200 and res["usage"]["completion_tokens"] >= 1
+    assert VALIDATIONS["count"] - before == 1

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .core.ensembling import EnsemblingModule, RowPreferences
-from .core.preference import PreferenceLike, normalize_preference
+from .core.preference import Preference, PreferenceLike, normalize_preference
 
 
 def ensembling_modules(model: nn.Module) -> Iterator[tuple[str, EnsemblingModule]]:
@@ -63,8 +63,11 @@ def set_on(mods: list[EnsemblingModule], rn: torch.Tensor) -> None:
         m.set_preference(on[dev])
 
 
-def normalize_rows(r: PreferenceLike, k: int) -> torch.Tensor:
-    """Preferences Tensor[B, k], each row validated and normalised to sum 1 (errors name the row)."""
+def normalize_rows(r: PreferenceLike | Sequence[Preference], k: int) -> torch.Tensor:
+    """Preferences Tensor[B, k], each row validated and normalised to sum 1 (errors name the row). r may be a
+    list of `Preference`s (validated where they entered): their tensors are stacked as they are."""
+    if isinstance(r, (list, tuple)) and r and all(isinstance(x, Preference) for x in r):
+        return torch.stack([normalize_preference(x, k) for x in r])
     t = torch.as_tensor(r, dtype=torch.float32) if not isinstance(r, torch.Tensor) else r.detach().float().cpu()
     if t.dim() != 2 or t.shape[0] == 0:
         raise ValueError(
@@ -94,7 +97,8 @@ def row_preferences_table(
     model: nn.Module, r: PreferenceLike, raw: Sequence[bool] | torch.Tensor | None = None
 ) -> RowPreferences:
     """r Tensor[B, k] validated (rows normalised; rows flagged `raw` checked as per-expert scales) into the
-    `RowPreferences` every upcycled module reads, made on the first module's device.
+    `RowPreferences` every upcycled module reads, made on the first module's device. r may also be a list of rows,
+    each a `Preference` (validated already: taken as it is) or, for a raw row, its scales.
 
     Make it once per batch composition and give it to `set_row_preferences` at every forward: the modules keep what
     they derive from it (lambda per row, per-layer column scales) while the same table is set."""
@@ -104,9 +108,15 @@ def row_preferences_table(
     if flags is None or not bool(flags.any()):
         rn, flags = normalize_rows(r, k), None
     else:
-        t = torch.as_tensor(r, dtype=torch.float32) if not isinstance(r, torch.Tensor) else r.detach().float().cpu()
-        if t.dim() != 2 or t.shape[0] != flags.shape[0]:
-            raise ValueError(f"raw needs one flag per row of r: {flags.shape[0]} flags for shape {tuple(t.shape)}")
+        if isinstance(r, (list, tuple)) and any(isinstance(x, Preference) for x in r):
+            t = list(r)  # rows of their own kinds: a Preference (taken as it is) or a raw row's scales
+            if len(t) != flags.shape[0]:
+                raise ValueError(f"raw needs one flag per row of r: {flags.shape[0]} flags for {len(t)} rows")
+        else:
+            t = torch.as_tensor(r, dtype=torch.float32) if not isinstance(r, torch.Tensor) else r.detach().float()
+            t = t.cpu()
+            if t.dim() != 2 or t.shape[0] != flags.shape[0]:
+                raise ValueError(f"raw needs one flag per row of r: {flags.shape[0]} flags for shape {tuple(t.shape)}")
         rows = []
         for b, row in enumerate(t):
             try:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..architectures import sliding_window_attention
+from ..core.preference import Preference
 from ..devices import PRECISIONS, autocast
 from ..routing import ensembling_modules, num_tasks, row_preferences_table, set_row_preferences
 from .requests import Request
@@ -96,7 +97,8 @@ class BatchDecoder:
 
         cache = DynamicCache(config=self.model.config)
         prefs, raw = [s.preference for s in seqs], [s.raw for s in seqs]
-        logits = self._forward(ids, mask, cache, prefs, None if any(raw) else _one_preference(prefs), raw=raw)
+        one = None if any(raw) else _one_preference(prefs)
+        logits = self._forward(ids, mask, cache, prefs, one, raw=raw, keys=[s.key for s in seqs])
         self._merge(cache, mask, seqs)
         self.last = (
             torch.cat([self.last, torch.zeros(len(seqs), dtype=torch.long)])
@@ -124,6 +126,7 @@ class BatchDecoder:
             one,
             may_merge=left >= self.MERGE_AFTER_TOKENS and self._one_pref_steps >= self.MERGE_AFTER_STEPS,
             raw=raw,
+            keys=[s.key for s in self.rows],
         )
         self._advance(logits, range(len(self.rows)))
 
@@ -159,14 +162,16 @@ class BatchDecoder:
         one: torch.Tensor | None,
         may_merge: bool = False,
         raw: list[bool] | None = None,
+        keys: list[Preference | None] | None = None,
     ) -> torch.Tensor:
         """Logits Tensor[B, V] (fp32, CPU) of each row's last position; the cache grows by ids' length.
 
         prefs: each row's preference; one: the preference they all share (`_one_preference`), or None;
-        raw: which rows' prefs are lambda itself (`Request.raw`)."""
+        raw: which rows' prefs are lambda itself (`Request.raw`); keys: each row's validated preference
+        (`Request.key`), passed down as it is so that nothing below validates it again."""
         pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         with (
-            self.merged(one, may_merge)
+            self.merged(keys[0] if keys and keys[0] is not None else one, may_merge)
             if self.merged is not None and one is not None
             else contextlib.nullcontext() as plain,
             _swapped(self.model, self._head_attr, self._head),
@@ -176,19 +181,23 @@ class BatchDecoder:
                     logits = self._logits(ids, mask, pos, cache)
                 self.plain_forwards += 1
                 return logits
-            set_row_preferences(self.model, self._table(prefs, raw))
+            set_row_preferences(self.model, self._table(prefs, raw, keys))
             try:
                 with self._weights.swapped() if self._weights is not None else contextlib.nullcontext():
                     return self._logits(ids, mask, pos, cache)
             finally:
                 set_row_preferences(self.model, None)
 
-    def _table(self, prefs: list[torch.Tensor], raw: list[bool] | None) -> Any:
+    def _table(self, prefs: list[torch.Tensor], raw: list[bool] | None, keys: list[Any] | None = None) -> Any:
         """The rows' `RowPreferences`, made once per batch composition: the upcycled modules keep what they derive
         from it (lambda per row, column scales) while the same table is set at each step."""
         key = (tuple(id(p) for p in prefs), tuple(raw or ()))
         if self._rows_table is None or self._rows_table[0] != key:
-            table = row_preferences_table(self.model, torch.stack(prefs), raw if raw and any(raw) else None)
+            if keys and any(k is not None for k in keys):  # validated rows as they are, raw rows' scales beside
+                rows: Any = [k if k is not None else p for p, k in zip(prefs, keys)]
+            else:
+                rows = torch.stack(prefs)
+            table = row_preferences_table(self.model, rows, raw if raw and any(raw) else None)
             self._rows_table = (key, table, list(prefs))  # the preferences kept alive: their ids stay theirs
         return self._rows_table[1]
 

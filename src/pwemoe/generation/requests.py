@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..core.preference import Preference
 from .sampling import SamplingParams
 
 
@@ -36,6 +37,7 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.preference = preference  # Tensor[k], normalised; with raw, lambda itself (the routers bypassed)
         self.raw = raw
+        self.key: Preference | None = None  # the validated preference of `preference` (None with raw scales)
         self.params = params
         self.emit = emit
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())

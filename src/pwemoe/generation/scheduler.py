@@ -10,7 +10,7 @@ import threading
 import weakref
 
 from ..core.checks import positive_int
-from ..core.preference import PreferenceLike, normalize_preference
+from ..core.preference import Preference, PreferenceLike
 from ..routing import check_scales
 from .decoder import BatchDecoder
 from .errors import BudgetExceeded, ContextExceeded, EmptyPrompt, GenerationError, PromptTooLong, RequestRefused
@@ -94,9 +94,12 @@ class Scheduler:
         errors = self.check(prompt_ids, params)
         if errors:
             raise RequestRefused(errors)
-        pref = check_scales(preference, self.decoder.k) if raw else normalize_preference(preference, self.decoder.k)
+        # validated once here (a Preference made at the edge passes as it is); the steps use its tensor and key
+        key = None if raw else Preference.of(preference, self.decoder.k)
+        pref = check_scales(preference, self.decoder.k) if raw else key.tensor
         handle = Handle(loop)
         seq = Request(prompt_ids, pref, params, handle.put, raw)
+        seq.key = key
         handle.seq = seq
         with self.cond:
             self.waiting.append(seq)
