@@ -135,7 +135,9 @@ def _merge_and_generate(run: Path, prefs: list[list[float]], tokens: int, precis
         )
         ids = tok(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad(), autocast(wb.device, wb.precision):
-            out = plain.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = plain.generate(
+                **ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
         total += out.shape[1] - ids["input_ids"].shape[1]
         del plain
     return time.perf_counter() - t0, total
@@ -194,6 +196,7 @@ def main() -> None:
                 "messages": [{"role": "user", "content": p}],
                 "max_tokens": args.tokens,
                 "temperature": 0,
+                "ignore_eos": True,  # every request decodes its tokens: the demo's adapters answer in one word
                 "preference": r,
             }
             for p, r in zip(prompts, pref_list)

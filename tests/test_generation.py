@@ -635,3 +635,32 @@ def test_a_chat_completion_validates_its_preference_once(served, weights):
     got, res = call(url + "/v1/chat/completions", {**body, "max_tokens": 4, "temperature": 0})
     assert got == 200 and res["usage"]["completion_tokens"] >= 1
     assert VALIDATIONS["count"] - before == 1
+
+
+def test_ignore_eos_decodes_every_token_asked_for(served):
+    """vLLM's `ignore_eos`: the request decodes max_tokens whatever the model samples (what serving benchmarks send);
+    a value that is not a boolean is refused naming the field."""
+    pm, url = served
+    name = pm.run.resolve().name
+    eos = next(iter(pm.scheduler().decoder.eos))
+    body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0, "preference": [1, 0, 0]}
+    # make the end of text the most likely token everywhere: without ignore_eos the request stops at once
+    head = pm.wb.modality.model.get_output_embeddings()
+    saved = None if head.bias is None else head.bias.detach().clone()
+    with torch.no_grad():
+        if head.bias is None:
+            head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[eos] += 1e4
+    try:
+        got, res = call(url + "/v1/completions", body)
+        assert got == 200 and res["usage"]["completion_tokens"] == 0 and res["choices"][0]["finish_reason"] == "stop"
+        got, res = call(url + "/v1/completions", {**body, "ignore_eos": True})
+        assert got == 200 and res["usage"]["completion_tokens"] == 6 and res["choices"][0]["finish_reason"] == "length"
+    finally:
+        with torch.no_grad():
+            if saved is None:
+                head.bias = None
+            else:
+                head.bias.copy_(saved)
+    got, res = call(url + "/v1/completions", {**body, "ignore_eos": "yes"})
+    assert got == 400 and res["error"]["param"] == "ignore_eos"

@@ -237,7 +237,7 @@ class BatchDecoder:
             self.last[i] = tok
             if s.first_token_at is None:
                 s.first_token_at = now
-            if tok in self.eos:
+            if tok in self.eos and not s.params.ignore_eos:
                 self._finish(s, "stop")
                 continue
             s.tokens.append(tok)

@@ -22,6 +22,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # record each sampled token's log-probability and the `logprobs` most likely
+    # decode max_new_tokens whatever the model samples: its end-of-text tokens are kept as tokens (vLLM's
+    # `ignore_eos`, what serving benchmarks send to time a fixed number of tokens); stop strings still end the text
+    ignore_eos: bool = False
 
     def problems(self) -> list[SamplingFieldError]:
         """Every problem at once, each naming the field (`param`), the value and what is allowed."""
@@ -48,6 +51,8 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and positive_int_problem("logprobs", lp, 0, MAX_LOGPROBS):
             bad("logprobs", positive_int_problem("logprobs", lp, 0, MAX_LOGPROBS))
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", f"ignore_eos must be true or false, got {self.ignore_eos!r:.40}")
         return out
 
     def errors(self) -> list[str]:

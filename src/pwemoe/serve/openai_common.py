@@ -183,7 +183,7 @@ def sampling_params(body: dict[str, Any], chat: bool, extra: set[str] = frozense
         )
     known = {
         *("model", "preference", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p"),
-        *("seed", "stop", "n", "logprobs", *DIALECTS, *IGNORED, *REFUSED, *ZERO_OK, *extra),
+        *("seed", "stop", "n", "logprobs", "ignore_eos", *DIALECTS, *IGNORED, *REFUSED, *ZERO_OK, *extra),
         "messages" if chat else "prompt",
     }
     unknown = sorted(set(body) - known)
@@ -203,6 +203,7 @@ def sampling_params(body: dict[str, Any], chat: bool, extra: set[str] = frozense
         seed=body.get("seed"),
         stop=stops,
         logprobs=_logprobs(body, chat),
+        ignore_eos=body.get("ignore_eos") if body.get("ignore_eos") is not None else False,
     )
     problems = params.problems()
     if problems:
