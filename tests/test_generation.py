@@ -664,3 +664,18 @@ def test_ignore_eos_decodes_every_token_asked_for(served):
                 head.bias.copy_(saved)
     got, res = call(url + "/v1/completions", {**body, "ignore_eos": "yes"})
     assert got == 400 and res["error"]["param"] == "ignore_eos"
+
+
+def test_a_scored_completion_validates_its_preference_once(served):
+    """lm-eval's log-likelihood request (echo, logprobs, max_tokens 1): the prompt scorer takes the request's
+    Preference as it is, on its merged path and on the upcycled model."""
+    from pwemoe.core.preference import VALIDATIONS
+
+    pm, url = served
+    name = pm.run.resolve().name
+    body = {"model": name, "prompt": [5, 6, 7, 8], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    for weights in ([0.1, 0.2, 0.7], [0.1, 0.2, 0.7], [0.5, 0.25, 0.25]):  # the repeat may run on a merged copy
+        before = VALIDATIONS["count"]
+        got, res = call(url + "/v1/completions", {**body, "preference": weights})
+        assert got == 200 and len(res["choices"][0]["logprobs"]["token_logprobs"]) == 5
+        assert VALIDATIONS["count"] - before == 1

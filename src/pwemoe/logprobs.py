@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .core.preference import Preference
 from .devices import PRECISIONS, autocast
 from .generation import MAX_LOGPROBS, SamplingParams, context_length, sample, token_logprobs
 from .generation.errors import (
@@ -53,6 +54,7 @@ class ScoreRow:
     top: int = 0
     params: SamplingParams | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
+    key: Preference | None = None  # the validated preference `preference` is the tensor of, passed down as it is
 
     def __post_init__(self) -> None:  # the request's own draws: seeded by params.seed, else at random
         seed = self.params.seed if self.params is not None else None
@@ -215,7 +217,7 @@ class PromptScorer:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with (
             self.lock,
-            self.merged(one, self._streak >= self.MERGE_AFTER)
+            self.merged(rows[0].key if rows[0].key is not None else one, self._streak >= self.MERGE_AFTER)
             if self.merged is not None and one is not None
             else contextlib.nullcontext() as plain,
         ):
@@ -224,7 +226,9 @@ class PromptScorer:
                     logits = self._logits(inputs)
                 self.plain_forwards += 1
             else:
-                set_row_preferences(self.model, prefs, raw if any(raw) else None)
+                keyed = [r.key if r.key is not None else r.preference for r in rows]  # validated rows as they are
+                table = keyed if any(r.key is not None for r in rows) else prefs
+                set_row_preferences(self.model, table, raw if any(raw) else None)
                 try:
                     weights = serving_weights(self.model, PRECISIONS[self.precision])  # frozen weights cast once
                     with weights.swapped() if weights is not None else contextlib.nullcontext():

@@ -187,8 +187,8 @@ def preference(model: nn.Module, r: PreferenceLike) -> Iterator[torch.Tensor]:
     old = get_preference(model)
     try:
         yield set_preference(model, r)
-    finally:
-        set_preference(model, old)
+    finally:  # the state it had, as it was: set again without validating it
+        set_on([m for _, m in modules_or_raise(model)], old)
 
 
 def routing_weights(model: nn.Module, r: PreferenceLike | None = None) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.checks import positive_int
+from ..core.preference import Preference
 from ..export import PlainCopy
 
 Key = tuple[float, ...]
@@ -51,7 +52,7 @@ class MergeCache:
 
     @contextlib.contextmanager
     def lease(
-        self, key: Key, wait: bool = True, merge: bool = True, grow: bool = True
+        self, key: Key | Preference, wait: bool = True, merge: bool = True, grow: bool = True
     ) -> Iterator[tuple[nn.Module | None, bool]]:
         """Yield (plain model with theta(key), whether it was cached); the copy is held until exit.
 
@@ -61,6 +62,9 @@ class MergeCache:
         instead of waiting, merge=False unless theta(key) is cached; grow=False makes a new copy only in an empty
         cache (otherwise it re-merges a free one).
         """
+        pref = key if isinstance(key, Preference) else None  # validated already: the merge takes it as it is
+        key = pref.key if pref is not None else tuple(key)
+        at = pref if pref is not None else list(key)
         e: _Entry | None = None
         hit = False
         with self.lock:
@@ -75,14 +79,14 @@ class MergeCache:
                     break
                 if len(self.entries) < self.size and (grow or not self.entries):
                     e = _Entry(PlainCopy(self.backbone))
-                    plain = e.copy.at(list(key)).requires_grad_(False)
+                    plain = e.copy.at(at).requires_grad_(False)
                     if self.compute_dtype is not None:
                         linear_weights_to(plain, self.compute_dtype)
                     break
                 free = next((k for k, v in self.entries.items() if v.users == 0), None)
                 if free is not None:
                     e = self.entries.pop(free)
-                    e.copy.at(list(key))
+                    e.copy.at(at)
                     self.reused += 1
                     break
                 if not wait:

@@ -165,7 +165,7 @@ class PreferenceModel:
         inputs: texts (or [text, pair] lists for pair tasks), or images (PIL images, bytes, or base64
         strings, data URLs too) for CLIP tasks.
         """
-        key = self.preference(r).key
+        key = self.preference(r)
         i = self._task_index(task)
         batch = self.wb.encode([(i, self._rows(i, inputs))], with_labels=False)  # CPU, outside the lock
         with self.cache.lease(key) as (plain, hit), torch.no_grad():
@@ -284,8 +284,9 @@ class PreferenceModel:
 
         scorer = self.scorer()
         pref, raw = self._weights(preference, scales)
-        t = pref.tensor if isinstance(pref, Preference) else pref
-        return scorer.submit([ScoreRow(list(ids), t, raw, top, params) for ids in prompts])
+        key = pref if isinstance(pref, Preference) else None
+        t = key.tensor if key is not None else pref
+        return scorer.submit([ScoreRow(list(ids), t, raw, top, params, key=key) for ids in prompts])
 
     def _weights(
         self, preference: PreferenceLike | None, scales: Sequence[float] | None
@@ -304,7 +305,7 @@ class PreferenceModel:
         """The cache's merged copy for r while a decoding step uses it, or None. Never waits (the decoder's
         upcycled model serves any preference without a copy), and adds a copy only to an empty cache: decoding
         alone holds at most one backbone's memory more than the upcycled model."""
-        with self.cache.lease(self.preference(r).key, wait=False, merge=merge, grow=False) as (plain, _):
+        with self.cache.lease(self.preference(r), wait=False, merge=merge, grow=False) as (plain, _):
             yield plain
 
     def submit(
