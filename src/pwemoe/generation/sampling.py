@@ -34,8 +34,8 @@ class SamplingParams:
             out.append(SamplingFieldError(message, field))
 
         n = self.max_new_tokens
-        if n is not None and positive_int_problem("max_new_tokens", n):
-            bad("max_new_tokens", positive_int_problem("max_new_tokens", n))
+        if n is not None and (problem := positive_int_problem("max_new_tokens", n)):
+            bad("max_new_tokens", problem)
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 100 or t != t:
             bad("temperature", f"temperature must be a number in [0, 100] (0: greedy), got {t!r}")
@@ -49,8 +49,8 @@ class SamplingParams:
         elif len(self.stop) > 16:
             bad("stop", f"stop takes at most 16 strings, got {len(self.stop)}")
         lp = self.logprobs
-        if lp is not None and positive_int_problem("logprobs", lp, 0, MAX_LOGPROBS):
-            bad("logprobs", positive_int_problem("logprobs", lp, 0, MAX_LOGPROBS))
+        if lp is not None and (problem := positive_int_problem("logprobs", lp, 0, MAX_LOGPROBS)):
+            bad("logprobs", problem)
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", f"ignore_eos must be true or false, got {self.ignore_eos!r:.40}")
         return out

@@ -32,7 +32,7 @@ from .dialects import lora_adapters
 from .model import PreferenceModel
 from .openai_common import OpenAIError, Weights, openai_error_body, read_json, request_weights, sampling_params
 from .openai_common import submit_error as _submit_error
-from .openai_completions import complete, parse_prompts, token_pieces
+from .openai_completions import collect, complete, parse_prompts, token_pieces
 from .tokenizer_api import add_tokenizer_routes
 
 
@@ -116,18 +116,10 @@ async def _complete(
     created = int(time.time())
     model_name = body["model"]
     if not stream:
-        parts, done = [], {}
         try:
-            async for kind, payload in handle.aevents():
-                if kind == "text":
-                    parts.append(payload)
-                elif kind == "done":
-                    done = payload
-                else:
-                    raise OpenAIError(500, f"generation failed: {payload}", None, "server_error")
+            text, done = await collect(handle)
         finally:
             handle.cancel()  # a no-op when finished; frees the row if the client went away
-        text = "".join(parts)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": done["finish_reason"]}
         if params.logprobs is not None:
             choice["logprobs"] = _chat_logprobs(model, handle.seq.prompt_ids, done["logprobs"])

@@ -111,8 +111,9 @@ async def complete(model: PreferenceModel, name: str, body: dict[str, Any], prom
     }
 
 
-async def _collect(handle: Any) -> tuple[str, str, list[Record], int]:
-    """(text, finish_reason, the sampled tokens' records, completion tokens) of a submitted generation."""
+async def collect(handle: Any) -> tuple[str, dict[str, Any]]:
+    """(the whole text, the "done" payload: finish_reason, usage, logprobs) of a submitted generation; an engine
+    error is a 500 OpenAI error."""
     parts, done = [], {}
     async for kind, payload in handle.aevents():
         if kind == "text":
@@ -121,7 +122,13 @@ async def _collect(handle: Any) -> tuple[str, str, list[Record], int]:
             done = payload
         else:
             raise OpenAIError(500, f"generation failed: {payload}", None, "server_error")
-    return "".join(parts), done["finish_reason"], done.get("logprobs", []), done["usage"]["completion_tokens"]
+    return "".join(parts), done
+
+
+async def _collect(handle: Any) -> tuple[str, str, list[Record], int]:
+    """(text, finish_reason, the sampled tokens' records, completion tokens) of a submitted generation."""
+    text, done = await collect(handle)
+    return text, done["finish_reason"], done.get("logprobs", []), done["usage"]["completion_tokens"]
 
 
 def _one_token(tok: Any, eos: set[int], nxt: Any, stops: list[str]) -> tuple[str, str, list[Record], int]:
@@ -172,4 +179,4 @@ def legacy_logprobs(
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-__all__ = ["complete", "legacy_logprobs", "parse_prompts", "token_pieces"]
+__all__ = ["collect", "complete", "legacy_logprobs", "parse_prompts", "token_pieces"]
